@@ -1,0 +1,1 @@
+"""Benches, backends and scoring (installed as `moeprune.evaluate`)."""

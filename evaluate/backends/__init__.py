@@ -1,0 +1,1 @@
+"""Backends that turn prompts into completions: one file each."""

@@ -1,0 +1,106 @@
+"""Artifact directories: content hashes, manifests and atomic writes.
+
+Every stage writes one directory. It is built under a temporary name next to its final place and
+renamed only when complete, so a crash never leaves a half-written artifact that looks finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+# Files above this size are fingerprinted by (size, head, tail) instead of read whole: hashing a
+# 50 GB checkpoint on every run would cost minutes. A change inside a big file that keeps its size,
+# head and tail would go unnoticed; `cache.verify_large_files=true` hashes them whole.
+FULL_HASH_LIMIT = 64 << 20
+_EDGE = 1 << 20
+
+
+def hash_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def hash_json(obj: Any) -> str:
+    return hash_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+def hash_file(path: Path, full: bool = False) -> str:
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if full or size <= FULL_HASH_LIMIT:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        else:
+            h.update(f"size={size}".encode())
+            h.update(f.read(_EDGE))
+            f.seek(size - _EDGE)
+            h.update(f.read(_EDGE))
+    return h.hexdigest()
+
+
+def hash_path(path: Path, full: bool = False) -> str:
+    """Hash a file, or a directory as the sorted list of (relative name, file hash)."""
+    path = Path(path)
+    if path.is_file():
+        return hash_file(path, full)
+    entries = []
+    for p in sorted(path.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            entries.append((p.relative_to(path).as_posix(), hash_file(p, full)))
+    return hash_json(entries)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically: temp file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a fresh temp dir beside `final`; on success it replaces `final`, on error it is removed."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def package_versions(names=("moeprune", "torch", "transformers", "safetensors", "hydra-core", "numpy")) -> dict:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out

@@ -1,0 +1,1 @@
+"""Profiling, drop maps and surgery (installed as `moeprune.prune`)."""
