@@ -1,24 +1,282 @@
-"""Calibration corpora: class name -> list of texts, each profiled as one pass."""
+"""Calibration corpora: classes of prompts, tokenized into weighted passes.
+
+A corpus is {class: [Pass]}. A pass is one sequence the profiler runs as one forward (a "pass" in
+the reference tool's sense: its per-pass statistics are taken over it). Each class lists sources:
+
+- ``jsonl``: one JSON object per line; ``field`` holds the prompt string or a chat ``messages``
+  list of ``{role, content}``;
+- ``text``: one prompt per non-blank line;
+- ``toy``: the toy world's ``calib`` split of a class (prompt + answer, or ``field: prompt``);
+- ``datasets``: ``datasets.load_dataset(path, subset, split=split)[field]``, from a local dir or
+  the local Hugging Face cache (nothing is downloaded here).
+
+Every source feeds a tier (``calibration.tiers``): its prompt token limit, its weight and what a
+longer prompt does: ``truncate`` keeps the first ``max_tokens`` tokens and warns, ``window`` splits
+the prompt into consecutive ``max_tokens`` windows (each its own pass), ``error`` refuses. A tier
+whose ``max_tokens`` plus ``generate_tokens`` exceeds the model's context is refused up front.
+"""
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moeprune.errors import MoePruneError
 
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
-def load_corpus(cfg: DictConfig) -> dict[str, list[str]]:
-    if cfg.source == "toy":
-        from moeprune.toy import world
+    from moeprune.config import CalibrationSourceConfig, CalibrationTierConfig
 
-        classes = list(cfg.classes) or list(world.CLASSES)
-        unknown = [c for c in classes if c not in world.CLASSES]
-        if unknown:
-            raise MoePruneError(
-                f"calibration.classes: unknown toy classes {unknown}; expected some of {list(world.CLASSES)}"
-            )
-        return {
-            c: [t.prompt + t.answer for t in world.make_tasks(c, cfg.samples_per_class, "calib", cfg.seed)]
-            for c in classes
-        }
-    raise MoePruneError(f"calibration.source={cfg.source!r}: expected 'toy'")
+# omegaconf and the schema (hydra) are imported where configs are read: `Pass` and the readers
+# stay importable on a bare torch + transformers machine (the GPU benchmarks)
+
+log = logging.getLogger("moeprune")
+
+KINDS = ("jsonl", "text", "toy", "datasets")
+OVERFLOW = ("truncate", "window", "error")
+Prompt = Any  # a string, or a chat message list (jsonl / datasets with chat_template on)
+
+
+@dataclass(frozen=True)
+class Pass:
+    ids: tuple[int, ...]
+    tier: str
+    weight: float
+
+
+# ---- config validation -------------------------------------------------------------------------
+def _typed(node, schema, where: str):
+    """Merge one user node onto its dataclass schema: a misspelt key or a wrong type names `where`."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+    except Exception as e:  # omegaconf's ConfigKeyError / ValidationError, with the key in the text
+        raise MoePruneError(f"{where}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
+
+
+def tiers_of(cfg: DictConfig) -> dict[str, CalibrationTierConfig]:
+    from moeprune.config import CalibrationTierConfig
+
+    tiers = {name: _typed(t, CalibrationTierConfig, f"calibration.tiers.{name}") for name, t in cfg.tiers.items()}
+    for name, t in tiers.items():
+        if t.overflow not in OVERFLOW:
+            raise MoePruneError(f"calibration.tiers.{name}.overflow={t.overflow!r}: expected one of {OVERFLOW}")
+        if t.max_tokens < 1 or not t.weight > 0:
+            raise MoePruneError(f"calibration.tiers.{name}: expected max_tokens >= 1 and weight > 0, "
+                                f"got max_tokens={t.max_tokens}, weight={t.weight}")
+    return tiers
+
+
+def sources_of(cfg: DictConfig, tiers: dict) -> dict[str, list[CalibrationSourceConfig]]:
+    from moeprune.config import CalibrationSourceConfig
+
+    if not cfg.classes:
+        raise MoePruneError(f"calibration={cfg.get('name')}: no classes; expected calibration.classes "
+                            "to map each class name to a list of sources")
+    out = {}
+    for cls, sources in cfg.classes.items():
+        if not sources:
+            raise MoePruneError(f"calibration class {cls!r} is empty: expected at least one source")
+        out[cls] = []
+        for i, node in enumerate(sources):
+            src = _typed(node, CalibrationSourceConfig, f"calibration.classes.{cls}[{i}]")
+            if src.kind not in KINDS:
+                raise MoePruneError(f"calibration.classes.{cls}[{i}].kind={src.kind!r}: expected one of {KINDS}")
+            if src.tier not in tiers:
+                raise MoePruneError(f"calibration.classes.{cls}[{i}].tier={src.tier!r}: "
+                                    f"expected one of calibration.tiers: {sorted(tiers)}")
+            if src.kind in ("jsonl", "text", "datasets") and not src.path:
+                raise MoePruneError(f"calibration.classes.{cls}[{i}]: kind {src.kind} needs a path")
+            out[cls].append(src)
+    return out
+
+
+def calibration_files(cfg: DictConfig) -> dict[str, Path]:
+    """The local files a corpus reads, for the stage's cache key (an edited corpus re-profiles)."""
+    files = {}
+    for cls, sources in cfg.classes.items():
+        for i, src in enumerate(sources or []):
+            kind, path = src.get("kind", "jsonl"), src.get("path", "")
+            if kind in ("jsonl", "text") or (kind == "datasets" and path and Path(path).expanduser().exists()):
+                files[f"calibration.{cls}[{i}]"] = Path(path).expanduser()
+    return files
+
+
+# ---- reading prompts ---------------------------------------------------------------------------
+def _read_jsonl(path: Path, field: str) -> list[Prompt]:
+    if not path.is_file():
+        raise MoePruneError(f"calibration file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MoePruneError(f"{path}:{n} is not JSON ({e.msg}): expected one JSON object per line "
+                                    "(JSONL); use kind: text for plain text") from None
+            if not isinstance(row, dict) or field not in row:
+                raise MoePruneError(f"{path}:{n}: expected a JSON object with key {field!r}, got "
+                                    f"{sorted(row) if isinstance(row, dict) else type(row).__name__}")
+            out.append(_check_prompt(row[field], f"{path}:{n}"))
+    return out
+
+
+def _read_text(path: Path) -> list[str]:
+    if not path.is_file():
+        raise MoePruneError(f"calibration file not found: {path}")
+    return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
+
+
+def _read_toy(cls: str, src: CalibrationSourceConfig, n: int | None, seed: int) -> list[str]:
+    from moeprune.toy import world
+
+    name = src.path or cls
+    if name not in world.CLASSES:
+        raise MoePruneError(f"calibration class {cls!r}: unknown toy class {name!r}; "
+                            f"expected one of {list(world.CLASSES)}")
+    if n is None:
+        raise MoePruneError(f"calibration class {cls!r}: a toy source needs a count (limit or samples_per_class)")
+    if src.field not in ("text", "prompt"):
+        raise MoePruneError(f"calibration class {cls!r}: toy field={src.field!r}: "
+                            "expected text (prompt + answer) or prompt")
+    tasks = world.make_tasks(name, n, "calib", seed)
+    return [t.prompt + t.answer if src.field == "text" else t.prompt for t in tasks]
+
+
+def _read_datasets(src: CalibrationSourceConfig, n: int | None) -> list[Prompt]:
+    try:
+        import datasets
+    except ImportError:
+        raise MoePruneError("calibration source kind datasets needs the `datasets` package: "
+                            "pip install 'moeprune[calib]'") from None
+    try:
+        ds = datasets.load_dataset(src.path, src.subset, split=src.split)
+    except Exception as e:  # not cached / not a dataset: the library's own message says which
+        raise MoePruneError(f"calibration dataset {src.path!r} (subset {src.subset}, split {src.split}) "
+                            f"could not be loaded offline: {type(e).__name__}: {e}") from None
+    if src.field not in ds.column_names:
+        raise MoePruneError(f"calibration dataset {src.path!r}: no column {src.field!r}; columns: {ds.column_names}")
+    if n is not None:
+        ds = ds.select(range(min(n, len(ds))))
+    return [_check_prompt(p, f"{src.path}[{i}]") for i, p in enumerate(ds[src.field])]
+
+
+def _check_prompt(p: Any, where: str) -> Prompt:
+    if isinstance(p, str) or (isinstance(p, list) and all(isinstance(m, dict) and "content" in m for m in p)):
+        return p
+    raise MoePruneError(f"{where}: expected a prompt string or a list of chat messages {{role, content}}, "
+                        f"got {type(p).__name__}")
+
+
+def read_prompts(cls: str, src: CalibrationSourceConfig, n: int | None, seed: int) -> list[Prompt]:
+    if src.kind == "toy":
+        return _read_toy(cls, src, n, seed)
+    if src.kind == "datasets":
+        return _read_datasets(src, n)
+    path = Path(src.path).expanduser()
+    prompts = _read_jsonl(path, src.field) if src.kind == "jsonl" else _read_text(path)
+    return prompts if n is None else prompts[:n]
+
+
+# ---- tokenizing --------------------------------------------------------------------------------
+def encode(tokenizer, prompt: Prompt, chat_template: bool, template_kwargs: dict) -> list[int]:
+    if chat_template:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MoePruneError("calibration.chat_template=true but the tokenizer has no chat template: "
+                                "expected a tokenizer_config with chat_template, or set chat_template=false")
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **template_kwargs)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    if isinstance(prompt, list):
+        raise MoePruneError("a calibration prompt is a chat message list: set calibration.chat_template=true")
+    return tokenizer(prompt)["input_ids"]
+
+
+def fit(ids: list[int], tier: CalibrationTierConfig, where: str) -> list[list[int]]:
+    """The passes one prompt makes under its tier's token limit."""
+    m = tier.max_tokens
+    if len(ids) <= m:
+        return [ids]
+    if tier.overflow == "error":
+        raise MoePruneError(f"{where}: prompt of {len(ids)} tokens exceeds the tier's max_tokens={m}; "
+                            "expected shorter prompts, or overflow truncate / window")
+    if tier.overflow == "truncate":
+        return [ids[:m]]
+    return [ids[i:i + m] for i in range(0, len(ids), m)]
+
+
+def build_corpus(cfg: DictConfig, tokenizer, max_context: int | None = None) -> dict[str, list[Pass]]:
+    """Read, template and tokenize every class's prompts into passes (before any generation)."""
+    tiers = tiers_of(cfg)
+    sources = sources_of(cfg, tiers)
+    if max_context is not None:
+        for name, t in tiers.items():
+            if t.max_tokens + cfg.generate_tokens > max_context:
+                raise MoePruneError(
+                    f"calibration.tiers.{name}.max_tokens={t.max_tokens} + generate_tokens={cfg.generate_tokens} "
+                    f"exceeds the model's context ({max_context} tokens): expected at most {max_context}")
+    corpus: dict[str, list[Pass]] = {}
+    for cls, srcs in sources.items():
+        passes, budget, truncated = [], cfg.samples_per_class, 0
+        for i, src in enumerate(srcs):
+            n = src.limit if budget is None else min(budget, src.limit if src.limit is not None else budget)
+            if n == 0:
+                continue
+            tier = tiers[src.tier]
+            prompts = read_prompts(cls, src, n, cfg.seed)
+            for j, p in enumerate(prompts):
+                ids = encode(tokenizer, p, cfg.chat_template, dict(cfg.chat_template_kwargs))
+                pieces = fit(ids, tier, f"calibration class {cls!r} source {i} prompt {j}")
+                truncated += tier.overflow == "truncate" and len(ids) > tier.max_tokens
+                passes += [Pass(tuple(piece), src.tier, tier.weight) for piece in pieces]
+            if budget is not None:
+                budget -= len(prompts)
+        if truncated:
+            log.warning("calibration class %r: %d prompts truncated to their tier's max_tokens", cls, truncated)
+        if not passes:
+            raise MoePruneError(f"calibration class {cls!r} is empty: its sources gave no prompts; "
+                                "expected at least one")
+        corpus[cls] = passes
+    return corpus
+
+
+# ---- self-generated continuations --------------------------------------------------------------
+def continue_greedy(model, corpus: dict[str, list[Pass]], n: int, batch_size: int, tokenizer) -> dict[str, list[Pass]]:
+    """Each pass extended by the model's own greedy continuation of up to n tokens (stopping after
+    end-of-sequence), as the reference profiles prompt + 128 generated tokens. Batched by length
+    with left padding, as generation needs."""
+    import torch
+
+    eos = tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    out: dict[str, list[Pass]] = {}
+    for cls, passes in corpus.items():
+        done: list[Pass | None] = [None] * len(passes)
+        order = sorted(range(len(passes)), key=lambda i: len(passes[i].ids))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            width = max(len(passes[i].ids) for i in chunk)
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for row, i in enumerate(chunk):
+                ids[row, width - len(passes[i].ids):] = torch.tensor(passes[i].ids)
+                mask[row, width - len(passes[i].ids):] = 1
+            with torch.no_grad():
+                gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=n,
+                                     min_new_tokens=0, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=eos)
+            for row, i in enumerate(chunk):
+                new = gen[row, width:].tolist()
+                if eos in new:
+                    new = new[:new.index(eos) + 1]
+                p = passes[i]
+                done[i] = Pass(p.ids + tuple(new), p.tier, p.weight)
+        out[cls] = done
+    return out

@@ -1,36 +1,43 @@
-"""Per-class, per-layer, per-expert routing statistics from one forward pass per calibration text.
+"""Profiles: per-class, per-layer, per-expert routing statistics, and the profiling run.
 
-Statistics (each a float32 tensor [classes, moe layers, experts]):
-- count        routed tokens (top-k slots)
+Statistics (float64 tensors [classes, moe layers, experts]; each pass's terms times its tier weight):
+- count        routed (token, slot)s                                     (the reference's `tc`)
 - gate_sum     sum of the gate weights the router gave the expert
-- contrib_sum  sum over routed tokens of gate * ||expert output||   (the contribution)
+- contrib_sum  sum over routed tokens of gate * ||expert output||        (the contribution)
 - out_norm_sum sum over routed tokens of ||expert output||
-- wnorm        per pass: Frobenius norm of the gate-weighted output block, summed over passes
-               (the reference tool's `wnorm`; its score is alpha * wnorm + count)
-- rnorm        the same for the un-gated output
-- hits         passes in which the expert was routed at least once (the reference's `cc`)
-plus `weight_norm` [layers, experts]: ||W_gate_up||_F + ||W_down||_F, from the weights alone.
+- wnorm        per pass: Frobenius norm of the gate-weighted output block (tokens x hidden),
+               summed over passes                                        (the reference's `wnorm`)
+- rnorm        the same for the un-gated output                          (`rnorm`)
+- wsum         per pass: mean gate weight over the expert's tokens, summed over passes (`wsum`)
+- hits         passes that routed at least one token to the expert       (`cc`)
+- nonfinite    routed tokens whose output or gate was NaN/Inf (excluded from every sum above)
+plus `weight_norm` [layers, experts] (||W_up||_F + ||W_down||_F, from the weights alone) and, with
+`profile.neuron_energy`, `neuron_energy` [classes, layers, experts, intermediate]: the sum of squared
+intermediate activations per neuron. A pass is one calibration sequence (prompt [+ continuation]).
+How they are computed: prune/profile_stats.py. Layer by layer from the shards: prune/profile_layerwise.py.
 """
 
 from __future__ import annotations
 
-import contextlib
+import json
 import logging
-import math
-from dataclasses import dataclass
+import os
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.prune.profile_stats import (Accumulator, expert_weight_norms, intermediate_dim, nonfinite_report,
+                                          profiling)
 
 log = logging.getLogger("moeprune")
-
-PASS_STATS = ("count", "gate_sum", "contrib_sum", "out_norm_sum", "wnorm", "rnorm", "hits")
 PROFILE_FILE = "profile.safetensors"
 META_FILE = "profile.json"
+# the reference tool's JSON names -> ours
+REFERENCE_NAMES = {"wnorm": "wnorm", "rnorm": "rnorm", "wsum": "wsum", "tc": "count", "cc": "hits"}
 
 
 @dataclass
@@ -38,115 +45,256 @@ class Profile:
     classes: list[str]
     layers: list[int]  # decoder layer index of each MoE layer
     num_experts: int
-    stats: dict[str, torch.Tensor]  # name -> [C, L, E] (weight_norm: [L, E])
-    tokens: dict[str, int]
+    stats: dict[str, torch.Tensor]  # name -> [C, L, E] (weight_norm [L, E], neuron_energy [C, L, E, I])
+    tokens: dict[str, int]  # profiled tokens per class
+    meta: dict = field(default_factory=dict)  # tokens per tier, passes, corpus/model hashes, mode
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stats[name]
 
     def save(self, out_dir: Path) -> None:
-        save_file({k: v.contiguous() for k, v in self.stats.items()}, str(Path(out_dir) / PROFILE_FILE))
-        artifacts.write_json(Path(out_dir) / META_FILE, {
-            "classes": self.classes, "layers": self.layers, "num_experts": self.num_experts,
-            "tokens_per_class": self.tokens,
-        })
+        out_dir = Path(out_dir)
+        fd, tmp = tempfile.mkstemp(prefix=f".{PROFILE_FILE}.", dir=out_dir)
+        os.close(fd)
+        save_file({k: v.contiguous() for k, v in self.stats.items()}, tmp)
+        os.replace(tmp, out_dir / PROFILE_FILE)
+        from moeprune.artifacts import write_json
+
+        write_json(out_dir / META_FILE, {"classes": self.classes, "layers": self.layers,
+                                         "num_experts": self.num_experts, "tokens_per_class": self.tokens,
+                                         **self.meta})
 
     @classmethod
     def load(cls, out_dir: Path) -> "Profile":
         out_dir = Path(out_dir)
-        meta = artifacts.read_json(out_dir / META_FILE)
-        stats = load_file(str(out_dir / PROFILE_FILE))
-        return cls(meta["classes"], meta["layers"], meta["num_experts"], stats, meta["tokens_per_class"])
-
-
-class _Collector:
-    """Accumulates one class's statistics from a hook on each MoE layer's experts module."""
-
-    def __init__(self, adapter, blocks, num_classes: int, device):
-        self.adapter, self.blocks = adapter, blocks
-        L, E = len(blocks), blocks[0].experts.num_experts
-        self.E = E
-        self.acc = {k: torch.zeros(num_classes, L, E, dtype=torch.float64, device=device) for k in PASS_STATS}
-        self.cls = 0
-        self.seq_of_token: torch.Tensor | None = None  # [T] pass id of each flattened token, -1 = padding
-        self.num_seqs = 0
-
-    @contextlib.contextmanager
-    def hooks(self):
-        handles = [b.experts.register_forward_hook(self._hook(i)) for i, b in enumerate(self.blocks)]
         try:
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+            meta = json.loads((out_dir / META_FILE).read_text())
+            stats = load_file(str(out_dir / PROFILE_FILE))
+        except (OSError, ValueError) as e:
+            raise MoePruneError(f"{out_dir}: not a readable profile ({e}); "
+                                f"expected {META_FILE} + {PROFILE_FILE}") from None
+        core = {k: meta.pop(k) for k in ("classes", "layers", "num_experts", "tokens_per_class")}
+        return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta)
 
-    def _hook(self, li: int):
-        def hook(experts, args, _out):
-            x, idx, w = args[0], args[1], args[2]
-            seq = self.seq_of_token
-            valid = seq >= 0
-            for e in range(self.E):
-                tok, slot = torch.where((idx == e) & valid[:, None])
-                if tok.numel() == 0:
-                    continue
-                raw = self.adapter.expert_output(experts, e, x[tok]).double().norm(dim=-1)
-                g = w[tok, slot].double()
-                gated = g * raw
-                a, c = self.acc, self.cls
-                a["count"][c, li, e] += tok.numel()
-                a["gate_sum"][c, li, e] += g.sum()
-                a["contrib_sum"][c, li, e] += gated.sum()
-                a["out_norm_sum"][c, li, e] += raw.sum()
-                s = seq[tok]
-                per_seq_w = torch.zeros(self.num_seqs, dtype=torch.float64, device=x.device).index_add_(0, s, gated**2)
-                per_seq_r = torch.zeros(self.num_seqs, dtype=torch.float64, device=x.device).index_add_(0, s, raw**2)
-                a["wnorm"][c, li, e] += per_seq_w.sqrt().sum()
-                a["rnorm"][c, li, e] += per_seq_r.sqrt().sum()
-                a["hits"][c, li, e] += (per_seq_r > 0).sum()
+    # ---- the reference tool's JSON ------------------------------------------------------------
+    def to_reference(self) -> dict:
+        """{class: {layer: {expert: {wnorm, rnorm, wsum, tc, cc}}}}, keys as strings (docs/profiling.md)."""
+        def cell(ci, li, e):
+            return {ref: float(self.stats[ours][ci, li, e]) for ref, ours in REFERENCE_NAMES.items()}
 
-        return hook
+        return {c: {str(layer): {str(e): cell(ci, li, e) for e in range(self.num_experts)}
+                    for li, layer in enumerate(self.layers)}
+                for ci, c in enumerate(self.classes)}
+
+    @classmethod
+    def from_reference(cls, data: dict) -> "Profile":
+        """A profile from the reference tool's JSON: its five statistics; the others stay absent."""
+        if not isinstance(data, dict) or not data:
+            raise MoePruneError("reference profile: expected {class: {layer: {expert: {wnorm, rnorm, wsum, tc, cc}}}}")
+        classes = list(data)
+        layers = sorted({int(k) for c in classes for k in _dict(data[c], c)})
+        experts = sorted({int(e) for c in classes for layer in data[c].values() for e in _dict(layer, c)})
+        if experts != list(range(len(experts))):
+            raise MoePruneError(f"reference profile: expert ids {experts[:5]}...: expected 0..E-1")
+        out = {ours: torch.zeros(len(classes), len(layers), len(experts), dtype=torch.float64)
+               for ours in REFERENCE_NAMES.values()}
+        for ci, c in enumerate(classes):
+            for layer, row in data[c].items():
+                li = layers.index(int(layer))
+                for e, cell in row.items():
+                    missing = set(REFERENCE_NAMES) - set(cell) if isinstance(cell, dict) else set(REFERENCE_NAMES)
+                    if missing:
+                        raise MoePruneError(f"reference profile {c}/{layer}/{e}: missing {sorted(missing)}")
+                    for ref, ours in REFERENCE_NAMES.items():
+                        out[ours][ci, li, int(e)] = float(cell[ref])
+        # the reference JSON does not record tokens (count sums top_k slots per token)
+        return cls(classes, layers, len(experts), out, {c: 0 for c in classes}, {"source": "reference-json"})
 
 
-def weight_norms(adapter, blocks) -> torch.Tensor:
-    rows = []
-    for b in blocks:
-        ex = b.experts
-        rows.append(torch.stack([ex.gate_up_proj[e].float().norm() + ex.down_proj[e].float().norm()
-                                 for e in range(ex.num_experts)]))
-    return torch.stack(rows).cpu()
+def _dict(x, where: str) -> dict:
+    if not isinstance(x, dict):
+        raise MoePruneError(f"reference profile class {where!r}: expected an object keyed by layer / expert id")
+    return x
+
+
+
+
+def export_reference(profile_dir: Path, json_path: Path) -> None:
+    from moeprune.artifacts import write_json
+
+    write_json(Path(json_path), Profile.load(profile_dir).to_reference())
+
+
+def import_reference(json_path: Path, profile_dir: Path) -> Profile:
+    try:
+        data = json.loads(Path(json_path).read_text())
+    except (OSError, ValueError) as e:
+        raise MoePruneError(f"{json_path}: not a readable JSON file ({e})") from None
+    profile = Profile.from_reference(data)
+    Path(profile_dir).mkdir(parents=True, exist_ok=True)
+    profile.save(profile_dir)
+    return profile
+
+
+# ---- the whole-model run -----------------------------------------------------------------------
+def length_batches(passes: list, batch_size: int, batch_tokens: int) -> list[list]:
+    """Passes grouped by tier, sorted longest first, packed into batches of at most `batch_size`
+    passes and `batch_tokens` padded tokens (a pass longer than that budget runs alone)."""
+    batches = []
+    for tier in dict.fromkeys(p.tier for p in passes):
+        todo = sorted((p for p in passes if p.tier == tier), key=lambda p: -len(p.ids))
+        while todo:
+            n = max(1, min(batch_size, batch_tokens // len(todo[0].ids)))
+            batches.append(todo[:n])
+            todo = todo[n:]
+    return batches
+
+
+def pad_right(batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask, pass of each flattened token or -1). Right padding keeps every
+    token at its own position, so a pass sees exactly what it would see alone (causal attention)."""
+    width = max(len(p.ids) for p in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, p in enumerate(batch):
+        ids[i, :len(p.ids)] = torch.tensor(p.ids)
+        mask[i, :len(p.ids)] = 1
+    seq = torch.where(mask.bool(), torch.arange(len(batch))[:, None], -1).reshape(-1)
+    return ids.to(device), mask.to(device), seq.to(device)
+
+
+def finish(acc: Accumulator, classes: list[str], blocks_layers: list[int], on_nonfinite: str) -> dict:
+    """The accumulator's statistics, after the non-finite check the config asks for."""
+    stats = acc.stats()
+    bad = nonfinite_report(stats, classes, blocks_layers)
+    if bad:
+        where = "; ".join(f"{c} layer {layer}: {n} tokens" for c, layer, n in bad)
+        if on_nonfinite != "skip":
+            raise MoePruneError(f"non-finite expert outputs or gates in (class, layer): {where}. Expected finite "
+                                "activations (try model.dtype=float32), or profile.on_nonfinite=skip to exclude them")
+        log.warning("non-finite expert outputs excluded from the statistics in: %s", where)
+    return stats
 
 
 @torch.no_grad()
-def profile_model(model, tokenizer, adapter, corpus: dict[str, list[str]], max_tokens: int, batch_size: int) -> Profile:
+def profile_model(model, adapter, corpus: dict[str, list], batch_size: int = 64, batch_tokens: int = 65536,
+                  pad_id: int = 0, neuron_energy: bool = False, on_nonfinite: str = "error",
+                  progress: bool = False) -> Profile:
+    """Profile a loaded model over a corpus {class: [Pass]} (moeprune.prune.calibration)."""
+    from tqdm.auto import tqdm
+
     blocks = adapter.moe_blocks(model)
     if not blocks:
-        raise MoePruneError("the model has no MoE layers to profile")
-    for name, texts in corpus.items():
-        if not texts:
-            raise MoePruneError(f"calibration class {name!r} is empty: expected at least one text")
+        raise MoePruneError(f"the model has no MoE layers to profile: expected a {adapter.name} model with experts")
+    for name, passes in corpus.items():
+        if not passes:
+            raise MoePruneError(f"calibration class {name!r} is empty: expected at least one pass")
     device = next(model.parameters()).device
-    col = _Collector(adapter, blocks, len(corpus), device)
-    tokens = {}
-    with col.hooks():
-        for ci, (name, texts) in enumerate(corpus.items()):
-            col.cls = ci
-            n_tok = 0
-            for start in range(0, len(texts), batch_size):
-                enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True,
-                                truncation=True, max_length=max_tokens).to(device)
-                mask = enc["attention_mask"]
-                B, S = mask.shape
-                seq = torch.arange(B, device=device)[:, None].expand(B, S)
-                col.seq_of_token = torch.where(mask.bool(), seq, -1).reshape(-1)
-                col.num_seqs = B
-                model(**enc)
-                n_tok += int(mask.sum())
-            tokens[name] = n_tok
-    stats = {k: v.float().cpu() for k, v in col.acc.items()}
-    for k, v in stats.items():
-        bad = ~torch.isfinite(v)
-        if bad.any():
-            where = sorted({(list(corpus)[c], blocks[l].layer) for c, l, _ in bad.nonzero().tolist()})
-            raise MoePruneError(f"non-finite {k} statistics in (class, layer): {where}")
-    stats["weight_norm"] = weight_norms(adapter, blocks)
-    return Profile(list(corpus), [b.layer for b in blocks], blocks[0].experts.num_experts, stats, tokens)
+    experts = blocks[0].experts
+    acc = Accumulator(len(corpus), len(blocks), experts.num_experts, device,
+                      intermediate_dim(experts) if neuron_energy else None)
+    total = sum(len(p.ids) for passes in corpus.values() for p in passes)
+    decoder = adapter.text_model(model)  # the decoder stack alone: no LM head, no logits to compute
+    with profiling(blocks, adapter, acc), tqdm(total=total, unit="tok", unit_scale=True, disable=not progress,
+                                               desc="profile") as bar:
+        for ci, passes in enumerate(corpus.values()):
+            for batch in length_batches(passes, batch_size, batch_tokens):
+                ids, mask, seq = pad_right(batch, pad_id, device)
+                acc.begin(ci, batch[0].weight, seq, len(batch))
+                decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+                bar.update(sum(len(p.ids) for p in batch))
+    layers = [b.layer for b in blocks]
+    stats = finish(acc, list(corpus), layers, on_nonfinite)
+    stats["weight_norm"] = torch.stack([expert_weight_norms(b.experts) for b in blocks])
+    return Profile(list(corpus), layers, experts.num_experts, stats, corpus_tokens(corpus), corpus_meta(corpus))
+
+
+def corpus_tokens(corpus: dict[str, list]) -> dict[str, int]:
+    return {c: sum(len(p.ids) for p in passes) for c, passes in corpus.items()}
+
+
+def corpus_meta(corpus: dict[str, list]) -> dict:
+    import hashlib
+
+    h = hashlib.sha256()
+    tiers: dict[str, dict[str, int]] = {}
+    for c, passes in corpus.items():
+        for p in passes:
+            h.update(f"{c}|{p.tier}|{p.weight}|{','.join(map(str, p.ids))}\n".encode())
+            tiers.setdefault(c, {}).setdefault(p.tier, 0)
+            tiers[c][p.tier] += len(p.ids)
+    return {"tokens_per_class_tier": tiers, "passes_per_class": {c: len(v) for c, v in corpus.items()},
+            "corpus_sha256": h.hexdigest()}
+
+
+# ---- the profile stage -------------------------------------------------------------------------
+def run_stage(cfg, model_dir: Path, out_dir: Path) -> dict:
+    """Build the corpus, pick the mode, profile, save. The runner caches the result by content hash."""
+    from moeprune.adapters import adapter_for
+    from moeprune.models import load_model, load_tokenizer, pick_device, read_config
+    from moeprune.prune.calibration import build_corpus, continue_greedy
+
+    pc = cfg.profile
+    if pc.mode not in ("whole", "layerwise", "auto"):
+        raise MoePruneError(f"profile.mode={pc.mode!r}: expected whole, layerwise or auto")
+    if pc.on_nonfinite not in ("error", "skip"):
+        raise MoePruneError(f"profile.on_nonfinite={pc.on_nonfinite!r}: expected error or skip")
+    config = read_config(model_dir)
+    adapter = adapter_for(config)
+    adapter.num_experts(config)  # a family's dense sibling (no expert count) fails here, by name
+    tok = load_tokenizer(model_dir)
+    corpus = build_corpus(cfg.calibration, tok, adapter.text_config(config).get("max_position_embeddings"))
+    device = pick_device(cfg.model.device)
+    mode = pc.mode if pc.mode != "auto" else choose_mode(model_dir, device, pc.device_memory_fraction)
+    cal = cfg.calibration
+    if mode == "whole":
+        model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
+        if cal.generate_tokens:
+            corpus = continue_greedy(model, corpus, cal.generate_tokens, cal.batch_size, tok)
+        profile = profile_model(model, adapter, corpus, cal.batch_size, cal.batch_tokens, tok.pad_token_id,
+                                pc.neuron_energy, pc.on_nonfinite, pc.progress)
+    else:
+        from moeprune.prune.profile_layerwise import profile_layerwise
+
+        if cal.generate_tokens:
+            raise MoePruneError("calibration.generate_tokens needs the whole model on the device: expected "
+                                "generate_tokens=0 with profile.mode=layerwise (or a model that fits)")
+        from moeprune.artifacts import hash_json
+
+        run_key = hash_json([corpus_meta(corpus)["corpus_sha256"], str(model_dir), cfg.model.dtype, pc.neuron_energy])
+        work = Path(pc.work_dir or Path(cfg.paths.cache_dir).expanduser() / "profile_layerwise") / run_key[:16]
+        profile = profile_layerwise(model_dir, adapter, corpus, work, cfg.model.dtype, device, cal.batch_size,
+                                    cal.batch_tokens, tok.pad_token_id, pc.neuron_energy, pc.on_nonfinite,
+                                    pc.hidden_ram_bytes, pc.progress)
+    profile.meta.update(mode=mode, model_dir=str(model_dir), dtype=cfg.model.dtype)
+    profile.save(out_dir)
+    return {"classes": profile.classes, "tokens": sum(profile.tokens.values()), "mode": mode}
+
+
+def choose_mode(model_dir: Path, device: torch.device, fraction: float) -> str:
+    """auto: layer-wise when the checkpoint's weights exceed `fraction` of the device's memory."""
+    if device.type != "cuda":
+        return "whole"
+    size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
+    total = torch.cuda.get_device_properties(device).total_memory
+    return "layerwise" if size > fraction * total else "whole"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m moeprune.prune.profile export PROFILE_DIR OUT.json | import IN.json PROFILE_DIR"""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m moeprune.prune.profile",
+                                 description="convert between moeprune profiles and the reference tool's JSON")
+    ap.add_argument("action", choices=("export", "import"))
+    ap.add_argument("src", type=Path)
+    ap.add_argument("dst", type=Path)
+    args = ap.parse_args(argv)
+    try:
+        export_reference(args.src, args.dst) if args.action == "export" else import_reference(args.src, args.dst)
+    except MoePruneError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
