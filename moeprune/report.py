@@ -15,8 +15,8 @@ def results_table(results: dict) -> str:
     cats = list(ref.get("per_category", {}))
     rows = [("class", "base", "pruned", "delta")]
     for c in cats + ["ALL"]:
-        b = base["per_category"].get(c) if c != "ALL" else base["score"] if base else None
-        p = pruned["per_category"].get(c) if c != "ALL" else pruned["score"] if pruned else None
+        b = (base["per_category"].get(c) if c != "ALL" else base["score"]) if base else None
+        p = (pruned["per_category"].get(c) if c != "ALL" else pruned["score"]) if pruned else None
         d = f"{(p - b) * 100:+.1f}" if b is not None and p is not None else "-"
         rows.append((c, f"{b:.1%}" if b is not None else "-", f"{p:.1%}" if p is not None else "-", d))
     rows.append(("experts/layer", str(base["num_experts"]) if base else "-", str(pruned["num_experts"]) if pruned else "-", ""))

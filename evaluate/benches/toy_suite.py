@@ -3,26 +3,44 @@ executing the programs when the tasks are generated)."""
 
 from __future__ import annotations
 
-from moeprune.evaluate.types import Sample
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.types import Sample, Verdict
 from moeprune.toy import world
 
 
-class ToySuite:
-    def __init__(self, name: str = "toy_suite", n_per_class: int = 100, split: str = "test", seed: int = 0,
-                 classes: list[str] | None = None):
-        self.name, self.n_per_class, self.split, self.seed = name, n_per_class, split, seed
-        self.classes = list(classes or world.CLASSES)
-        self.max_new_tokens = world.MAX_NEW_TOKENS
-        self._tasks = {}
+class ToySuite(Bench):
+    default_split = "test"
+    options = ("classes",)
 
-    def samples(self) -> list[Sample]:
+    def __init__(self, name: str = "toy_suite", **kw):
+        kw.setdefault("chat", False)
+        super().__init__(name, **kw)
+        unknown = sorted(set(self.classes or ()) - set(world.CLASSES))
+        if unknown:
+            raise MoePruneError(f"bench {name}: unknown classes {unknown}; expected some of {list(world.CLASSES)}")
+        self.classes = list(self.classes or world.CLASSES)
+        if self.max_new_tokens == self.default_max_new_tokens:
+            self.max_new_tokens = world.MAX_NEW_TOKENS
+        self._tasks: dict[str, world.Task] = {}
+
+    def rows(self) -> list[dict]:
+        rows = [{"cls": c, "i": i, "prompt": t.prompt, "answer": t.answer}
+                for c in self.classes for i, t in enumerate(world.make_tasks(c, self.n_per_class, self.split, self.seed))]
+        self.data_hash = artifacts.hash_json(rows)
+        return rows
+
+    def build(self, rows: list[dict]) -> list[Sample]:
         out = []
-        for c in self.classes:
-            for i, t in enumerate(world.make_tasks(c, self.n_per_class, self.split, self.seed)):
-                sid = f"{c}/{i}"
-                self._tasks[sid] = t
-                out.append(Sample(sid, t.prompt, t.answer, category=c))
+        for r in rows:
+            sid = f"{r['cls']}/{r['i']}"
+            self._tasks[sid] = world.Task(r["cls"], r["prompt"], r["answer"])
+            out.append(Sample(sid, self.render(prompt=r["prompt"]), r["answer"], category=r["cls"]))
         return out
 
-    def score(self, sample: Sample, completion: str) -> bool:
-        return world.is_correct(self._tasks[sample.id], completion)
+    def score(self, sample: Sample, completion: str) -> Verdict:
+        return Verdict(world.is_correct(self._tasks[sample.id], completion), completion.strip())
+
+    def canonical(self, sample: Sample) -> str:
+        return sample.reference

@@ -1,0 +1,123 @@
+"""What every bench shares: its data source, prompt template, generation settings and sandbox limits.
+
+A bench is built from `conf/bench/<name>.yaml` by `_target_`. Subclasses define `build` (dataset
+rows -> samples), `score` (a completion -> Verdict) and, where the dataset has one, `canonical` (a
+completion that must pass: what `evaluate.validate=true` feeds the scorer).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from moeprune.errors import MoePruneError
+from moeprune.evaluate.sandbox import Limits, network_isolation
+from moeprune.evaluate.data import load_rows
+from moeprune.evaluate.types import Sample, Verdict
+
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+
+
+def fence(code: str, language: str = "python") -> str:
+    return f"```{language}\n{code.rstrip()}\n```"
+
+
+class Bench:
+    default_data: dict = {}
+    default_split = "test"
+    default_max_new_tokens = 2048
+    default_prompt = "{prompt}"
+    options: tuple[str, ...] = ()  # the optional knobs (task_ids, languages, classes) this bench reads
+    runs_code = False  # scored in the sandbox, several samples at a time
+
+    def __init__(self, name: str, data: dict | None = None, split: str | None = None, n: int | None = None,
+                 n_per_class: int = 100, seed: int = 0, chat: bool = True, prompt: str | None = None,
+                 max_new_tokens: int | None = None, thinking_budget: int | None = None,
+                 sampler: dict | None = None, sandbox: dict | None = None, filter: dict | None = None,
+                 task_ids: list | None = None, languages: list | None = None, classes: list | None = None):
+        for knob, value in (("task_ids", task_ids), ("languages", languages), ("classes", classes)):
+            if value is not None and knob not in self.options:
+                raise MoePruneError(f"bench {name}: bench.{knob} is set but this bench has no {knob}; expected null")
+        if n is not None and n <= 0:
+            raise MoePruneError(f"bench {name}: bench.n={n}: expected a positive count or null (all)")
+        if thinking_budget is not None and thinking_budget <= 0:
+            raise MoePruneError(f"bench {name}: bench.thinking_budget={thinking_budget}: expected > 0 or null")
+        self.name, self.n, self.n_per_class, self.seed, self.chat = name, n, n_per_class, seed, chat
+        self.data = {**self.default_data, **{k: v for k, v in (data or {}).items() if v is not None}}
+        self.split = split or self.default_split
+        self.prompt = prompt or self.default_prompt
+        self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
+        self.thinking_budget = thinking_budget
+        self.sampler = {**GREEDY, **(sampler or {})}
+        self.limits = sandbox_limits(sandbox or {})
+        self.workers = int((sandbox or {}).get("workers") or 2)
+        self.task_ids, self.languages, self.classes = task_ids, languages, classes
+        self.filter = dict(filter or {})
+        self.data_hash: str | None = None
+        self._samples: list[Sample] | None = None
+
+    # ---- data ---------------------------------------------------------------------------------
+    def rows(self) -> list[dict]:
+        rows, self.data_hash = load_rows(self.data, self.split, self.name)
+        return rows
+
+    def select(self, rows: list[dict]) -> list[dict]:
+        """The rows whose fields equal every `bench.filter` value (e.g. difficulty: medium)."""
+        for key in self.filter:
+            if rows and key not in rows[0]:
+                raise MoePruneError(f"bench {self.name}: bench.filter.{key}: the data has no field {key!r}; "
+                                    f"expected one of {sorted(rows[0])}")
+        return [r for r in rows if all(str(r[k]) == str(v) for k, v in self.filter.items())]
+
+    def build(self, rows: list[dict]) -> list[Sample]:
+        raise NotImplementedError
+
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            samples = self.build(self.select(self.rows()))
+            if self.n is not None:
+                if len(samples) < self.n:
+                    raise MoePruneError(f"bench {self.name}: n={self.n} but the data has only {len(samples)} problems")
+                samples = samples[: self.n]
+            ids = [s.id for s in samples]
+            if len(set(ids)) != len(ids):
+                raise MoePruneError(f"bench {self.name}: duplicate problem ids in the data")
+            self._samples = samples
+        return self._samples
+
+    def render(self, **fields) -> str:
+        try:
+            return self.prompt.format(**fields)
+        except (KeyError, IndexError) as e:
+            raise MoePruneError(
+                f"bench {self.name}: prompt template uses {e} but a problem offers only {{{', '.join(fields)}}}"
+            ) from None
+
+    # ---- scoring ------------------------------------------------------------------------------
+    def score(self, sample: Sample, completion: str) -> Verdict:
+        raise NotImplementedError
+
+    def score_all(self, samples: list[Sample], completions: list[str]) -> list[Verdict]:
+        if not self.runs_code:  # cheap, and math-verify's timeouts need the main thread
+            return [self.score(s, c) for s, c in zip(samples, completions)]
+        with ThreadPoolExecutor(max_workers=self.workers) as pool:  # each score is one subprocess
+            return list(pool.map(self.score, samples, completions))
+
+    def canonical(self, sample: Sample) -> str | None:
+        """A completion that must score as passing, or None when the dataset has no reference solution."""
+        return None
+
+    def settings(self) -> dict:
+        out = {"name": self.name, "class": type(self).__name__, "data": self.data, "split": self.split,
+               "n": self.n, "seed": self.seed, "chat": self.chat, "prompt": self.prompt,
+               "max_new_tokens": self.max_new_tokens, "thinking_budget": self.thinking_budget,
+               "sampler": self.sampler, "filter": self.filter}
+        if self.runs_code:
+            out["sandbox"] = {**self.limits.__dict__, "network_isolation": network_isolation()}
+        for knob in self.options:
+            out[knob] = getattr(self, knob)
+        return out
+
+
+def sandbox_limits(cfg: dict) -> Limits:
+    known = {k: v for k, v in cfg.items() if k in Limits.__dataclass_fields__ and v is not None}
+    return Limits(**known)

@@ -1,0 +1,31 @@
+"""gsm8k_100: GSM8K test problems (the first `bench.n`), chat mode, zero-shot chain of thought,
+flexible extraction: an explicit final answer (`#### N`, `\\boxed{N}`, `the answer is N`) or else
+the last number in the reply, compared numerically with the gold answer after `####`."""
+
+from __future__ import annotations
+
+from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.scoring import extract_number, numbers_equal
+from moeprune.evaluate.types import Sample, Verdict
+
+
+class GSM8K(Bench):
+    default_data = {"hf_id": "openai/gsm8k", "config": "main"}
+    default_prompt = ("Solve the following math problem step by step. End your reply with the final answer on "
+                      "its own line in the form \"#### <number>\".\n\nQuestion: {question}")
+    default_max_new_tokens = 4096
+
+    def __init__(self, name: str = "gsm8k_100", **kw):
+        super().__init__(name, **kw)
+
+    def build(self, rows: list[dict]) -> list[Sample]:
+        return [Sample(f"gsm8k/{i}", self.render(question=r["question"]), r["answer"].split("####")[-1].strip(),
+                       extra={"solution": r["answer"]})
+                for i, r in enumerate(rows)]
+
+    def score(self, sample: Sample, completion: str) -> Verdict:
+        got = extract_number(completion)
+        return Verdict(numbers_equal(got, sample.reference), got, "" if got else "no number found")
+
+    def canonical(self, sample: Sample) -> str:
+        return sample.extra["solution"]

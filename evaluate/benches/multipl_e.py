@@ -1,0 +1,115 @@
+"""multipl_e: MultiPL-E's HumanEval translations (Rust, Java, JavaScript; `bench.n` problems each),
+chat mode, pass@1, compiled and run in the sandbox. The score is the macro mean over languages.
+
+MultiPL-E is a completion benchmark: the program is `prompt + completion + tests`, where the
+completion stops at the row's own stop tokens and the tests close the function (Rust, Java) and
+call it. A chat reply restates the function, so we take the reply's code after the line that
+defines the prompt's function and cut it at the first stop token: exactly the completion MultiPL-E
+expects. Helpers or imports the reply adds outside that function are not carried over.
+Languages whose toolchain (rustc, javac/java, node) is missing are skipped and named in the summary.
+Java problems that import `org.javatuples` need that jar on CLASSPATH. No reference solutions exist.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+from moeprune.evaluate import sandbox
+from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.data import load_rows
+from moeprune.evaluate.scoring import extract_code
+from moeprune.evaluate.types import Sample, Verdict
+
+log = logging.getLogger("moeprune")
+DATASET_CODES = {"rust": "rs", "java": "java", "js": "js"}  # sandbox language -> MultiPL-E suffix
+DISPLAY = {"rust": "Rust", "java": "Java", "js": "JavaScript"}
+
+
+def _function_name(signature: str) -> str:
+    names = re.findall(r"(\w+)\s*\(", signature)
+    if not names:
+        raise MoePruneError(f"multipl_e: cannot find a function name in the prompt line {signature!r}")
+    return names[0]
+
+
+def completion_from_reply(code: str, prompt: str, stop_tokens: list[str]) -> str | None:
+    """The part of a reply's code that continues the prompt (None when it never defines the function)."""
+    signature = [ln for ln in prompt.rstrip().splitlines() if ln.strip()][-1]
+    name = _function_name(signature)
+    lines = code.splitlines(keepends=True)
+    for i, ln in enumerate(lines):
+        if re.search(rf"\b{re.escape(name)}\s*\(", ln) and ("{" in ln or ln.strip() == signature.strip()):
+            body = "".join(lines[i + 1:])
+            cut = min((body.find(t) for t in stop_tokens if t in body), default=-1)
+            return body if cut < 0 else body[:cut]
+    return None
+
+
+class MultiPLE(Bench):
+    default_data = {"hf_id": "nuprl/MultiPL-E"}
+    default_prompt = ("Complete the following {language} function. Reply with the complete function in a "
+                      "single ```{tag} code block.\n\n```{tag}\n{prompt}\n```")
+    default_max_new_tokens = 4096
+    options = ("languages",)
+    macro_average = True  # the score is the mean of the per-language scores
+    runs_code = True
+
+    def __init__(self, name: str = "multipl_e", **kw):
+        kw.setdefault("languages", list(DATASET_CODES))
+        super().__init__(name, **kw)
+        unknown = [lang for lang in self.languages if lang not in DATASET_CODES]
+        if unknown:
+            raise MoePruneError(f"bench {name}: languages {unknown}: expected some of {list(DATASET_CODES)}")
+        self.skipped = {lang: why for lang in self.languages if (why := sandbox.missing_toolchain(lang))}
+        for lang, why in self.skipped.items():
+            log.warning("multipl_e: skipping %s (%s)", lang, why)
+        if len(self.skipped) == len(self.languages):
+            raise MoePruneError(f"bench {name}: no toolchain for any language: {'; '.join(self.skipped.values())}")
+
+    def samples(self) -> list[Sample]:
+        if self._samples is None:
+            run = [lang for lang in self.languages if lang not in self.skipped]
+            if self.data.get("path"):  # one local file holding every language (rows carry `language`)
+                rows, self.data_hash = load_rows(self.data, self.split, self.name)
+                per_lang = {lang: [r for r in rows if r["language"] == DATASET_CODES[lang]] for lang in run}
+            else:
+                per_lang, hashes = {}, []
+                for lang in run:
+                    src = {**self.data, "config": f"humaneval-{DATASET_CODES[lang]}"}
+                    per_lang[lang], h = load_rows(src, self.split, self.name)
+                    hashes.append(h)
+                self.data_hash = artifacts.hash_json(hashes)
+            out = []
+            for lang in run:
+                rows = self.select(per_lang[lang])
+                if self.n is not None:
+                    if len(rows) < self.n:
+                        raise MoePruneError(f"bench {self.name}: {lang}: n={self.n} but the data has {len(rows)} problems")
+                    rows = rows[: self.n]
+                out += self.build_language(lang, rows)
+            self._samples = out
+        return self._samples
+
+    def build_language(self, lang: str, rows: list[dict]) -> list[Sample]:
+        return [Sample(f"{lang}/{r['name']}",
+                       self.render(language=DISPLAY[lang], tag=DATASET_CODES[lang], prompt=r["prompt"].rstrip()), "",
+                       category=lang, extra={"prompt": r["prompt"], "tests": r["tests"],
+                                             "stop_tokens": list(r["stop_tokens"])})
+                for r in rows]
+
+    def score(self, sample: Sample, completion: str) -> Verdict:
+        if not completion.strip():
+            return Verdict(False, "", "empty")
+        lang, x = sample.category, sample.extra
+        code, _ = extract_code(completion, lang)
+        body = completion_from_reply(code, x["prompt"], x["stop_tokens"])
+        if body is None:
+            return Verdict(False, code, "the reply does not define the prompt's function")
+        res = sandbox.run_program(x["prompt"] + body + x["tests"], lang, limits=self.limits)
+        return Verdict(res.passed, code, "" if res.passed else res.why())
+
+    def settings(self) -> dict:
+        return {**super().settings(), "skipped_languages": self.skipped}

@@ -1,0 +1,45 @@
+"""The generation cache: one sqlite file of completions keyed by (backend identity, generation
+settings, prompt). A run writes each batch as it finishes, so a run killed mid-way resumes with
+only the missing prompts; a finished run re-scored (new scorer, new audit) generates nothing.
+sqlite's own locking lets parallel sweep jobs share the file."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import asdict
+from pathlib import Path
+
+from moeprune import artifacts
+from moeprune.evaluate.types import Completion
+
+
+class GenerationCache:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer of another job
+        self.db.execute("CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+        self.db.commit()
+
+    @staticmethod
+    def key(identity: dict, settings: dict, prompt: str) -> str:
+        return artifacts.hash_json({"identity": identity, "settings": settings, "prompt": prompt})
+
+    def get_many(self, keys: list[str]) -> dict[str, Completion]:
+        out = {}
+        for start in range(0, len(keys), 500):  # sqlite caps the number of bound parameters
+            chunk = keys[start:start + 500]
+            rows = self.db.execute(f"SELECT key, completion FROM generations WHERE key IN ({','.join('?' * len(chunk))})",
+                                   chunk).fetchall()
+            out.update({k: Completion(**json.loads(v)) for k, v in rows})
+        return out
+
+    def put_many(self, items: dict[str, Completion]) -> None:
+        with self.db:  # one transaction: a batch is stored whole or not at all
+            self.db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?)",
+                                [(k, json.dumps(asdict(c))) for k, c in items.items()])
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,39 @@
+"""The llama_cpp backend: a real GGUF (the tiny Gemma 4, converted by the quant toolchain) served by
+llama-server and queried through the openai backend. Needs the built llama.cpp tools."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeprune.errors import MoePruneError
+from moeprune.evaluate.backends.llama_cpp import LlamaCppBackend, find_gguf
+
+pytestmark = pytest.mark.llamacpp
+
+
+def test_find_gguf_names_what_is_missing(tmp_path):
+    with pytest.raises(MoePruneError, match="expected exactly one .gguf file \\(found 0\\)"):
+        find_gguf(tmp_path, None)
+    with pytest.raises(MoePruneError, match="backend.gguf=.*no such file"):
+        find_gguf(tmp_path, str(tmp_path / "x.gguf"))
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    assert find_gguf(tmp_path, None) == tmp_path / "m.gguf"
+
+
+def test_llama_server_generates_through_the_openai_backend(tmp_path):
+    from moeprune.quant import gguf_tools, toolchain
+    from quant_support import save_gguf_ready_gemma4
+
+    tc = toolchain.cached()
+    if tc is None:
+        pytest.skip("the llama.cpp tools are not built here (the quant tests build them: moeprune.quant.toolchain)")
+    model = save_gguf_ready_gemma4(tmp_path / "hf")
+    gguf_tools.convert(tc, model, tmp_path / "gguf" / "model.gguf")
+    backend = LlamaCppBackend(tmp_path / "gguf", concurrency=2, server_args=["-c", "512"])
+    try:
+        comps = backend.generate(["ADD:12+34=", "BOOL:T&F="], 8)
+    finally:
+        backend.close()
+    assert len(comps) == 2 and all(c.tokens is not None and 0 < c.tokens <= 8 for c in comps)
+    assert all(c.finish_reason in ("stop", "length") for c in comps)
+    assert backend.identity()["gguf"]
