@@ -1,26 +1,36 @@
 """Streaming expert surgery on a safetensors checkpoint.
 
-Tensor by tensor: expert-axis tensors (fused expert weights, router rows, per-expert scales) are
-sliced to the kept ids, one-tensor-per-expert weights are kept and renumbered contiguously, the
-shared FFN's down projection is optionally scaled, everything else is copied. Output shards are
-bounded in size, so peak memory is about one shard plus one tensor; the source is only read. The
-result is built in a temp dir beside the output and renamed at the end.
+Every tensor is planned from the shard headers alone (name, dtype, shape, byte range), then the
+output shards are written tensor by tensor:
+- expert-axis tensors (fused expert weights and biases, router rows and biases, per-expert scales)
+  keep the kept experts' rows: byte ranges, copied by the kernel;
+- one-tensor-per-expert weights (Hub layout: `experts.N.w1`, `experts.N.gate_proj`, ...) of kept
+  experts are copied and renumbered 0..keep-1 in their original order;
+- the shared FFN's down projection is scaled by α when asked (the one tensor computed in memory);
+- everything else, vision towers included, is copied byte for byte.
+Multi-token-prediction heads (DeepSeek-V3's `model.layers.61`, Qwen3.5/Next's `mtp.*`) are not part
+of the model transformers runs and are not profiled: their experts are copied unpruned, with a
+warning and a note in the metadata (an engine that loads them for speculative decoding would need
+them pruned by the same map, which no profile provides).
+Memory stays near one small tensor whatever the checkpoint size; the source is only read. The
+output is built in a temp dir beside `out` and renamed into place only when complete.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from moeprune import artifacts
 from moeprune.adapters import adapter_for
 from moeprune.errors import MoePruneError
+from moeprune.prune.shards import OutTensor, SourceTensor, plan_shards, read_header, write_shard
 
 log = logging.getLogger("moeprune")
 
@@ -28,140 +38,199 @@ METADATA_FILE = "expert_drop_metadata.json"
 SHARED_MARKER = ".shared_applied"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 INDEX = "model.safetensors.index.json"
+_SCALABLE = {"F32", "F16", "BF16", "F64"}
 
 
-def shard_map(model_dir: Path) -> dict[str, str]:
-    """tensor name -> shard file name, from the index or the single model.safetensors."""
+def read_sources(model_dir: Path) -> dict[str, SourceTensor]:
+    """Every tensor of the checkpoint, from the index (or the single model.safetensors)."""
     index = model_dir / INDEX
     if index.is_file():
-        weight_map = artifacts.read_json(index)["weight_map"]
+        try:
+            weight_map = artifacts.read_json(index)["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise MoePruneError(f"{index}: unreadable index ({type(e).__name__}: {e}): expected a weight_map") from None
     elif (model_dir / "model.safetensors").is_file():
-        with safe_open(model_dir / "model.safetensors", "pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
+        weight_map = None
     else:
         raise MoePruneError(f"{model_dir}: no model.safetensors or {INDEX}: expected a safetensors checkpoint")
+    if weight_map is None:
+        return read_header(model_dir / "model.safetensors")[0]
     missing = sorted({s for s in weight_map.values() if not (model_dir / s).is_file()})
     if missing:
-        raise MoePruneError(f"{model_dir}: the index names missing shard files {missing}")
-    return weight_map
+        raise MoePruneError(f"{index} names shard files that are missing: {missing}")
+    headers = {s: read_header(model_dir / s)[0] for s in sorted(set(weight_map.values()))}
+    out = {}
+    for name, shard in weight_map.items():
+        if name not in headers[shard]:
+            raise MoePruneError(f"{index} names tensor {name!r} in {shard}, which has no such tensor")
+        out[name] = headers[shard][name]
+    return out
 
 
-class _ShardWriter:
-    def __init__(self, out_dir: Path, max_bytes: int):
-        self.out_dir, self.max_bytes = out_dir, max_bytes
-        self.buf: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.shards: list[list[str]] = []
+def _check_paths(src: Path, out: Path) -> None:
+    if out == src or src in out.parents:
+        raise MoePruneError(f"output dir {out} is the source dir or inside it: expected a path outside {src}")
+    if out in src.parents:
+        raise MoePruneError(f"output dir {out} contains the source dir {src}: replacing it would delete the source")
+    if not (src / "config.json").is_file():
+        raise MoePruneError(f"{src}: no config.json: expected a Hugging Face checkpoint dir")
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.buf and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buf[name] = t.contiguous()
-        self.size += nbytes
 
-    def flush(self) -> None:
-        if not self.buf:
-            return
-        name = f"model-{len(self.shards) + 1:05d}.safetensors"
-        save_file(self.buf, str(self.out_dir / name), metadata={"format": "pt"})
-        self.shards.append(list(self.buf))
-        self.buf, self.size = {}, 0
+def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]], num_experts: int,
+          alpha: float, num_layers: int | None) -> tuple[list[OutTensor], set[int], int, list[str]]:
+    """The output tensors in source order; also the MoE layers seen, the shared tensors scaled, and
+    the expert tensors copied unpruned because they lie outside the decoder layers (MTP heads)."""
+    plan: list[OutTensor] = []
+    layers: set[int] = set()
+    per_expert_seen: dict[str, set[int]] = {}
+    scaled, unpruned = 0, []
+    for t in sorted(sources.values(), key=lambda t: (str(t.file), t.start)):
+        role = adapter.role(t.name)
+        outside = num_layers is not None and role.layer is not None and role.layer >= num_layers
+        if outside and role.kind in ("expert_axis", "per_expert") or role.kind == "other" and _expert_like(adapter, t.name):
+            unpruned.append(t.name)
+            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+        elif role.kind == "expert_axis":
+            if len(t.shape) <= role.axis or t.shape[role.axis] != num_experts:
+                raise MoePruneError(f"{t.name}: shape {list(t.shape)}, expected {num_experts} experts on axis {role.axis}")
+            layers.add(role.layer)
+            plan.append(_slice(t, role.axis, keep.get(role.layer, list(range(num_experts))), num_experts))
+        elif role.kind == "per_expert":
+            if role.expert >= num_experts:
+                raise MoePruneError(f"{t.name}: expert id {role.expert}, expected ids below num_experts ({num_experts})")
+            layers.add(role.layer)
+            per_expert_seen.setdefault(role.rename, set()).add(role.expert)
+            ids = keep.get(role.layer, list(range(num_experts)))
+            if role.expert in ids:
+                plan.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
+                                      t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+        elif role.kind == "shared_down" and alpha != 1.0:
+            if t.dtype not in _SCALABLE:
+                raise MoePruneError(f"{t.name} is stored as {t.dtype}: "
+                                    f"the shared-FFN upweight needs one of {sorted(_SCALABLE)}")
+            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
+            scaled += 1
+        else:
+            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+    for template, ids in per_expert_seen.items():
+        if ids != set(range(num_experts)):
+            missing = sorted(set(range(num_experts)) - ids)
+            raise MoePruneError(f"checkpoint lacks {template.format(expert='N')} for experts {missing}: "
+                                f"expected one tensor per expert 0..{num_experts - 1}")
+    return plan, layers, scaled, unpruned
 
-    def finish(self) -> dict[str, str]:
-        self.flush()
-        total = len(self.shards)
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            old = self.out_dir / f"model-{i + 1:05d}.safetensors"
-            final = old if total > 1 else self.out_dir / "model.safetensors"
-            if total > 1:
-                final = self.out_dir / f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            old.rename(final)
-            weight_map.update({n: final.name for n in names})
-        return weight_map
+
+def _expert_like(adapter, name: str) -> bool:
+    """Named like one of the adapter's expert tensors, but outside the text decoder layers."""
+    if any(name.endswith("." + rel) for rel in adapter.expert_axis_tensors):
+        return True
+    return bool(adapter.per_expert_pattern and re.search(r"\." + adapter.per_expert_pattern + "$", name))
+
+
+def _slice(t: SourceTensor, axis: int, ids: list[int], num_experts: int) -> OutTensor:
+    """The kept experts' rows of a tensor whose expert axis leads: merged runs of byte ranges."""
+    if axis != 0:  # every supported layout puts the expert axis first (rows are contiguous bytes)
+        raise MoePruneError(f"{t.name}: expert axis {axis} is not supported: expected the expert axis first")
+    row = t.nbytes // num_experts
+    pieces, run_start = [], 0
+    for i, e in enumerate(ids):
+        if i + 1 == len(ids) or ids[i + 1] != e + 1:
+            first = ids[run_start]
+            pieces.append((t.file, t.start + first * row, (e - first + 1) * row))
+            run_start = i + 1
+    return OutTensor(t.name, t.dtype, (len(ids),) + t.shape[1:], row * len(ids), pieces=pieces)
+
+
+def _scaled(t: SourceTensor, alpha: float):
+    def compute():
+        with safe_open(t.file, "pt") as f:
+            w = f.get_tensor(t.name)
+        return (w.float() * alpha).to(w.dtype)
+    return compute
 
 
 def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], shared_ffn_alpha: float = 1.0,
                      max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None) -> dict:
     """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done."""
     src, out = Path(src).resolve(), Path(out).resolve()
-    if out == src or src in out.parents:
-        raise MoePruneError(f"output dir {out} is the source dir or inside it: refusing to write there")
-    config = json.loads((src / "config.json").read_text())
+    _check_paths(src, out)
+    config = artifacts.read_json(src / "config.json")
     adapter = adapter_for(config)
     if (src / SHARED_MARKER).exists() and shared_ffn_alpha != 1.0:
         raise MoePruneError(f"{src} already has its shared FFN upweighted ({SHARED_MARKER}): refusing to apply it twice")
+    drop_map = {int(k): sorted(int(i) for i in v) for k, v in drop_map.items()}
+    adapter.validate_drop_map(config, drop_map, physical=True)
     E = adapter.num_experts(config)
-    sizes = {E - len(d) for d in drop_map.values()}
-    if len(sizes) > 1:
-        raise MoePruneError(f"physical pruning needs one kept count for every layer, got {sorted(sizes)}")
-    keep_n = sizes.pop() if sizes else E
-    adapter.validate_keep(config, keep_n)
     keep = {layer: [e for e in range(E) if e not in set(d)] for layer, d in drop_map.items()}
-    weight_map = shard_map(src)
+    keep_n = E - len(next(iter(drop_map.values()), []))
 
-    seen_layers, scaled = set(), 0
+    num_layers = adapter.text_config(config).get("num_hidden_layers")
+    plan, layers, scaled, unpruned = _plan(adapter, read_sources(src), keep, E, shared_ffn_alpha, num_layers)
+    if unpruned:
+        log.warning("%d expert tensors outside the %s decoder layers (multi-token-prediction heads, e.g. %s) are "
+                    "copied unpruned: transformers ignores them, an engine loading them would need them pruned too",
+                    len(unpruned), num_layers, unpruned[0])
+    if not layers:
+        raise MoePruneError(f"{src}: no expert tensors for adapter {adapter.name}: expected an MoE checkpoint")
+    if set(drop_map) - layers:
+        raise MoePruneError(f"drop map names layers {sorted(set(drop_map) - layers)} that have no experts in {src}")
+    if keep_n < E and layers - set(drop_map):
+        raise MoePruneError(f"MoE layers {sorted(layers - set(drop_map))} have no drop map entry: expected one per "
+                            f"MoE layer, since the pruned config has {keep_n} experts everywhere")
+    if shared_ffn_alpha != 1.0 and scaled == 0:
+        raise MoePruneError(f"shared_ffn_alpha={shared_ffn_alpha}, but {adapter.name} has no shared FFN: expected 1.0")
+
+    shards = plan_shards(plan, max_shard_bytes)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    total = sum(t.nbytes for t in plan)
+    where = next(p for p in out.parents if p.exists())
+    free = shutil.disk_usage(where).free
+    if free < total:
+        raise MoePruneError(f"{where} has {free / 1e9:.2f} GB free: the pruned checkpoint needs {total / 1e9:.2f} GB")
+
     with artifacts.atomic_dir(out) as tmp:
-        writer = _ShardWriter(tmp, max_shard_bytes)
-        by_shard: dict[str, list[str]] = {}
-        for name, shard in weight_map.items():
-            by_shard.setdefault(shard, []).append(name)
-        for shard, names in sorted(by_shard.items()):
-            with safe_open(src / shard, "pt") as f:
-                present = set(f.keys())
-                for name in sorted(names):
-                    if name not in present:
-                        raise MoePruneError(f"{src / shard}: the index names tensor {name!r}, which the shard lacks")
-                    role = adapter.role(name)
-                    if role.kind == "expert_axis":
-                        t = f.get_tensor(name)
-                        if t.shape[role.axis] != E:
-                            raise MoePruneError(f"{name}: expert axis {role.axis} has size {t.shape[role.axis]}, expected {E}")
-                        seen_layers.add(role.layer)
-                        if role.layer in keep:
-                            t = t.index_select(role.axis, torch.tensor(keep[role.layer]))
-                        writer.add(name, t)
-                    elif role.kind == "per_expert":
-                        seen_layers.add(role.layer)
-                        ids = keep.get(role.layer, list(range(E)))
-                        if role.expert in ids:
-                            writer.add(role.rename.format(expert=ids.index(role.expert)), f.get_tensor(name))
-                    elif role.kind == "shared_down" and shared_ffn_alpha != 1.0:
-                        t = f.get_tensor(name)
-                        writer.add(name, (t.float() * shared_ffn_alpha).to(t.dtype))
-                        scaled += 1
-                    else:
-                        writer.add(name, f.get_tensor(name))
-        if not seen_layers:
-            raise MoePruneError(f"{src}: no expert tensors found for adapter {adapter.name}: not an MoE checkpoint?")
-        unknown_layers = sorted(set(keep) - seen_layers)
-        if unknown_layers:
-            raise MoePruneError(f"drop map names layers {unknown_layers} that have no experts in {src}")
-        if shared_ffn_alpha != 1.0 and scaled == 0:
-            raise MoePruneError(f"shared_ffn_alpha={shared_ffn_alpha} but {adapter.name} checkpoints here have no shared FFN tensor")
-        new_map = writer.finish()
-        if len(set(new_map.values())) > 1:
-            total = sum((tmp / s).stat().st_size for s in set(new_map.values()))
-            artifacts.write_json(tmp / INDEX, {"metadata": {"total_size": total}, "weight_map": new_map})
-        (tmp / "config.json").write_text(json.dumps(adapter.with_num_experts(config, keep_n), indent=2) + "\n")
+        for name, shard in zip(names, shards):
+            try:
+                write_shard(tmp / name, shard, {"format": "pt"})
+            except OSError as e:
+                why = "disk full" if e.errno == errno.ENOSPC else e.strerror or str(e)
+                raise MoePruneError(f"writing {out / name} failed ({why}): nothing was written to {out}, "
+                                    f"the source {src} is untouched") from e
+        if len(shards) > 1:
+            weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
+            artifacts.write_json(tmp / INDEX, {"metadata": {"total_size": total},
+                                               "weight_map": dict(sorted(weight_map.items()))})
+        artifacts.write_json(tmp / "config.json", adapter.pruned_config(config, drop_map))
         for p in src.iterdir():  # tokenizer, chat template, generation config, processor files
             if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in (
-                "config.json", INDEX, METADATA_FILE, artifacts.MANIFEST):
+                    "config.json", INDEX, METADATA_FILE, artifacts.MANIFEST):
                 shutil.copy2(p, tmp / p.name)
-        meta = {
-            "source": str(src),
-            "source_config_sha256": artifacts.hash_file(src / "config.json"),
-            "architecture": adapter.name,
-            "num_experts_before": E,
-            "num_experts_after": keep_n,
-            "keep": {str(layer): ids for layer, ids in sorted(keep.items())},
-            "dropped": {str(layer): sorted(d) for layer, d in sorted(drop_map.items())},
-            "shared_ffn_alpha": shared_ffn_alpha,
-            "shared_ffn_tensors_scaled": scaled,
-            "recipe": recipe or {},
-        }
+        meta = _metadata(src, adapter, E, keep_n, keep, drop_map, shared_ffn_alpha, scaled, recipe)
+        meta["unpruned_expert_tensors"] = sorted(unpruned)
         artifacts.write_json(tmp / METADATA_FILE, meta)
         if shared_ffn_alpha != 1.0:
             (tmp / SHARED_MARKER).write_text(f"{shared_ffn_alpha}\n")
-    return {"num_experts_after": keep_n, "shared_ffn_tensors_scaled": scaled}
+    return {"num_experts_after": keep_n, "shared_ffn_tensors_scaled": scaled, "shards": len(shards),
+            "bytes_written": total}
+
+
+def _metadata(src, adapter, E, keep_n, keep, drop_map, alpha, scaled, recipe) -> dict:
+    files = sorted(p for p in src.iterdir()
+                   if p.is_file() and (p.suffix == ".safetensors" or p.name in ("config.json", INDEX)))
+    previous = src / METADATA_FILE
+    return {
+        "source": str(src),
+        "source_config_sha256": artifacts.hash_file(src / "config.json", full=True),
+        # shards above 64 MB are fingerprinted by size + first and last MB (see artifacts.hash_file)
+        "source_files": {p.name: artifacts.hash_file(p) for p in files},
+        "architecture": adapter.name,
+        "num_experts_before": E,
+        "num_experts_after": keep_n,
+        "keep": {str(layer): ids for layer, ids in sorted(keep.items())},
+        "dropped": {str(layer): d for layer, d in sorted(drop_map.items())},
+        "shared_ffn_alpha": alpha,
+        "shared_ffn_tensors_scaled": scaled,
+        "recipe": recipe or {},
+        "previous_prune": artifacts.read_json(previous) if previous.is_file() else None,
+    }

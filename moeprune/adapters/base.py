@@ -9,6 +9,7 @@ which is the shared/dense FFN's down projection. Code hooks exist only where rou
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 from dataclasses import dataclass
 from typing import Iterator
@@ -18,7 +19,10 @@ from torch import nn
 
 from moeprune.errors import MoePruneError
 
-LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
+# Decoder layers of the text model only: `model.layers.N.` or, in multimodal wrappers,
+# `model.language_model.layers.N.`. Vision towers (`model.vision_tower.encoder.layers.N.`,
+# `model.visual.blocks.N.`) never match, so surgery copies them untouched.
+LAYER_RE = re.compile(r"^(?P<prefix>model\.(?:language_model\.)?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
 
 
 @dataclass(frozen=True)
@@ -52,8 +56,15 @@ class MoEAdapter:
     shared_down_tensors: tuple[str, ...] = ()
     num_experts_key: str = "num_experts"
     top_k_key: str = "num_experts_per_tok"
-    extra_expert_count_keys: tuple[str, ...] = ()  # other config keys equal to the expert count
+    # other config keys equal to the expert count (transformers' attribute_map aliases: a Hub
+    # Qwen3-MoE config says `num_experts`, the same config saved by transformers 5 `num_local_experts`)
+    extra_expert_count_keys: tuple[str, ...] = ()
     text_config_key: str | None = None  # multimodal wrappers nest the text model's config
+    # where a loaded decoder layer keeps its MoE block, and the block its router and experts
+    # ("" = the decoder layer itself, as in Gemma 4)
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
     notes: str = ""
 
     # ---- config ---------------------------------------------------------------------------
@@ -65,17 +76,20 @@ class MoEAdapter:
 
     def num_experts(self, config_dict: dict) -> int:
         tc = self.text_config(config_dict)
-        if tc.get(self.num_experts_key) is None:
-            raise MoePruneError(f"config has no {self.num_experts_key!r}: not a {self.name} MoE model")
-        return int(tc[self.num_experts_key])
+        for key in (self.num_experts_key, *self.extra_expert_count_keys):
+            if tc.get(key) is not None:
+                return int(tc[key])
+        keys = " / ".join(repr(k) for k in (self.num_experts_key, *self.extra_expert_count_keys))
+        raise MoePruneError(f"config has no expert count ({keys}): not a {self.name} MoE model")
 
     def top_k(self, config_dict: dict) -> int:
-        return int(self.text_config(config_dict)[self.top_k_key])
+        tc = self.text_config(config_dict)
+        if tc.get(self.top_k_key) is None:
+            raise MoePruneError(f"config has no {self.top_k_key!r}: not a {self.name} MoE model")
+        return int(tc[self.top_k_key])
 
     def with_num_experts(self, config_dict: dict, n: int) -> dict:
         """A copy of the config with the expert count set to n (everywhere it is recorded)."""
-        import copy
-
         out = copy.deepcopy(config_dict)
         tc = self.text_config(out)
         for key in (self.num_experts_key, *self.extra_expert_count_keys):
@@ -83,12 +97,41 @@ class MoEAdapter:
                 tc[key] = n
         return out
 
+    def pruned_config(self, config_dict: dict, drop_map: dict[int, list[int]]) -> dict:
+        """The config of the checkpoint that `drop_map` (already validated) produces."""
+        sizes = {len(d) for d in drop_map.values()} or {0}
+        return self.with_num_experts(config_dict, self.num_experts(config_dict) - sizes.pop())
+
     def validate_keep(self, config_dict: dict, keep: int) -> None:
         """Refuse keep counts the architecture cannot run with."""
         e, k = self.num_experts(config_dict), self.top_k(config_dict)
         if not k <= keep <= e:
             raise MoePruneError(
                 f"cannot keep {keep} experts per layer: expected top_k ({k}) <= keep <= num_experts ({e})"
+            )
+
+    def validate_drop_map(self, config_dict: dict, drop_map: dict[int, list[int]], physical: bool) -> None:
+        """Refuse drop maps the architecture cannot run with.
+
+        Every layer must keep at least top_k experts and name only existing expert ids once. A
+        physical prune also needs one kept count for every layer (configs have one expert count);
+        a virtual prune may differ per layer.
+        """
+        e, k = self.num_experts(config_dict), self.top_k(config_dict)
+        for layer, dropped in drop_map.items():
+            bad = sorted(i for i in dropped if not (isinstance(i, int) and 0 <= i < e))
+            if bad:
+                raise MoePruneError(f"drop map layer {layer}: expert ids {bad} are out of range: expected 0..{e - 1}")
+            if len(set(dropped)) != len(dropped):
+                raise MoePruneError(f"drop map layer {layer}: an expert id is listed twice in {sorted(dropped)}")
+            if e - len(dropped) < k:
+                raise MoePruneError(f"drop map layer {layer} keeps {e - len(dropped)} experts: expected top_k ({k}) "
+                                    f"<= keep <= num_experts ({e})")
+        sizes = {len(d) for d in drop_map.values()}
+        if physical and len(sizes) > 1:
+            raise MoePruneError(
+                f"physical pruning needs the same number of dropped experts in every layer, got {sorted(sizes)}: "
+                "a checkpoint config has one expert count"
             )
 
     # ---- checkpoint tensors -----------------------------------------------------------------
@@ -110,42 +153,134 @@ class MoEAdapter:
         return TensorRole("other", layer)
 
     # ---- loaded models ----------------------------------------------------------------------
+    def text_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack (`...Model` with `.layers`) of a causal LM or a multimodal wrapper."""
+        inner = getattr(model, "model", model)
+        return getattr(inner, "language_model", inner)
+
     def moe_blocks(self, model: nn.Module) -> list[MoEBlock]:
-        raise NotImplementedError
+        """The MoE layers, in order; dense layers (no experts module) are skipped."""
+        blocks = []
+        for i, layer in enumerate(self.text_model(model).layers):
+            block = getattr(layer, self.block_attr, None) if self.block_attr else layer
+            experts = getattr(block, self.experts_attr, None)
+            if experts is not None:
+                blocks.append(MoEBlock(i, getattr(block, self.router_attr), experts))
+        return blocks
 
     def expert_output(self, experts: nn.Module, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """The un-gated output of one expert on tokens x [T, H] (used by the profiler)."""
-        raise NotImplementedError
+        """The un-gated output of one expert on tokens x [T, H] (used by the profiler).
 
-    def router_logits_module(self, block: MoEBlock) -> nn.Module:
-        """The module whose output is the [tokens, num_experts] router logits (virtual pruning)."""
-        raise NotImplementedError
+        Default: transformers' fused SwiGLU layout, `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`.
+        """
+        gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
+        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
 
+    # ---- profiling (owned by the profiling issue) ----------------------------------------------
+    def grouped_expert_outputs(self, experts: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor):
+        """Every routed (token, slot)'s un-gated expert output, computed as transformers' `grouped_mm`
+        experts implementation computes it (same sort, same helpers, same order of operations), so
+        that gating and summing the rows reproduces that implementation's output exactly.
+
+        Returns (out [S, H] sorted by expert, act [S, I] the intermediate activations, expert ids
+        [S] sorted, perm [S]): sorted row r is the flattened (token, slot) perm[r], token perm[r] // k.
+        Covers every `@use_experts_implementation` class (fused gate_up or up only, transposed or
+        not, biases, a custom `_apply_gate`, a post-expert norm); override it only for a layout
+        transformers does not fuse.
+        """
+        from transformers.integrations.moe import _grouped_linear
+
+        if getattr(experts, "_is_expert_parallel", False):
+            raise MoePruneError("profiling an expert-parallel model is not supported: load it on one device "
+                                "or use profile.mode=layerwise")
+        n = experts.num_experts
+        ids_g, perm = torch.sort(top_k_index.reshape(-1))
+        x_g = hidden_states[perm // top_k_index.size(-1)]
+        # histc as transformers does it: CPU/MPS histc takes floats only, deterministic CUDA ints only
+        hist_in = ids_g.float() if hidden_states.device.type in ("cpu", "mps") else ids_g.int()
+        offsets = torch.cumsum(torch.histc(hist_in, bins=n, min=0, max=n - 1), dim=0, dtype=torch.int32)
+        gated, biased, tr = experts.has_gate, experts.has_bias, experts.is_transposed
+        w_up = experts.gate_up_proj if gated else experts.up_proj
+        b_up = (experts.gate_up_proj_bias if gated else experts.up_proj_bias)[ids_g] if biased else None
+        act = _grouped_linear(x_g, w_up, offsets, bias=b_up, is_transposed=tr)
+        act = experts._apply_gate(act) if gated else experts.act_fn(act)
+        b_down = experts.down_proj_bias[ids_g] if biased else None
+        out = _grouped_linear(act, experts.down_proj, offsets, bias=b_down, is_transposed=tr)
+        if getattr(experts, "has_post_expert_norm", False):
+            out = experts.post_expert_norm(out)
+        return out, act, ids_g, perm
+
+    # ---- virtual pruning ----------------------------------------------------------------------
     @contextlib.contextmanager
     def virtual_prune(self, model: nn.Module, drop_map: dict[int, list[int]]) -> Iterator[None]:
-        """Route as the pruned model would: dropped experts' logits are -inf before the softmax.
+        """Route the loaded model exactly as the pruned checkpoint would, without writing weights.
 
-        Softmax-then-top-k-then-renormalize over all experts with the dropped ones at -inf selects
-        the same experts with the same weights as the same routing over the kept experts alone.
+        The drop map is checked as for a physical prune, except that the kept count may differ
+        per layer. Each adapter's `mask_experts` makes dropped experts unselectable in a way that
+        is exact for its routing math; tests hold every adapter equal to its physical prune.
         """
-        handles = []
-        for block in self.moe_blocks(model):
-            dropped = drop_map.get(block.layer, [])
-            if not dropped:
-                continue
-            module = self.router_logits_module(block)
-            mask = None
+        drop_map = {int(k): sorted(int(i) for i in v) for k, v in drop_map.items()}
+        self.validate_drop_map(model.config.to_dict(), drop_map, physical=False)
+        blocks = {b.layer: b for b in self.moe_blocks(model)}
+        unknown = sorted(set(drop_map) - set(blocks))
+        if unknown:
+            raise MoePruneError(f"drop map names layers {unknown} that are not MoE layers: expected some of {sorted(blocks)}")
+        with contextlib.ExitStack() as stack:
+            for layer, dropped in drop_map.items():
+                if dropped:
+                    stack.enter_context(self.mask_experts(blocks[layer], dropped))
+            yield
 
-            def hook(_m, _inp, out, dropped=dropped):
-                nonlocal mask
-                if mask is None or mask.device != out.device or mask.dtype != out.dtype:
-                    mask = torch.zeros(out.shape[-1], dtype=out.dtype, device=out.device)
-                    mask[dropped] = float("-inf")
-                return out + mask
+    @contextlib.contextmanager
+    def mask_experts(self, block: MoEBlock, dropped: list[int]) -> Iterator[None]:
+        """Default, for routers that return (logits, weights, indices) from softmax -> top-k
+        [-> renormalize] (Qwen3-MoE, Mixtral, OLMoE, Qwen3.5/Next): the router's logits come from
+        an inline `F.linear`, so a hook on the router recomputes weights and indices from the
+        logits with the dropped experts at -inf (`route`). A softmax over all experts with the
+        dropped ones at -inf equals the softmax over the kept experts alone, with or without the
+        top-k renormalization, so the pruned model's routing is reproduced exactly.
+        """
+        def hook(router, _args, out):
+            logits, weights, _ = out
+            masked = logits + minus_inf_at(dropped, logits)
+            new_weights, indices = self.route(router, masked)
+            return masked, new_weights.to(weights.dtype), indices
 
-            handles.append(module.register_forward_hook(hook))
+        handle = block.router.register_forward_hook(hook)
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            handle.remove()
+
+    def route(self, router: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Softmax -> top-k -> optional renormalization, as transformers' softmax top-k routers do."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, indices = torch.topk(probs, router.top_k, dim=-1)
+        if getattr(router, "norm_topk_prob", True):  # Mixtral and Qwen3.5 always renormalize: no flag
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, indices
+
+
+def minus_inf_at(dropped: list[int], like: torch.Tensor) -> torch.Tensor:
+    """A [E] vector: 0, and -inf at the dropped experts, in `like`'s dtype and device."""
+    mask = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
+    mask[dropped] = float("-inf")
+    return mask
+
+
+@contextlib.contextmanager
+def minus_inf_bias(bias: torch.Tensor, dropped: list[int]) -> Iterator[None]:
+    """Set an additive per-expert routing bias to -inf at the dropped experts, restoring it after.
+
+    For routers that add a bias to the scores they select on (gpt-oss's logit bias, DeepSeek-V3's
+    `e_score_correction_bias`), -inf there makes a dropped expert unselectable while every kept
+    expert's score and weight is computed exactly as before.
+    """
+    with torch.no_grad():
+        saved = bias[dropped].clone()
+        bias[dropped] = float("-inf")
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            bias[dropped] = saved

@@ -1,37 +1,29 @@
 """Gemma 4 (e.g. gemma-4-26B-A4B): fused experts beside an always-on dense FFN.
 
 Router: `proj.weight [E, H]` and `per_expert_scale [E]`; softmax over all experts, top-k,
-renormalize, multiply by per_expert_scale. Experts: `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`.
-The dense `mlp` runs in parallel with the experts: it is the "shared FFN" that the coder recipes
-upweight. Multimodal checkpoints nest the text model under `model.language_model.` and its config
-under `text_config`; the vision tower is left untouched.
+renormalize, multiply by per_expert_scale. Experts: `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`,
+stored fused on the Hub and by `save_pretrained`. The dense `mlp` runs in parallel with the
+experts: it is the "shared FFN" that the coder recipes upweight. Multimodal checkpoints nest the
+text model under `model.language_model.` and its config under `text_config`; the vision tower is
+left untouched.
 """
 
-import torch
-from torch import nn
+import contextlib
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter, MoEBlock
+from moeprune.adapters.base import MoEAdapter, minus_inf_at
 
 
 class Gemma4Adapter(MoEAdapter):
-    def _text_model(self, model: nn.Module) -> nn.Module:
-        inner = model.model
-        return getattr(inner, "language_model", inner)
-
-    def moe_blocks(self, model):
-        blocks = []
-        for i, layer in enumerate(self._text_model(model).layers):
-            if getattr(layer, "enable_moe_block", False):
-                blocks.append(MoEBlock(i, layer.router, layer.experts))
-        return blocks
-
-    def expert_output(self, experts, expert, x):
-        gate, up = nn.functional.linear(x, experts.gate_up_proj[expert]).chunk(2, dim=-1)
-        return nn.functional.linear(experts.act_fn(gate) * up, experts.down_proj[expert])
-
-    def router_logits_module(self, block):
-        return block.router.proj
+    @contextlib.contextmanager
+    def mask_experts(self, block, dropped):
+        # The logits come from a Linear submodule (`router.proj`), so -inf can be added to its
+        # output before the router's own softmax -> top-k -> renormalize -> per_expert_scale.
+        handle = block.router.proj.register_forward_hook(lambda _m, _a, out: out + minus_inf_at(dropped, out))
+        try:
+            yield
+        finally:
+            handle.remove()
 
 
 ADAPTERS.register("gemma4")(
@@ -48,5 +40,8 @@ ADAPTERS.register("gemma4")(
         num_experts_key="num_experts",
         top_k_key="top_k_experts",
         text_config_key="text_config",
+        block_attr="",
+        router_attr="router",
+        notes="dense `mlp` = shared FFN; router `proj` rows and `per_expert_scale` follow the experts",
     )
 )
