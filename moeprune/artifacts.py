@@ -96,6 +96,27 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def build_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on `lock_path` across the processes of one host; yields whether it had
+    to wait for another holder. The OS drops the lock if its holder dies."""
+    import fcntl
+
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            waited = False
+        except BlockingIOError:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            waited = True
+        try:
+            yield waited
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def package_versions(names=("moeprune", "torch", "transformers", "safetensors", "hydra-core", "numpy")) -> dict:
     out = {}
     for name in names:

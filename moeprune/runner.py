@@ -109,27 +109,32 @@ class Runner:
         key, payload = self.key(stage)
         final = self.cache_dir / stage.name / key
         manifest_path = final / artifacts.MANIFEST
-        if manifest_path.exists() and not self.cfg.cache.refresh:
-            manifest = artifacts.read_json(manifest_path)
-            log.info("%-14s cached   %s", stage.name, final)
-            self.results[stage.name] = {"cached": True, **manifest["metrics"]}
-        else:
-            t0 = time.perf_counter()
-            with artifacts.atomic_dir(final) as tmp:
-                ctx = StageContext(self.cfg, tmp, {n: self.dirs[n] for n in stage.inputs}, self.results)
-                metrics = stage.fn(ctx) or {}
-                wall = time.perf_counter() - t0
-                artifacts.write_json(tmp / artifacts.MANIFEST, {
-                    "stage": stage.name,
-                    "key": key,
-                    **payload,
-                    "metrics": metrics,
-                    "wall_time_s": round(wall, 3),
-                    "versions": artifacts.package_versions(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                })
-            log.info("%-14s built    %s (%.1f s)", stage.name, final, wall)
-            self.results[stage.name] = {"cached": False, "wall_time_s": round(wall, 3), **metrics}
+        # Parallel sweep jobs on a cold cache want the same artifacts (the profile, the base eval):
+        # one process builds each while the others wait, then find it cached.
+        with artifacts.build_lock(self.cache_dir / ".locks" / f"{stage.name}-{key}.lock") as waited:
+            if waited:
+                log.info("%-14s waited for another process building %s", stage.name, final)
+            if manifest_path.exists() and not (self.cfg.cache.refresh and not waited):
+                manifest = artifacts.read_json(manifest_path)
+                log.info("%-14s cached   %s", stage.name, final)
+                self.results[stage.name] = {"cached": True, **manifest["metrics"]}
+            else:
+                t0 = time.perf_counter()
+                with artifacts.atomic_dir(final) as tmp:
+                    ctx = StageContext(self.cfg, tmp, {n: self.dirs[n] for n in stage.inputs}, self.results)
+                    metrics = stage.fn(ctx) or {}
+                    wall = time.perf_counter() - t0
+                    artifacts.write_json(tmp / artifacts.MANIFEST, {
+                        "stage": stage.name,
+                        "key": key,
+                        **payload,
+                        "metrics": metrics,
+                        "wall_time_s": round(wall, 3),
+                        "versions": artifacts.package_versions(),
+                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    })
+                log.info("%-14s built    %s (%.1f s)", stage.name, final, wall)
+                self.results[stage.name] = {"cached": False, "wall_time_s": round(wall, 3), **metrics}
         self.keys[stage.name] = key
         self.dirs[stage.name] = final
         link = self.run_dir / stage.name

@@ -1,0 +1,187 @@
+"""`moeprune report <dir>...`: a study's trials as a table and a Pareto plot, from files on disk.
+
+A sweep leaves, in every job dir, the sweeper's `optuna_trial.json` (trial number, params, values,
+state) and the runner's `run.json` (each stage's metrics). This command walks the given dirs for
+them (a study resumed over several sweeps spans several dirs; give them all, or a common parent),
+and writes per study `report-<study>.md` (the table) and `pareto-<study>.png`: the objective
+against a cost (the second objective of a two-objective study, else experts kept), Pareto front
+marked. No W&B or Optuna storage is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+
+TRIAL_FILE = "optuna_trial.json"
+DEFAULT_COST = "dropmap.kept_total"
+
+
+@dataclass
+class Trial:
+    study: str
+    number: int
+    state: str
+    params: dict
+    values: Optional[list[float]]
+    directions: list[str]
+    objectives: list[str]
+    job_dir: Path
+    recorded: str
+    metrics: dict = field(default_factory=dict)  # "stage.key" -> number, from run.json
+
+    def metric(self, name: str) -> Optional[float]:
+        if name in self.objectives and self.values is not None:
+            return self.values[self.objectives.index(name)]
+        return self.metrics.get(name)
+
+
+def _flat(results: dict) -> dict[str, float]:
+    out = {}
+    for stage, metrics in results.items():
+        for k, v in (metrics or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[f"{stage}.{k}"] = float(v)
+    return out
+
+
+def load_trials(dirs: list[Path]) -> list[Trial]:
+    found: dict[tuple[str, int], Trial] = {}
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise MoePruneError(f"report: {d} is not a directory; expected a sweep dir (hydra.sweep.dir) or a parent of one")
+        for path in sorted(Path(d).rglob(TRIAL_FILE)):
+            rec = artifacts.read_json(path)
+            run_json = path.parent / "run.json"
+            metrics = _flat(artifacts.read_json(run_json)["stages"]) if run_json.exists() else {}
+            t = Trial(rec["study"], int(rec["number"]), rec["state"], rec.get("params") or {}, rec.get("values"),
+                      rec.get("directions") or ["minimize"], rec.get("objectives") or [], path.parent,
+                      rec.get("recorded", ""), metrics)
+            key = (t.study, t.number)
+            if key not in found or found[key].recorded <= t.recorded:  # the same trial seen twice: the latest
+                found[key] = t
+    return sorted(found.values(), key=lambda t: (t.study, t.number))
+
+
+def pareto_front(points: list[tuple[float, float]], maximize: tuple[bool, bool]) -> list[int]:
+    """Indices of the points no other point dominates (at least as good on both, better on one)."""
+    sign = [1 if m else -1 for m in maximize]
+    p = [(x * sign[0], y * sign[1]) for x, y in points]  # now both maximized
+    return [i for i, a in enumerate(p)
+            if not any(b[0] >= a[0] and b[1] >= a[1] and b != a for b in p)]
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def table(trials: list[Trial], cost: str) -> str:
+    params = sorted({k for t in trials for k in t.params})
+    objectives = trials[0].objectives or [f"value{i}" for i in range(len(trials[0].directions))]
+    head = ["trial", "state", *objectives, cost if cost not in objectives else None, *params]
+    head = [h for h in head if h is not None]
+    rows = []
+    for t in trials:
+        values = t.values or [None] * len(objectives)
+        extra = [] if cost in objectives else [t.metric(cost)]
+        rows.append([t.number, t.state, *values, *extra, *[t.params.get(k) for k in params]])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(trials: list[Trial], cost: str, out: Path) -> int:
+    """Objective (y) against cost (x); returns the number of Pareto-optimal trials."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_name = trials[0].objectives[0] if trials[0].objectives else "value0"
+    y_max = trials[0].directions[0] == "maximize"
+    x_max = len(trials[0].directions) > 1 and cost in trials[0].objectives and \
+        trials[0].directions[trials[0].objectives.index(cost)] == "maximize"
+    done = [t for t in trials if t.state == "COMPLETE" and t.values and t.metric(cost) is not None]
+    if not done:
+        raise MoePruneError(f"report: no completed trial of study {trials[0].study} has both its objective and "
+                            f"{cost}; pass --cost STAGE.KEY naming a metric in the trials' run.json")
+    pts = [(t.metric(cost), t.values[0]) for t in done]
+    front = pareto_front(pts, (x_max, y_max))
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, color="0.65", label="trials")
+    fp = sorted((pts[i] for i in front), key=lambda p: p[0])
+    ax.plot([p[0] for p in fp], [p[1] for p in fp], "o-", color="C3", label="Pareto front")
+    labels: dict[tuple[float, float], list[str]] = {}  # trials on the same point share one label
+    for i in front:
+        labels.setdefault(pts[i], []).append(str(done[i].number))
+    for point, names in labels.items():
+        ax.annotate(",".join(names), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel(f"{cost} ({'higher' if x_max else 'lower'} is better)")
+    ax.set_ylabel(f"{y_name} ({'higher' if y_max else 'lower'} is better)")
+    ax.set_title(f"study {trials[0].study}: {len(done)} completed trials")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(out)
+    return len(front)
+
+
+def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str] = None) -> list[Path]:
+    trials = load_trials(dirs)
+    if not trials:
+        raise MoePruneError(f"report: no {TRIAL_FILE} under {', '.join(map(str, dirs))}; expected the output "
+                            "dir of a `moeprune -m hparams_search=...` sweep")
+    out_dir = Path(out_dir or dirs[0])
+    written = []
+    for study in sorted({t.study for t in trials}):
+        st = [t for t in trials if t.study == study]
+        c = cost or (st[0].objectives[1] if len(st[0].objectives) > 1 else DEFAULT_COST)
+        n_front = plot(st, c, out_dir / f"pareto-{study}.png")
+        done = [t for t in st if t.state == "COMPLETE" and t.values]
+        best = (max if st[0].directions[0] == "maximize" else min)(done, key=lambda t: t.values[0]) if done else None
+        lines = [f"# study {study}", "",
+                 f"{len(st)} trials ({len(done)} completed), {n_front} on the Pareto front of "
+                 f"{st[0].objectives[0] if st[0].objectives else 'value0'} vs {c}.",
+                 f"Best {st[0].directions[0]}: trial {best.number}, value {_fmt(best.values[0])}." if best else "", "",
+                 table(st, c), ""]
+        md = out_dir / f"report-{study}.md"
+        _write(md, "\n".join(lines))
+        print("\n".join(lines))
+        written += [md, out_dir / f"pareto-{study}.png"]
+    return written
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="moeprune report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", nargs="+", type=Path, help="sweep output dirs (or a parent of them)")
+    ap.add_argument("--out", type=Path, default=None, help="where to write report-*.md / pareto-*.png (default: the first dir)")
+    ap.add_argument("--cost", default=None, help=f"x axis, a STAGE.KEY metric (default: the 2nd objective, else {DEFAULT_COST})")
+    args = ap.parse_args(argv)
+    try:
+        for p in report(args.dirs, args.out, args.cost):
+            print(f"wrote {p}")
+    except MoePruneError as e:
+        print(f"moeprune report: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,148 @@
+"""Experiment tracking after a run: `logger=none` (nothing; wandb need not be installed) or
+`logger=wandb` (one W&B run per run or sweep trial, offline by default).
+
+A W&B run gets the resolved config, every stage's metrics and timings, the PNG images the stages
+wrote (the drop map's keep heatmap), each stage's small JSON/JSONL files as a W&B artifact (drop
+map, summaries, eval samples) and a per-class table of base vs pruned scores. In a sweep the
+Optuna sweeper passes MOEPRUNE_STUDY and MOEPRUNE_TRIAL to the job: runs are grouped by study and
+named by trial.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+
+log = logging.getLogger("moeprune")
+ARTIFACT_SUFFIXES = (".json", ".jsonl")
+MAX_ARTIFACT_FILE = 20 << 20  # stage files above this (checkpoints, GGUF) stay on disk only
+
+
+class NullTracker:
+    """logger=none."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def log_run(self, cfg: DictConfig, results: dict, run_dir: Path, objective: Any = None) -> None:
+        pass
+
+
+def flat_metrics(results: dict) -> dict[str, float]:
+    """{stage: {k: v, per_category: {c: v}}} -> {"stage/k": v, "stage/per_category/c": v}, numbers only."""
+    out: dict[str, float] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(value, (int, float)):  # bools too: `cached` is worth a column
+            out[prefix] = float(value)
+
+    for stage, metrics in results.items():
+        walk(stage, metrics)
+    return out
+
+
+def class_rows(results: dict) -> list[list[Any]]:
+    """[bench, class, base, pruned, delta] per class of the evaluated bench, then ALL."""
+    base, pruned = results.get("evaluate_base") or {}, results.get("evaluate") or {}
+    ref = pruned or base
+    if not ref:
+        return []
+    rows = []
+    for cls in [*ref.get("per_category", {}), "ALL"]:
+        b = base.get("score") if cls == "ALL" else base.get("per_category", {}).get(cls)
+        p = pruned.get("score") if cls == "ALL" else pruned.get("per_category", {}).get(cls)
+        rows.append([ref.get("bench"), cls, b, p, p - b if b is not None and p is not None else None])
+    return rows
+
+
+def stage_files(run_dir: Path) -> dict[str, tuple[str, list[Path]]]:
+    """stage -> (cache key, its artifact's small JSON/JSONL files), from run.json."""
+    run_json = Path(run_dir) / "run.json"
+    if not run_json.exists():
+        return {}
+    out = {}
+    for stage, info in artifacts.read_json(run_json)["stages"].items():
+        root = Path(info["artifact"])
+        files = sorted(p for p in root.iterdir() if p.suffix in ARTIFACT_SUFFIXES and p.is_file()
+                       and p.stat().st_size <= MAX_ARTIFACT_FILE) if root.is_dir() else []
+        out[stage] = (info["key"], files)
+    return out
+
+
+def stage_images(run_dir: Path) -> Iterable[tuple[str, Path]]:
+    run_json = Path(run_dir) / "run.json"
+    if not run_json.exists():
+        return []
+    for stage, info in artifacts.read_json(run_json)["stages"].items():
+        root = Path(info["artifact"])
+        for png in sorted(root.glob("*.png")) if root.is_dir() else []:
+            yield f"{stage}/{png.stem}", png
+
+
+class WandbTracker:
+    """logger=wandb."""
+
+    def __init__(self, project: str = "moeprune", entity: Optional[str] = None, mode: str = "offline",
+                 group: Optional[str] = None, dir: Optional[str] = None, tags: Optional[list] = None,
+                 **_: Any) -> None:
+        if mode not in ("offline", "online", "disabled"):
+            raise MoePruneError(f"logger.mode={mode!r}: expected offline, online or disabled")
+        try:
+            import wandb  # noqa: F401  (checked here, before the run, not after an hour of it)
+        except ImportError:
+            raise MoePruneError("logger=wandb needs the wandb package: pip install 'moeprune[wandb]' "
+                                "(or run with logger=none)") from None
+        self.project, self.entity, self.mode, self.group, self.dir = project, entity, mode, group, dir
+        self.tags = list(tags or [])
+
+    def log_run(self, cfg: DictConfig, results: dict, run_dir: Path, objective: Any = None) -> None:
+        import wandb
+
+        study, trial = os.environ.get("MOEPRUNE_STUDY"), os.environ.get("MOEPRUNE_TRIAL")
+        run_dir = Path(run_dir)
+        wandb_dir = Path(self.dir).expanduser() if self.dir else run_dir
+        wandb_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            run = wandb.init(
+                project=self.project, entity=self.entity, mode=self.mode, dir=str(wandb_dir),
+                group=self.group or study, job_type="trial" if trial is not None else "run",
+                name=f"{study}-trial{trial}" if trial is not None else run_dir.name,
+                tags=self.tags, config=OmegaConf.to_container(cfg, resolve=True),
+                # no console capture or system stats: they cost time on every trial, and tell nothing here
+                settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, x_disable_meta=True),
+                reinit="create_new",
+            )
+        except Exception as e:  # wandb raises its own types (no API key, unreachable host...)
+            raise MoePruneError(f"logger=wandb: wandb.init failed in mode {self.mode!r}: {e}; "
+                                "logger.mode=offline needs no network") from None
+        with run:
+            metrics = flat_metrics(results)
+            if objective is not None:
+                values = objective if isinstance(objective, (list, tuple)) else [objective]
+                metrics.update({f"objective/{i}": float(v) for i, v in enumerate(values)})
+            if trial is not None:
+                metrics["trial"] = int(trial)
+            payload: dict[str, Any] = dict(metrics)
+            for key, png in stage_images(run_dir):
+                payload[key] = wandb.Image(str(png))
+            rows = class_rows(results)
+            if rows:
+                payload["per_class"] = wandb.Table(columns=["bench", "class", "base", "pruned", "delta"], data=rows)
+            run.log(payload)
+            for stage, (key, files) in stage_files(run_dir).items():
+                if files:
+                    art = wandb.Artifact(f"{stage}-{key}", type=stage, metadata={"cache_key": key})
+                    for f in files:
+                        art.add_file(str(f))
+                    run.log_artifact(art)
+        log.info("wandb run %s (%s) in %s", run.name, self.mode, wandb_dir / "wandb")
