@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from moeprune import artifacts
@@ -25,17 +24,15 @@ def _model_input(cfg: DictConfig) -> dict[str, Path]:
 
 
 def run_profile(ctx: StageContext) -> dict:
-    from moeprune.adapters import adapter_for
-    from moeprune.prune.calibration import load_corpus
-    from moeprune.prune.profile import profile_model
+    from moeprune.prune.profile import run_stage
 
-    cfg, src = ctx.cfg, model_dir(ctx.cfg)
-    adapter = adapter_for(read_config(src))
-    corpus = load_corpus(cfg.calibration)
-    model, tok = load_model(src, cfg.model.dtype, cfg.model.device), load_tokenizer(src)
-    profile = profile_model(model, tok, adapter, corpus, cfg.calibration.max_tokens, cfg.calibration.batch_size)
-    profile.save(ctx.out_dir)
-    return {"classes": profile.classes, "tokens": sum(profile.tokens.values())}
+    return run_stage(ctx.cfg, model_dir(ctx.cfg), ctx.out_dir)
+
+
+def _profile_inputs(cfg: DictConfig) -> dict[str, Path]:
+    from moeprune.prune.calibration import calibration_files
+
+    return {**_model_input(cfg), **calibration_files(cfg.calibration)}
 
 
 def run_dropmap(ctx: StageContext) -> dict:
@@ -43,16 +40,41 @@ def run_dropmap(ctx: StageContext) -> dict:
     from moeprune.prune import dropmap
     from moeprune.prune.profile import Profile
 
-    profile = Profile.load(ctx.inputs["profile"])
-    config = read_config(model_dir(ctx.cfg))
+    cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
+    config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
-    keep = dropmap.keep_count(ctx.cfg.keep, profile.num_experts)
-    adapter.validate_keep(config, keep)
-    drop_map, summary = dropmap.build(profile, ctx.cfg)
-    dropmap.validate(drop_map, profile.layers, profile.num_experts, adapter.top_k(config))
-    artifacts.write_json(ctx.out_dir / dropmap.DROP_MAP_FILE, drop_map)
-    artifacts.write_json(ctx.out_dir / dropmap.SUMMARY_FILE, summary)
-    return {"keep_per_layer": keep, "num_experts": profile.num_experts}
+    if cfg.keep.mode == "uniform" and cfg.keep.drop_map is None:
+        adapter.validate_keep(config, dropmap.keep_count(cfg.keep, profile.num_experts))
+    result = dropmap.build(profile, cfg, adapter.top_k(config))
+    checked = dropmap.validate(result.as_json(), profile.layers, profile.num_experts, adapter.top_k(config),
+                               uniform=cfg.keep.mode == "uniform")
+    adapter.validate_drop_map(config, checked, physical=cfg.keep.mode == "uniform")  # architecture rules (groups...)
+    dropmap.write(ctx.out_dir, result, title=f"{cfg.strategy.name} / {cfg.class_weights.name} / {cfg.floor_clamp.name}")
+    s = result.summary
+    overlap = s["baseline"]["mean_overlap"] if s["baseline"] else None
+    return {"keep_per_layer": s["keep_per_layer"], "num_experts": profile.num_experts, "kept_total": s["kept_total"],
+            "outliers_treated": s["outliers"]["treated"], "mean_overlap_with_baseline": overlap}
+
+
+_DROPMAP_FILES = {"floor_clamp.profile": "floor profile artifact dir", "floor_clamp.map": "floor map JSON",
+                  "keep.baseline_map": "baseline drop map JSON", "keep.drop_map": "drop map JSON"}
+
+
+def _dropmap_inputs(cfg: DictConfig) -> dict[str, Path]:
+    """The recipe's files, hashed into the cache key. Published recipes name the reference's files
+    (v4_layer_floor_map.json ...): say which knob points at a file that is not there."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    for key, what in _DROPMAP_FILES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        if not Path(value).exists():
+            raise MoePruneError(f"{key}={value}: not found; expected a {what} (pass {key}=PATH, or {key}=null "
+                                f"to run without it)")
+        out[key] = Path(value)
+    return out
 
 
 def run_prune(ctx: StageContext) -> dict:
@@ -74,18 +96,42 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _evaluate(ctx: StageContext, model_path: Path) -> dict:
-    from moeprune.evaluate.backends.hf import HFBackend
+def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None) -> dict:
+    """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning."""
+    from moeprune.evaluate import build
     from moeprune.evaluate.runner import run_bench
 
     cfg = ctx.cfg
-    if cfg.backend.name != "hf":
-        raise MoePruneError(f"backend={cfg.backend.name!r}: expected hf")
-    bench = hydra.utils.instantiate(cfg.bench, _convert_="all")
-    backend = HFBackend(model_path, cfg.model.dtype, cfg.model.device, cfg.backend.batch_size)
-    summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens)
-    size = sum(p.stat().st_size for p in Path(model_path).glob("*.safetensors"))
-    return {**summary, "size_bytes": size, "num_experts": backend.model.config.get_text_config().num_experts}
+    bench = build(cfg.bench)
+    runtime = {"model_dir": model_path, "dtype": cfg.model.dtype, "device": cfg.model.device}
+    if drop_map is not None:
+        if cfg.backend.name != "hf":
+            raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
+                                f"expected backend=hf, got {cfg.backend.name!r}")
+        runtime["drop_map"] = drop_map
+    backend = build(cfg.backend, **runtime)
+    cache = Path(cfg.paths.cache_dir).expanduser() / "generations.sqlite" if cfg.evaluate.resume else None
+    try:
+        summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache, cfg.evaluate.empty_threshold)
+    finally:
+        if hasattr(backend, "close"):
+            backend.close()
+    keys = ("bench", "n", "score", "stderr", "per_category", "empty_rate", "flags")
+    return {**{k: summary[k] for k in keys}, **_model_size(Path(model_path), drop_map)}
+
+
+def _model_size(path: Path, drop_map: dict | None) -> dict:
+    """Experts per layer and checkpoint bytes for the results table (virtual: nothing written)."""
+    from moeprune.adapters import adapter_for
+
+    if not (path / "config.json").is_file():
+        return {"size_bytes": None, "num_experts": None}
+    config = read_config(path)
+    experts = adapter_for(config).num_experts(config)
+    if drop_map:
+        kept = sorted({experts - len(v) for v in drop_map.values()})
+        return {"size_bytes": None, "num_experts": kept[0] if len(kept) == 1 else f"{kept[0]}-{kept[-1]}"}
+    return {"size_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")), "num_experts": experts}
 
 
 def run_evaluate_base(ctx: StageContext) -> dict:
@@ -96,16 +142,88 @@ def run_evaluate(ctx: StageContext) -> dict:
     return _evaluate(ctx, ctx.inputs["prune"] / "model")
 
 
-_EVAL_KEYS = ("bench", "backend", "model.dtype", "model.device")
+def run_evaluate_virtual(ctx: StageContext) -> dict:
+    from moeprune.prune import dropmap
+
+    drop_map = {int(k): v for k, v in dropmap.load(ctx.inputs["dropmap"] / dropmap.DROP_MAP_FILE).items()}
+    return _evaluate(ctx, model_dir(ctx.cfg), drop_map)
+
+
+def run_validate(ctx: StageContext) -> dict:
+    from moeprune.evaluate import build
+    from moeprune.evaluate.runner import validate_bench
+
+    report = validate_bench(build(ctx.cfg.bench), ctx.out_dir)
+    log.info("validate %s: canonical solutions %s/%s pass, empty answers %s/%s pass", report["bench"],
+             report["canonical"]["passed"], report["canonical"]["n"], report["empty"]["passed"], report["empty"]["n"])
+    return {"bench": report["bench"], "n": report["n"], "canonical_score": report["canonical"]["score"],
+            "canonical_n": report["canonical"]["n"], "empty_score": report["empty"]["score"]}
+
+
+def run_quant(ctx: StageContext) -> dict:
+    from moeprune.quant.stage import quantize
+
+    return quantize(ctx.cfg, ctx.inputs["prune"] / "model", ctx.inputs["profile"], ctx.out_dir)
+
+
+def run_evaluate_quant(ctx: StageContext) -> dict:
+    import dataclasses
+
+    from moeprune.quant.stage import gguf_eval_cfg, scored_card
+
+    metrics = _evaluate(dataclasses.replace(ctx, cfg=gguf_eval_cfg(ctx.cfg, ctx.inputs["quant"])), ctx.inputs["quant"])
+    return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
+
+
+def _quant_on(c: DictConfig) -> bool:
+    return bool(c.stages.quant) and c.quant_tier.name != "none"
+
+
+_EVAL_KEYS = ("bench", "backend", "model.dtype", "model.device", "evaluate.empty_threshold")
 
 STAGES = [
-    Stage("profile", run_profile, ("model.path", "model.revision", "model.dtype", "calibration"),
-          external=_model_input, enabled=lambda c: c.stages.profile),
+    Stage("profile", run_profile, ("model.path", "model.revision", "model.dtype", "calibration",
+                                   "profile.neuron_energy", "profile.on_nonfinite"),
+          external=_profile_inputs, version=2, enabled=lambda c: c.stages.profile),
     Stage("dropmap", run_dropmap, ("strategy", "class_weights", "floor_clamp", "keep"),
-          inputs=("profile",), enabled=lambda c: c.stages.dropmap),
+          inputs=("profile",), external=_dropmap_inputs, version=2, enabled=lambda c: c.stages.dropmap),
     Stage("prune", run_prune, ("prune",), inputs=("dropmap",), external=_model_input,
           enabled=lambda c: c.stages.prune),
-    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input,
+    # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
+    Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on),
+    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=2,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate),
-    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), enabled=lambda c: c.stages.evaluate),
+    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate),
+    Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend"), inputs=("quant",),
+          enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf"),
 ]
+
+# evaluate.virtual=true: the same "evaluate" stage, scoring the drop map on the base model.
+EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, _EVAL_KEYS, inputs=("dropmap",), external=_model_input,
+                         version=2, enabled=lambda c: c.stages.evaluate)
+VALIDATE = Stage("validate", run_validate, ("bench",), version=1)
+
+
+def stages_for(cfg: DictConfig) -> list[Stage]:
+    """The stage list this config runs: evaluate.validate checks only the bench's scorer;
+    evaluate.virtual swaps the physical evaluate for the virtual one and drops the prune stage and
+    everything built on it (nothing is written for a virtual trial)."""
+    if cfg.evaluate.validate:
+        return [VALIDATE]
+    if not cfg.evaluate.virtual:
+        return STAGES
+    if cfg.backend.name != "hf":  # before any work: the profile would be wasted
+        raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
+                            f"expected backend=hf, got {cfg.backend.name!r}")
+    if cfg.prune.shared_ffn_alpha != 1.0:  # a virtual trial writes no weights, so it cannot upweight
+        raise MoePruneError(f"evaluate.virtual=true cannot apply prune.shared_ffn_alpha="
+                            f"{cfg.prune.shared_ffn_alpha}: expected 1.0, or evaluate.virtual=false")
+    out, gone = [], {"prune"}
+    for stage in STAGES:
+        if stage.name == "evaluate":
+            out.append(EVALUATE_VIRTUAL)
+        elif stage.name in gone or gone & set(stage.inputs):
+            gone.add(stage.name)
+        else:
+            out.append(stage)
+    return out

@@ -95,3 +95,10 @@ def test_virtual_needs_the_hf_backend(tiny_gemma4, tmp_path):
     out = moeprune([f"model.path={tiny_gemma4}", *SMALL, "evaluate.virtual=true", "stages.evaluate_base=false",
                     "backend=openai", "backend.base_url=http://127.0.0.1:9/v1"], tmp_path / "cache", tmp_path / "run")
     assert out.returncode == 2 and "evaluate.virtual=true" in out.stderr and "expected backend=hf" in out.stderr
+
+
+def test_virtual_refuses_a_shared_ffn_upweight_it_cannot_apply(tiny_gemma4, tmp_path):
+    out = moeprune([f"model.path={tiny_gemma4}", *SMALL, "evaluate.virtual=true", "prune.shared_ffn_alpha=1.2"],
+                   tmp_path / "cache", tmp_path / "run")
+    assert out.returncode == 2 and "prune.shared_ffn_alpha=1.2" in out.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())

@@ -1,0 +1,39 @@
+"""Importance matrix: llama-imatrix over a text made from the calibration corpus.
+
+The text is every calibration text of every class, one per line, classes interleaved round-robin so
+that each llama-imatrix chunk (imatrix_ctx tokens) sees several classes rather than one class per
+stretch of the file. The text file and the imatrix are archived next to the quant and hashed in its
+manifest.
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import chain, zip_longest
+from pathlib import Path
+
+from moeprune.errors import MoePruneError
+from moeprune.quant.gguf_tools import run_tool, staged
+from moeprune.quant.toolchain import Toolchain
+
+TEXT_FILE = "imatrix-calibration.txt"
+IMATRIX_FILE = "imatrix.gguf"
+LOG_FILE = "llama-imatrix.log"
+
+
+def calibration_text(corpus: dict[str, list[str]]) -> str:
+    if not corpus or not any(corpus.values()):
+        raise MoePruneError("the calibration corpus is empty: expected texts to compute the importance matrix from")
+    rows = chain.from_iterable(zip_longest(*corpus.values()))
+    return "\n".join(r for r in rows if r is not None) + "\n"
+
+
+def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int, threads: int = 0,
+            log_file: Path | None = None) -> str:
+    """Run llama-imatrix; returns its log. Raises with the tool's message (e.g. a text too short
+    for two chunks of `ctx` tokens)."""
+    with staged(out) as tmp:
+        return run_tool([tc.tool("llama-imatrix"), "-m", f16_gguf, "-f", text_file, "-o", tmp, "-c", str(ctx),
+                         "-b", str(ctx), "--no-ppl", "-t", str(threads or os.cpu_count() or 1),
+                         "--output-format", "gguf", "--parse-special"], "llama-imatrix",
+                        log_file=log_file or Path(out).with_name(LOG_FILE))

@@ -1,0 +1,129 @@
+"""The `quant` and `evaluate_quant` stages' work (moeprune/stages.py wires them into the runner).
+
+quant: the pruned checkpoint + `quant_tier` -> a GGUF (llama.cpp) or an NVFP4A16 checkpoint, with
+its manifest, imatrix, tensor-type map and release files (model card, Ollama Modelfile).
+evaluate_quant: the bench run THROUGH the quantized file (llama.cpp), not the HF model.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from omegaconf import DictConfig, open_dict
+
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+from moeprune.quant import release, tiers
+
+DROP_METADATA = "expert_drop_metadata.json"
+MAX_EVAL_CTX = 4096  # KV cache for evaluation; the model's own context when smaller
+
+
+def _keep_lists(model_dir: Path) -> dict[int, list[int]]:
+    meta = Path(model_dir) / DROP_METADATA
+    if not meta.is_file():
+        return {}
+    return {int(k): v for k, v in artifacts.read_json(meta).get("keep", {}).items()}
+
+
+def _context_length(model_dir: Path) -> int:
+    cfg = artifacts.read_json(Path(model_dir) / "config.json")
+    cfg = cfg.get("text_config", cfg)
+    return int(cfg.get("max_position_embeddings") or MAX_EVAL_CTX)
+
+
+def corpus_texts(cfg: DictConfig, model_dir: Path) -> dict[str, list[str]]:
+    """The calibration passes the profile ran, as text (class -> texts): the imatrix and NVFP4
+    calibration see the same tokens, chat templates included. The leading BOS is dropped since
+    llama-imatrix and the tokenizer add their own; other special tokens stay as text (llama-imatrix
+    runs with --parse-special)."""
+    from moeprune.models import load_tokenizer
+    from moeprune.prune.calibration import build_corpus
+
+    tok = load_tokenizer(model_dir)
+    out = {}
+    for cls, passes in build_corpus(cfg.calibration, tok).items():
+        texts = []
+        for p in passes:
+            ids = list(p.ids)
+            if ids and ids[0] == tok.bos_token_id:
+                ids = ids[1:]
+            texts.append(tok.decode(ids, skip_special_tokens=False))
+        out[cls] = texts
+    return out
+
+
+def quantize(cfg: DictConfig, model_dir: Path, profile_dir: Path | None, out_dir: Path) -> dict:
+    tier = cfg.quant_tier
+    tiers.validate(tier)
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    keep = _keep_lists(model_dir)
+    experts = {len(v) for v in keep.values()}
+    model_name = f"{cfg.model.name}-{experts.pop()}e" if len(experts) == 1 else cfg.model.name
+    if tier.kind == "gguf":
+        from moeprune.prune.profile import Profile
+        from moeprune.quant import gguf_tier
+
+        manifest = gguf_tier.produce(
+            tier, model_dir, out_dir, Path(cfg.paths.cache_dir).expanduser() / "gguf_base",
+            corpus=corpus_texts(cfg, model_dir) if tier.imatrix else None,
+            profile=Profile.load(profile_dir) if tier.cd is not None else None,
+            keep=keep, model_name=model_name)
+    elif tier.kind == "nvfp4":
+        from moeprune.quant import nvfp4
+
+        nvfp4.require_gpu()  # before reading anything: on CPU this tier stops here with the reason
+        manifest = nvfp4.produce(model_dir, out_dir, corpus_texts(cfg, model_dir), tier.calib_samples,
+                                 max(t.max_tokens for t in cfg.calibration.tiers.values()))
+        manifest["tier"] = _plain(tier)
+    else:
+        raise MoePruneError(f"quant_tier {tier.name!r} has kind {tier.kind!r}: nothing to quantize")
+    manifest["model_name"] = model_name
+    manifest["context_length"] = _context_length(model_dir)
+    artifacts.write_json(out_dir / "quant-manifest.json", manifest)
+    if (model_dir / DROP_METADATA).is_file():
+        shutil.copyfile(model_dir / DROP_METADATA, out_dir / DROP_METADATA)
+    release.write(out_dir, manifest, model_dir, num_ctx=manifest["context_length"])
+    return {"file": manifest.get("file"), "type": manifest.get("type"), "size_bytes": manifest["size_bytes"],
+            "bits_per_weight": manifest["bits_per_weight"], "imatrix": bool(manifest.get("imatrix")),
+            "fallbacks": len(manifest.get("fallbacks") or {})}
+
+
+def _plain(tier) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(tier, resolve=True)
+
+
+def gguf_eval_cfg(cfg: DictConfig, quant_dir: Path) -> DictConfig:
+    """The run config with a backend that runs the quant's GGUF: the configured one when it is
+    llama_cpp, else the llama_cpp preset (llama-server from the toolchain, through the openai client)."""
+    from omegaconf import OmegaConf
+
+    from moeprune.config import BackendConfig
+
+    manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
+    if not str(manifest.get("file", "")).endswith(".gguf"):
+        raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
+    out = cfg.copy()
+    with open_dict(out):
+        if cfg.backend.name != "llama_cpp":
+            preset = Path(__file__).resolve().parents[1] / "conf" / "backend" / "llama_cpp.yaml"
+            out.backend = OmegaConf.merge(OmegaConf.structured(BackendConfig), OmegaConf.load(preset),
+                                          {"max_new_tokens": cfg.backend.max_new_tokens})
+        out.backend.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
+    return out
+
+
+def scored_card(quant_dir: Path, out_dir: Path, metrics: dict) -> dict:
+    """The release card again, with the score measured through the quantized file; returns the metrics
+    with the quant's size and bits per weight."""
+    manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
+    meta = Path(quant_dir) / DROP_METADATA
+    card = release.model_card(manifest, artifacts.read_json(meta) if meta.is_file() else None,
+                              {metrics["bench"]: metrics})
+    (Path(out_dir) / "README.md").write_text(card)  # out_dir is the stage's temp dir: renamed when done
+    return {**metrics, "size_bytes": manifest["size_bytes"], "bits_per_weight": manifest["bits_per_weight"],
+            "tier": manifest["tier"]["name"],
+            "num_experts": artifacts.read_json(meta)["num_experts_after"] if meta.is_file() else None}

@@ -1,0 +1,81 @@
+"""Quant tiers: loading a preset by name and refusing tiers llama.cpp / modelopt cannot produce.
+
+A tier is data (conf/quant_tier/<name>.yaml, schema `QuantTierConfig`): a kind (gguf | nvfp4), the
+llama-quantize type, imatrix on/off, optional per-tensor overrides and, for CD tiers, the
+ContribDynamic rule. Validation happens before any tool runs so a typo costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from moeprune.errors import MoePruneError
+
+TIER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quant_tier"
+KINDS = ("none", "gguf", "nvfp4")
+
+# llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp of the built version).
+FTYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
+    "Q4_K", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "IQ3_M", "IQ3_S",
+    "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+    "TQ1_0", "TQ2_0", "MXFP4_MOE",
+)
+# ggml tensor type names accepted by --tensor-type / --token-embedding-type (ggml_type_name).
+GGML_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "iq4_nl",
+    "iq4_xs", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "mxfp4",
+)
+FLOAT_FTYPES = ("F32", "F16", "BF16")
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in TIER_DIR.glob("*.yaml"))
+
+
+def load(name: str) -> DictConfig:
+    """A preset by name, merged into the schema (what `quant_tier=<name>` composes to)."""
+    from moeprune.config import QuantTierConfig
+
+    path = TIER_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(available())}")
+    return OmegaConf.merge(OmegaConf.structured(QuantTierConfig), OmegaConf.load(path))
+
+
+def is_iq(ftype: str) -> bool:
+    return ftype.upper().startswith("IQ")
+
+
+def validate(tier: DictConfig) -> None:
+    """Refuse a tier that cannot be produced, naming the key and what was expected."""
+    where = f"quant_tier {tier.name!r}"
+    if tier.kind not in KINDS:
+        raise MoePruneError(f"{where}: kind={tier.kind!r}; expected one of {KINDS}")
+    if tier.kind != "gguf":
+        return
+    if not tier.type or tier.type.upper() not in FTYPES:
+        raise MoePruneError(f"{where}: type={tier.type!r} is not a llama-quantize type; expected one of {FTYPES}")
+    ftype = tier.type.upper()
+    if ftype in FLOAT_FTYPES and tier.imatrix:
+        raise MoePruneError(f"{where}: an importance matrix does nothing for {ftype}; expected imatrix=false")
+    # llama.cpp refuses (IQ1/IQ2) or badly degrades (IQ3/IQ4) the IQ types without an imatrix.
+    if is_iq(ftype) and not tier.imatrix:
+        raise MoePruneError(f"{where}: {ftype} needs an importance matrix; expected imatrix=true")
+    named = {"token_embedding_type": tier.token_embedding_type, "output_tensor_type": tier.output_tensor_type,
+             **{f"tensor_types[{k!r}]": v for k, v in tier.tensor_types.items()}}
+    if tier.cd is not None:
+        named.update({f"cd.{k}": tier.cd[k] for k in ("high_type", "mid_type", "low_type")})
+        hi, lo = tier.cd.high_fraction, tier.cd.low_fraction
+        if not (0 <= hi <= 1 and 0 <= lo <= 1 and hi + lo <= 1):
+            raise MoePruneError(f"{where}: cd.high_fraction={hi}, cd.low_fraction={lo}; "
+                                "expected fractions in [0, 1] whose sum is at most 1")
+        if ftype in FLOAT_FTYPES:
+            raise MoePruneError(f"{where}: a CD tier needs a quantized base type; got {ftype}")
+    for key, value in named.items():
+        if value is not None and value.lower() not in GGML_TYPES:
+            raise MoePruneError(f"{where}: {key}={value!r} is not a ggml type; expected one of {GGML_TYPES}")
+    if tier.imatrix_ctx < 8:
+        raise MoePruneError(f"{where}: imatrix_ctx={tier.imatrix_ctx}; expected at least 8 tokens")

@@ -1,0 +1,209 @@
+"""The GGUF ladder with the real llama.cpp tools (built from the llama-cpp-python sdist on first use).
+
+On a tiny Gemma 4 MoE that llama.cpp handles like a real one: F16, Q8_0, Q4_K_M and IQ4_XS (imatrix)
+through quant.gguf_tier, a CD tier through the whole CLI pipeline (quant + evaluate_quant through
+llama-server), every file loaded and run through llama-cpp-python, and the failure paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from moeprune.errors import MoePruneError
+
+pytestmark = pytest.mark.llamacpp
+TIERS = ("f16", "q8_0", "q4_k_m", "iq4_xs")
+
+
+@pytest.fixture(scope="module")
+def toolchain():
+    from moeprune.quant import toolchain
+
+    return toolchain.ensure()  # builds on first use (minutes), cached outside the repo
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    from quant_support import save_gguf_ready_gemma4
+
+    return save_gguf_ready_gemma4(tmp_path_factory.mktemp("gguf") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def ladder(toolchain, model, tmp_path_factory):
+    from quant_support import toy_corpus
+
+    from moeprune.quant import gguf_tier, tiers
+
+    root = tmp_path_factory.mktemp("ladder")
+    out = {}
+    for name in TIERS:
+        (root / name).mkdir()
+        m = gguf_tier.produce(tiers.load(name), model, root / name, root / "base", corpus=toy_corpus(16),
+                              model_name="tiny")
+        out[name] = (root / name, m)
+    return out
+
+
+def hf_parameters(model_dir: Path) -> int:
+    with safe_open(str(model_dir / "model.safetensors"), "pt") as st:
+        total = 0
+        for k in st.keys():
+            n = 1
+            for d in st.get_slice(k).get_shape():
+                n *= d
+            total += n
+    return total
+
+
+def test_ladder_manifests(ladder, model):
+    from moeprune import artifacts
+
+    params = hf_parameters(model)
+    sizes = {}
+    for name, (out, m) in ladder.items():
+        gguf = out / m["file"]
+        assert json.loads((out / "quant-manifest.json").read_text()) == json.loads(json.dumps(m))
+        assert m["size_bytes"] == gguf.stat().st_size and m["parameters"] == params
+        assert m["bits_per_weight"] == round(8 * gguf.stat().st_size / params, 4)
+        assert m["sha256"] == artifacts.hash_file(gguf, True)
+        sizes[name] = m["size_bytes"]
+        for tensor, fb in m["fallbacks"].items():  # recorded fallbacks are what the file holds
+            assert m["tensor_types"][tensor].lower() == fb["got"].lower()
+        if m["tier"]["imatrix"]:
+            im = out / m["imatrix"]["file"]
+            assert m["imatrix"]["sha256"] == artifacts.hash_file(im, True)
+            assert (out / m["imatrix"]["text"]).read_text().count("\n") == m["imatrix"]["text_lines"] == 6 * 16
+        else:
+            assert m["imatrix"] is None and not (out / "imatrix.gguf").exists()
+    assert sizes["f16"] > sizes["q8_0"] > sizes["q4_k_m"] > sizes["iq4_xs"]
+    # one imatrix, shared by the ladder (computed once from the F16 base)
+    assert ladder["q4_k_m"][1]["imatrix"]["sha256"] == ladder["iq4_xs"][1]["imatrix"]["sha256"]
+    types = {name: set(m["tensor_types"].values()) for name, (_, m) in ladder.items()}
+    assert types["f16"] == {"F16", "F32"} and types["q8_0"] == {"Q8_0", "F32"}
+    assert "IQ4_XS" in types["iq4_xs"] and "Q4_K" in types["q4_k_m"]
+    # rows of 128 (the sliding layers' attn_output) cannot hold 256-blocks: llama.cpp's documented fallback
+    fb = ladder["q4_k_m"][1]["fallbacks"]["blk.0.attn_output.weight"]
+    assert (fb["ncols"], fb["block"]) == (128, 256) and fb["got"] in ("q5_0", "q5_1", "q8_0")
+    assert ladder["q8_0"][1]["fallbacks"] == {}  # 32-blocks fit every row here
+
+
+def test_f16_gguf_computes_what_the_hf_model_computes(ladder, model):
+    import numpy as np
+    import torch
+
+    from moeprune.models import load_model, load_tokenizer
+    from moeprune.quant.gguf_backend import import_llama_cpp
+
+    out, m = ladder["f16"]
+    llm = import_llama_cpp().Llama(str(out / m["file"]), n_ctx=64, logits_all=True, verbose=False)
+    tok, hf = load_tokenizer(model), load_model(model, "float32", "cpu")
+    try:
+        for text in ("ADD:482+39=", "BOOL:!(T&F)|(F&T)=", "TXT:rev planet="):
+            ids = llm.tokenize(text.encode(), add_bos=True)
+            assert ids == tok(text)["input_ids"]
+            llm.reset()
+            llm.eval(ids)
+            got = np.array(llm.scores[: len(ids)])
+            with torch.no_grad():
+                want = hf(torch.tensor([ids])).logits[0, :, : got.shape[1]].numpy()
+            assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
+            assert (got.argmax(1) == want.argmax(1)).all()
+    finally:
+        llm.close()
+
+
+def test_every_tier_loads_and_generates_through_llama_cpp_python(ladder):
+    from moeprune.quant.gguf_backend import generate
+    from moeprune.toy import world
+
+    prompts = [t.prompt for t in world.make_tasks("generic_math", 4, "test", 0)]
+    for name, (out, m) in ladder.items():
+        texts = generate(out / m["file"], prompts, 8)
+        assert len(texts) == 4 and all(isinstance(t, str) for t in texts) and any(texts), name
+
+
+def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
+    from test_pipeline import cached, moeprune, stage_dirs
+    from test_quant_cd import documented_rule, parse_type_file
+
+    from moeprune import artifacts
+    from moeprune.prune.profile import Profile
+    from moeprune.quant import tiers
+
+    args = [f"model.path={model}", "quant_tier=cd_q4_k_m", "calibration.samples_per_class=8", "bench.n_per_class=2",
+            "stages.evaluate_base=false", "keep.experts_per_layer=6"]
+    moeprune(args, tmp_path / "cache", tmp_path / "run1")
+    dirs = stage_dirs(tmp_path / "run1")
+    quant, m = dirs["quant"], artifacts.read_json(dirs["quant"] / "quant-manifest.json")
+    meta = artifacts.read_json(quant / "expert_drop_metadata.json")
+    keep = {int(k): v for k, v in meta["keep"].items()}
+    expected = documented_rule(Profile.load(dirs["profile"]), keep, tiers.load("cd_q4_k_m").cd)
+    written = parse_type_file((quant / "tensor-types.txt").read_text())
+    assert {layer: set(fam.values()) for layer, fam in written.items()} == {l: {t} for l, t in expected.items()}
+    for layer, typ in expected.items():  # the GGUF holds those types (or llama.cpp's recorded fallback)
+        for family in ("gate_up", "down"):
+            name = f"blk.{layer}.ffn_{family}_exps.weight"
+            want = m["fallbacks"].get(name, {}).get("got", typ)
+            assert m["tensor_types"][name].lower() == want.lower()
+    assert sorted(p.name for p in quant.iterdir() if not p.name.startswith(".")) == sorted([
+        m["file"], "imatrix.gguf", "imatrix-calibration.txt", "tensor-types.txt", "quant-manifest.json",
+        "manifest.json", "llama-quantize.log", "README.md", "Modelfile", "expert_drop_metadata.json"])
+    summary = json.loads((dirs["evaluate_quant"] / "summary.json").read_text())
+    assert summary["n"] == 12 and "## Scores" in (dirs["evaluate_quant"] / "README.md").read_text()
+    assert f"FROM ./{m['file']}" in (quant / "Modelfile").read_text()
+
+    moeprune(args, tmp_path / "cache", tmp_path / "run2")
+    assert all(cached(tmp_path / "run2").values())
+
+
+def no_gguf_left(*dirs: Path) -> bool:
+    return not [p for d in dirs if d.exists() for p in d.rglob("*") if ".gguf" in p.name]
+
+
+def test_model_dir_without_tokenizer(toolchain, model, tmp_path):
+    from moeprune.quant import gguf_tier, tiers
+
+    bare = tmp_path / "bare"
+    shutil.copytree(model, bare)
+    os.remove(bare / "tokenizer.json")
+    with pytest.raises(MoePruneError, match=r"has no tokenizer \(tokenizer.json or tokenizer.model\)"):
+        gguf_tier.produce(tiers.load("q8_0"), bare, tmp_path / "out", tmp_path / "base")
+    assert no_gguf_left(tmp_path / "out", tmp_path / "base")
+
+
+def test_failed_converter_reports_its_own_message(toolchain, model, tmp_path):
+    from moeprune.quant import gguf_tier, tiers
+
+    bad = tmp_path / "bad"
+    shutil.copytree(model, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**cfg, "architectures": ["NotARealModelForCausalLM"]}))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(MoePruneError, match=r"convert_hf_to_gguf.py on .* failed \(exit 1\)(.|\n)*"
+                                            r"Model NotARealModelForCausalLM is not supported"):
+        gguf_tier.produce(tiers.load("q8_0"), bad, tmp_path / "out", tmp_path / "base")
+    assert no_gguf_left(tmp_path / "out", tmp_path / "base")
+
+
+def test_failed_quantize_and_imatrix_report_their_own_messages(toolchain, ladder, tmp_path):
+    from moeprune.quant import gguf_tools, imatrix
+
+    f16_out, m = ladder["f16"]
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes((f16_out / m["file"]).read_bytes()[:4096])  # a truncated file
+    with pytest.raises(MoePruneError, match=r"llama-quantize Q4_K_M failed(.|\n)*(failed|error)"):
+        gguf_tools.quantize(toolchain, broken, tmp_path / "q" / "out.gguf", "Q4_K_M")
+    assert no_gguf_left(tmp_path / "q")
+
+    short = tmp_path / "short.txt"
+    short.write_text("ADD:1+1=2\n")
+    with pytest.raises(MoePruneError, match="you need at least 256 tokens for a context of 128 tokens"):
+        imatrix.compute(toolchain, f16_out / m["file"], short, tmp_path / "im" / "imatrix.gguf", ctx=128)
+    assert no_gguf_left(tmp_path / "im")

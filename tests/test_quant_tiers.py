@@ -1,0 +1,73 @@
+"""The quant_tier presets: the whole reference ladder exists, composes through Hydra, and bad tiers
+fail before any tool runs."""
+
+from __future__ import annotations
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from moeprune.errors import MoePruneError
+from moeprune.quant import tiers
+
+LADDER = ["f16", "q8_0", "q6_k", "q6_k_l", "q5_k_s", "q5_k_m", "q5_k_l", "q4_k_s", "q4_k_m", "q4_k_l", "q4_0",
+          "q4_1", "iq4_nl", "iq4_xs", "q3_k_s", "q3_k_m", "q3_k_l", "q3_k_xl", "iq3_m", "iq3_xs", "iq3_xxs",
+          "iq2_m", "iq2_s", "iq2_xs"]
+CD = ["cd_q6_k", "cd_q5_k_m", "cd_q4_k_m", "cd_iq4_k_m", "cd_q3_k_m"]
+
+
+def compose_run(*overrides):
+    import moeprune.cli  # noqa: F401  (registers the schema and the moeprune_pkg resolver)
+
+    with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
+        return compose(config_name="run", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("name", LADDER + CD + ["nvfp4a16", "none"])
+def test_every_preset_loads_validates_and_composes(name):
+    tier = tiers.load(name)
+    assert tier.name == name
+    tiers.validate(tier)
+    cfg = compose_run(f"quant_tier={name}")
+    assert OmegaConf.to_container(cfg.quant_tier) == OmegaConf.to_container(tier)
+
+
+def test_imatrix_policy_matches_the_reference_ladder():
+    for name in LADDER + CD:
+        tier = tiers.load(name)
+        if name in ("f16", "q8_0", "q4_0", "q4_1"):
+            assert not tier.imatrix, name  # never on Q8_0 / Q4_0 / Q4_1 (and nothing to do for F16)
+        else:
+            assert tier.imatrix, name
+    for name in ("q6_k_l", "q5_k_l", "q4_k_l", "q3_k_xl"):
+        tier = tiers.load(name)
+        assert (tier.token_embedding_type, tier.output_tensor_type) == ("q8_0", "q8_0")
+    assert all(tiers.load(n).cd is not None for n in CD)
+
+
+def test_unknown_tier_is_named_with_the_choices():
+    with pytest.raises(MoePruneError, match=r"unknown quant tier 'q9_k'.*q4_k_m"):
+        tiers.load("q9_k")
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException, match="quant_tier/q9_k"):
+        compose_run("quant_tier=q9_k")
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"type": "Q9_K"}, r"type='Q9_K' is not a llama-quantize type"),
+    ({"type": None}, r"type=None is not a llama-quantize type"),
+    ({"kind": "awq"}, r"kind='awq'"),
+    ({"type": "IQ4_XS", "imatrix": False}, r"IQ4_XS needs an importance matrix"),
+    ({"type": "F16", "imatrix": True}, r"does nothing for F16"),
+    ({"token_embedding_type": "q9"}, r"token_embedding_type='q9' is not a ggml type"),
+    ({"tensor_types": {"attn_v": "int3"}}, r"tensor_types\['attn_v'\]='int3'"),
+    ({"cd": {"high_type": "q8_0", "mid_type": "q4_k", "low_type": "q2"}}, r"cd.low_type='q2'"),
+    ({"cd": {"high_type": "q8_0", "mid_type": "q4_k", "low_type": "q3_k", "high_fraction": 0.7,
+             "low_fraction": 0.5}}, r"sum is at most 1"),
+    ({"imatrix_ctx": 2}, r"imatrix_ctx=2"),
+])
+def test_bad_tier_fields_are_refused(override, message):
+    tier = OmegaConf.merge(tiers.load("q4_k_m"), override)
+    with pytest.raises(MoePruneError, match=message):
+        tiers.validate(tier)
