@@ -1,24 +1,32 @@
-"""Drop maps: from a profile and a recipe to {layer: sorted dropped expert ids}.
+"""Drop maps: from a profile and a recipe to {layer: sorted dropped expert ids} (docs/recipes.md).
 
+build() follows the reference recipe: strategy scores -> protection set (protect_top, each
+class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties broken by the
+baseline map (its dropped experts go first) and then by expert id (the lower id goes first).
 The JSON schema is the reference tools' own ({"<layer>": [ids]}), so maps move both ways.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.prune import floor
 from moeprune.prune.profile import Profile
 
 DROP_MAP_FILE = "drop_map.json"
 SUMMARY_FILE = "summary.json"
+HEATMAP_FILE = "keep_heatmap.png"
+TOY_WEIGHT_PRESETS = ("uniform", "five_class", "toy_coder", "toy_lcb_only")
 
 
+# ---- recipe inputs ------------------------------------------------------------------------------
 def keep_count(keep_cfg: DictConfig, num_experts: int) -> int:
     if keep_cfg.experts_per_layer is not None:
         return int(keep_cfg.experts_per_layer)
@@ -27,63 +35,273 @@ def keep_count(keep_cfg: DictConfig, num_experts: int) -> int:
     return num_experts - int(round(num_experts * keep_cfg.drop_fraction))
 
 
+def keep_bounds(keep_cfg: DictConfig, num_experts: int, top_k: int) -> tuple[int, int, int]:
+    """(nominal keep per layer T, min, max); uniform mode has min = max = T."""
+    T = keep_count(keep_cfg, num_experts)
+    if keep_cfg.mode == "uniform":
+        if keep_cfg.min_per_layer is not None or keep_cfg.max_per_layer is not None:
+            raise MoePruneError("keep.min_per_layer / keep.max_per_layer apply to keep.mode=budget only")
+        lo = hi = T
+    elif keep_cfg.mode == "budget":
+        lo = top_k if keep_cfg.min_per_layer is None else int(keep_cfg.min_per_layer)
+        hi = num_experts if keep_cfg.max_per_layer is None else int(keep_cfg.max_per_layer)
+    else:
+        raise MoePruneError(f"keep.mode={keep_cfg.mode!r}: expected uniform or budget")
+    if not top_k <= lo <= T <= hi <= num_experts:
+        what = f"{T} experts per layer" if lo == hi else f"{T} experts per layer on average within [{lo}, {hi}]"
+        raise MoePruneError(f"cannot keep {what}: expected top_k ({top_k}) <= min <= keep <= max <= "
+                            f"num_experts ({num_experts})")
+    return T, lo, hi
+
+
 def class_weight_vector(classes: list[str], cfg: DictConfig) -> np.ndarray:
     unknown = sorted(set(cfg.weights) - set(classes))
     if unknown:
-        raise MoePruneError(
-            f"class_weights={cfg.name}: unknown classes {unknown}; the profile has {classes}"
-        )
+        hint = ""
+        if set(classes) <= set(_toy_classes()):
+            hint = f"; for the toy world use class_weights={' / '.join(TOY_WEIGHT_PRESETS)}"
+        raise MoePruneError(f"class_weights={cfg.name}: unknown classes {unknown}; the profile has {classes}{hint}")
     w = np.array([float(cfg.weights.get(c, cfg.default)) for c in classes])
-    if (w < 0).any() or w.sum() <= 0:
-        raise MoePruneError(f"class_weights={cfg.name}: weights must be >= 0 with a positive sum, got {w.tolist()}")
+    if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise MoePruneError(f"class_weights={cfg.name}: weights must be finite, >= 0 and not all 0; got "
+                            f"{dict(zip(classes, w.tolist()))}")
     return w
 
 
-def select_drops(agg: np.ndarray, keep: int, protect_top: int = 0) -> list[list[int]]:
-    """Per layer: protect the top `protect_top` by agg, then drop the lowest agg (ties: lower id first)."""
+def _toy_classes() -> tuple[str, ...]:
+    from moeprune.toy import world
+
+    return world.CLASSES
+
+
+def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile") -> dict[str, np.ndarray]:
+    """The profile's statistics as float64 arrays; refuse a class that is all zero or mostly
+    non-finite in a layer (a broken calibration pass, not a signal)."""
+    missing = [k for k in needs if k not in profile.stats]
+    if missing:
+        raise MoePruneError(f"{what} lacks statistics {missing} (it has {sorted(profile.stats)}): expected "
+                            f"{list(needs)}")
+    stats = {k: v.double().numpy() for k, v in profile.stats.items()}
+    shape = (len(profile.classes), len(profile.layers), profile.num_experts)
+    for k in needs:
+        if stats[k].shape != shape:
+            raise MoePruneError(f"{what}: {k} has shape {stats[k].shape}, expected (classes, layers, experts) {shape}")
+    checked = [stats[k] for k in ("count", "wnorm") if k in stats and stats[k].shape == shape]
+    for c, name in enumerate(profile.classes if checked else []):
+        nonfinite = np.any([~np.isfinite(x[c]) for x in checked], axis=0).mean(axis=1) > 0.5
+        zero = np.all([x[c] == 0 for x in checked], axis=0).all(axis=1)
+        for bad, why in ((zero, "all zero"), (nonfinite, "mostly non-finite")):
+            if bad.any():
+                layers = [profile.layers[i] for i in np.nonzero(bad)[0]]
+                raise MoePruneError(f"{what}: class {name!r} is {why} in layers {layers}: expected routing "
+                                    f"statistics for every class in every layer (re-run the profile)")
+    return stats
+
+
+# ---- selection ----------------------------------------------------------------------------------
+def drop_order(score: np.ndarray, baseline_dropped: set[int]) -> np.ndarray:
+    """Experts from first-to-drop to last: lowest score, then (ties) baseline-dropped, then lower id."""
+    ids = np.arange(len(score))
+    in_baseline = np.array([0 if e in baseline_dropped else 1 for e in ids])
+    return np.lexsort((ids, in_baseline, score))
+
+
+@dataclass
+class Protection:
+    experts: set[int]
+    by: dict[str, int]  # reason -> how many experts it named (before any trimming)
+
+
+def protect(l: int, agg, per_class, weights, protect_top: int, class_top: int, floor_scores, floor_n,
+            limit: int, base: set[int]) -> Protection:
+    """Layer l's never-dropped set: its top `protect_top` by agg, each weighted class's top
+    `class_top`, the top `floor_n` by the floor ranking; at most `limit` of them."""
+    keep_first = drop_order(agg[l], base)[::-1]
+    top = set(keep_first[:protect_top].tolist())
+    by_class = set()
+    for c in np.nonzero(weights > 0)[0]:
+        by_class |= set(drop_order(per_class[c, l], base)[::-1][:class_top].tolist())
+    by_floor = set()
+    if floor_scores is not None:
+        by_floor = set(drop_order(floor_scores[l], base)[::-1][:floor_n].tolist())
+    experts = top | by_class | by_floor
+    if len(experts) > limit:  # more protected than kept: the floor ranking (else agg) decides
+        rank = floor_scores[l] if floor_scores is not None else agg[l]
+        experts = set([e for e in drop_order(rank, base)[::-1].tolist() if e in experts][:limit])
+    return Protection(experts, {"top": len(top), "class_top": len(by_class), "floor": len(by_floor)})
+
+
+def select_uniform(agg, protections: list[Protection], bases: list[set[int]], keep: int) -> list[list[int]]:
     L, E = agg.shape
     drops = []
     for l in range(L):
-        protected = set(np.argsort(-agg[l], kind="stable")[:min(protect_top, keep)].tolist())
-        order = [e for e in np.argsort(agg[l], kind="stable").tolist() if e not in protected]
-        drops.append(sorted(order[:E - keep]))
+        candidates = [e for e in drop_order(agg[l], bases[l]).tolist() if e not in protections[l].experts]
+        drops.append(sorted(candidates[:E - keep]))
     return drops
 
 
-def build(profile: Profile, cfg: DictConfig) -> tuple[dict[str, list[int]], dict]:
+def select_budget(agg, protections: list[Protection], bases: list[set[int]], keep: int, lo: int,
+                  hi: int) -> list[list[int]]:
+    """Keep keep*L experts in all: each layer's protected and its best `lo`, then the best remaining
+    (layer, expert) pairs by agg across layers, at most `hi` per layer."""
+    L, E = agg.shape
+    kept = []
+    for l in range(L):
+        rest = [e for e in drop_order(agg[l], bases[l])[::-1].tolist() if e not in protections[l].experts]
+        kept.append(set(protections[l].experts) | set(rest[:max(lo - len(protections[l].experts), 0)]))
+    left = keep * L - sum(map(len, kept))
+    if left < 0:
+        raise MoePruneError(f"keep.mode=budget: protection and min_per_layer={lo} need {keep * L - left} experts, "
+                            f"more than the budget {keep * L}: expected fewer protected experts or a larger budget")
+    flat_layer, flat_id = np.divmod(np.arange(L * E), E)
+    in_base = np.array([0 if e in bases[l] else 1 for l, e in zip(flat_layer, flat_id)])
+    for i in np.lexsort((flat_id, flat_layer, in_base, agg.reshape(-1)))[::-1]:
+        if left == 0:
+            break
+        l, e = int(flat_layer[i]), int(flat_id[i])
+        if e not in kept[l] and len(kept[l]) < hi:
+            kept[l].add(e)
+            left -= 1
+    return [sorted(set(range(E)) - k) for k in kept]
+
+
+# ---- the recipe ---------------------------------------------------------------------------------
+@dataclass
+class DropMap:
+    layers: list[int]
+    num_experts: int
+    dropped: list[list[int]]  # per MoE layer, sorted
+    agg: np.ndarray  # [L, E] keep scores
+    protected: list[set[int]]
+    summary: dict
+
+    def as_json(self) -> dict[str, list[int]]:
+        return {str(layer): d for layer, d in zip(self.layers, self.dropped)}
+
+
+def _plain(node):
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
+    if cfg.floor_clamp.profile is None:
+        return profile.classes, stats
+    try:
+        other = Profile.load(Path(cfg.floor_clamp.profile))
+    except FileNotFoundError as e:
+        raise MoePruneError(f"floor_clamp.profile={cfg.floor_clamp.profile}: not a profile artifact dir ({e})") from None
+    if other.layers != profile.layers or other.num_experts != profile.num_experts:
+        raise MoePruneError(f"floor_clamp.profile: layers {other.layers} x {other.num_experts} experts, expected the "
+                            f"run's {profile.layers} x {profile.num_experts}")
+    return other.classes, check_profile(other, needs, "floor profile")
+
+
+def build(profile: Profile, cfg: DictConfig, top_k: int) -> DropMap:
+    """The drop map for `profile` under the recipe in cfg.strategy/class_weights/floor_clamp/keep."""
     strategy = hydra.utils.instantiate(cfg.strategy, _convert_="all")
-    keep = keep_count(cfg.keep, profile.num_experts)
-    stats = {k: v.double().numpy() for k, v in profile.stats.items()}
+    stats = check_profile(profile, strategy.needs)
+    L, E = len(profile.layers), profile.num_experts
     weights = class_weight_vector(profile.classes, cfg.class_weights)
-    agg = strategy.keep_scores(stats, weights)
-    drops = select_drops(agg, keep, strategy.protect_top)
-    drop_map = {str(layer): d for layer, d in zip(profile.layers, drops)}
-    summary = {
-        "keep_per_layer": keep,
-        "num_experts": profile.num_experts,
-        "layers": {
-            str(layer): {
-                "agg_min": float(agg[i].min()), "agg_max": float(agg[i].max()), "agg_mean": float(agg[i].mean()),
-                "dropped": len(drops[i]),
-            }
-            for i, layer in enumerate(profile.layers)
-        },
+    scores = strategy.scores(stats, weights, profile.classes)
+    if not np.isfinite(scores.agg).all():
+        raise MoePruneError(f"strategy={strategy.name} produced non-finite keep scores: check the profile and knobs")
+    baseline = None
+    if cfg.keep.baseline_map is not None:
+        baseline = read_map(cfg.keep.baseline_map, profile.layers, E, top_k, uniform=False)
+    bases = [set(baseline[layer]) if baseline else set() for layer in profile.layers]
+    if cfg.keep.drop_map is not None:  # a map made elsewhere (e.g. the reference tools): used as is, and scored
+        uniform = cfg.keep.mode == "uniform"
+        imported = read_map(cfg.keep.drop_map, profile.layers, E, top_k, uniform)
+        dropped = [imported[layer] for layer in profile.layers]
+        protections = [Protection(set(), {}) for _ in range(L)]
+        summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
+                           None, E - len(dropped[0]))
+        return DropMap(profile.layers, E, dropped, scores.agg, [set() for _ in range(L)],
+                       {"imported_from": str(cfg.keep.drop_map), **summary})
+    keep, lo, hi = keep_bounds(cfg.keep, E, top_k)
+
+    floor_scores = floor_n = None
+    if floor.is_active(cfg.floor_clamp):
+        classes, fstats = _floor_profile(cfg, profile, stats, strategy.reference_needs())
+        floor_scores = floor.floor_scores(fstats, strategy, classes)
+        floor_n = floor.floor_counts(cfg.floor_clamp, profile.layers, keep, floor_scores)
+    elif cfg.floor_clamp.profile is not None:
+        raise MoePruneError("floor_clamp.profile is set but no floor count: set floor_clamp.map, top, band or band_ratio")
+
+    protections = [protect(l, scores.agg, scores.per_class, weights, strategy.protect_top, strategy.protect_class_top,
+                           floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l]) for l in range(L)]
+    if cfg.keep.mode == "budget":
+        dropped = select_budget(scores.agg, protections, bases, keep, lo, hi)
+    else:
+        dropped = select_uniform(scores.agg, protections, bases, keep)
+    summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
+                       floor_n, keep)
+    return DropMap(profile.layers, E, dropped, scores.agg, [p.experts for p in protections], summary)
+
+
+def _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases, floor_n, keep) -> dict:
+    layers, E = profile.layers, profile.num_experts
+    outliers_per_layer = np.bincount([o.layer for o in scores.outliers], minlength=len(layers))
+    per_layer = {}
+    for l, layer in enumerate(layers):
+        a, d = scores.agg[l], dropped[l]
+        kept = [e for e in range(E) if e not in set(d)]
+        edge = float(a[d].max()) if d else None
+        ties = sum(1 for e in kept if a[e] - edge <= 0.01 * abs(edge)) if d else 0
+        per_layer[str(layer)] = {
+            "kept": len(kept), "dropped": len(d),
+            "agg_min": float(a.min()), "agg_max": float(a.max()), "agg_mean": float(a.mean()),
+            "boundary_ties_within_1pct": ties,
+            "protected": len(protections[l].experts), "protected_by": protections[l].by,
+            "floor": None if floor_n is None else int(floor_n[l]),
+            "overlap_with_baseline": None if bases is None else len(set(d) & bases[l]),
+            "outliers_treated": int(outliers_per_layer[l]),
+        }
+    overlaps = [v["overlap_with_baseline"] for v in per_layer.values()]
+    return {
+        "num_experts": E,
+        "keep_mode": cfg.keep.mode,
+        "keep_per_layer": keep if cfg.keep.mode == "uniform" else {k: v["kept"] for k, v in per_layer.items()},
+        "kept_total": sum(v["kept"] for v in per_layer.values()),
+        "classes": profile.classes,
+        "class_weights": dict(zip(profile.classes, weights.tolist())),
+        "recipe": {k: _plain(cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")},
+        "outliers": {"mode": strategy.outlier_mode, "threshold": strategy.outlier_threshold,
+                     "treated": len(scores.outliers) if strategy.outlier_mode != "keep" else 0,
+                     "found": len(scores.outliers), "cells": [o.as_dict(layers) for o in scores.outliers[:100]]},
+        "baseline": None if bases is None else {
+            "path": str(cfg.keep.baseline_map), "mean_overlap": float(np.mean(overlaps)),
+            "min_overlap": min(overlaps), "max_overlap": max(overlaps)},
+        "layers": per_layer,
     }
-    return drop_map, summary
 
 
-def validate(drop_map: dict, layers: list[int], num_experts: int, top_k: int) -> dict[int, list[int]]:
-    """Check a drop map against a model; return it with int keys."""
+def write(out_dir: Path, result: DropMap, title: str = "") -> None:
+    """drop_map.json, summary.json and the keep heatmap (inside a stage's temp dir: all or nothing)."""
+    from moeprune.prune.heatmap import save_keep_heatmap
+
+    out_dir = Path(out_dir)
+    artifacts.write_json(out_dir / DROP_MAP_FILE, result.as_json())
+    artifacts.write_json(out_dir / SUMMARY_FILE, result.summary)
+    save_keep_heatmap(out_dir / HEATMAP_FILE, result.agg, result.dropped, result.protected, result.layers, title)
+
+
+# ---- map files ----------------------------------------------------------------------------------
+def validate(drop_map, layers: list[int], num_experts: int, top_k: int, uniform: bool = True) -> dict[int, list[int]]:
+    """Check a drop map against a model: one entry per MoE layer, distinct ids in 0..E-1, at least
+    top_k kept, and (uniform) the same count kept in every layer. Returns it with int keys."""
     if not isinstance(drop_map, dict):
         raise MoePruneError(f"drop map must be a JSON object {{layer: [expert ids]}}, got {type(drop_map).__name__}")
     out = {}
     for key, ids in drop_map.items():
         try:
             layer = int(key)
-        except ValueError:
+        except (TypeError, ValueError):
             raise MoePruneError(f"drop map key {key!r} is not a layer index") from None
         if layer not in layers:
             raise MoePruneError(f"drop map names layer {layer}, but the model's MoE layers are {layers}")
+        if layer in out:
+            raise MoePruneError(f"drop map names layer {layer} twice")
         if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
             raise MoePruneError(f"drop map layer {layer}: expected a list of integer expert ids")
         if len(set(ids)) != len(ids):
@@ -92,13 +310,15 @@ def validate(drop_map: dict, layers: list[int], num_experts: int, top_k: int) ->
         if bad:
             raise MoePruneError(f"drop map layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
         if num_experts - len(ids) < top_k:
-            raise MoePruneError(
-                f"drop map layer {layer} keeps {num_experts - len(ids)} experts, fewer than top_k={top_k}"
-            )
+            raise MoePruneError(f"drop map layer {layer} keeps {num_experts - len(ids)} experts, fewer than top_k={top_k}")
         out[layer] = sorted(ids)
-    kept = {num_experts - len(v) for v in out.values()} | ({num_experts} if len(out) < len(layers) else set())
-    if len(kept) > 1:
-        raise MoePruneError(f"drop map keeps different expert counts per layer {sorted(kept)}: expected one count")
+    if sorted(out) != sorted(layers):
+        raise MoePruneError(f"drop map covers {len(out)} layers {sorted(out)}, expected the model's {len(layers)} MoE "
+                            f"layers {layers}")
+    kept = {num_experts - len(v) for v in out.values()}
+    if uniform and len(kept) > 1:
+        raise MoePruneError(f"drop map keeps different expert counts per layer {sorted(kept)}: a pruned checkpoint "
+                            f"needs one count (budget maps are for virtual pruning)")
     return out
 
 
@@ -109,3 +329,11 @@ def load(path: Path) -> dict:
         raise MoePruneError(f"drop map not found: {path}") from None
     except ValueError as e:
         raise MoePruneError(f"drop map {path} is not valid JSON: {e}") from None
+
+
+def read_map(path, layers: list[int], num_experts: int, top_k: int, uniform: bool = True) -> dict[int, list[int]]:
+    drop_map = load(Path(path))
+    try:
+        return validate(drop_map, layers, num_experts, top_k, uniform)
+    except MoePruneError as e:
+        raise MoePruneError(f"{path}: {e}") from None

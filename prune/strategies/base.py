@@ -1,55 +1,192 @@
-"""The multi-class scoring pipeline shared by the aggregating strategies (see docs/recipes.md).
+"""What every drop-map strategy shares: knob validation, outlier treatment, normalization.
 
-per-class score  s[c,l,e] = alpha * wnorm + count   (score=legacy)  or  alpha * wnorm  (score=mean)
-normalize        per (class, layer): rank -> percentile in [0, 1]; mean -> divide by the row mean
-aggregate        weighted over classes into agg[l,e] (max / mean / geomean / sum: one file each)
-breadth bonus    agg += breadth_bonus * mean over classes of the normalized scores
+A strategy turns profile statistics ([classes, layers, experts] arrays) and a class-weight vector
+into `Scores`: one keep score per (layer, expert) — higher means more worth keeping — plus one
+score per class that the class top-K protection ranks by. Two families (docs/recipes.md):
+
+- `ClassAggregate` (max, mean, geomean, sum): the reference recipe. Per class
+  s = alpha * wnorm + count ("legacy") or alpha * wnorm ("mean"); outliers treated per (class,
+  layer) row; normalized per (class, layer) row; combined over classes with the class weights;
+  plus breadth_bonus * the unweighted class mean of the normalized scores.
+- `PooledCriterion` (frequency, gate_mass, reap, random): one statistic pooled over the weighted
+  classes, the single-criterion baselines a recipe is compared against.
 """
 
 from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from moeprune.errors import MoePruneError
 
+OUTLIER_MODES = ("keep", "median", "drop", "zero")
+
 
 def rank_normalize(s: np.ndarray) -> np.ndarray:
-    """Percentile rank along the last axis: stable argsort, rank / (E - 1)."""
-    ranks = np.argsort(np.argsort(s, axis=-1, kind="stable"), axis=-1, kind="stable")
-    return ranks.astype(np.float64) / max(s.shape[-1] - 1, 1)
+    """Percentile rank along the last axis in [0, 1]: (number of strictly smaller cells) / (E - 1).
+
+    Equal values share the lowest rank. (The reference ranks by a stable argsort, which gives tied
+    cells — typically the many experts a class never routes to — ranks that grow with their id: an
+    arbitrary bonus for high ids. Sharing the rank sends them all to 0 and leaves the tie to the
+    baseline map and the id rule at selection.) Invariant to any strictly increasing rescaling.
+    """
+    rows = s.reshape(-1, s.shape[-1])
+    ranks = np.stack([np.searchsorted(np.sort(r), r, side="left") for r in rows]) if rows.size else rows
+    return ranks.reshape(s.shape).astype(np.float64) / max(s.shape[-1] - 1, 1)
 
 
 def mean_normalize(s: np.ndarray) -> np.ndarray:
-    return s / np.clip(s.mean(axis=-1, keepdims=True), 1e-12, None)
+    """Divide each row by its mean over finite cells (clipped at 1e-12); -inf cells stay -inf."""
+    finite = np.isfinite(s)
+    total = np.where(finite, s, 0.0).sum(axis=-1, keepdims=True)
+    mean = total / np.maximum(finite.sum(axis=-1, keepdims=True), 1)
+    return s / np.clip(mean, 1e-12, None)
 
 
 NORMALIZERS = {"rank": rank_normalize, "mean": mean_normalize, "none": lambda s: s}
 
 
+@dataclass
+class Outlier:
+    cls: str
+    layer: int  # index into the profile's MoE layers
+    expert: int
+    wnorm: float
+
+    def as_dict(self, layers: list[int]) -> dict:
+        w = self.wnorm if math.isfinite(self.wnorm) else str(self.wnorm)
+        return {"class": self.cls, "layer": layers[self.layer], "expert": self.expert, "wnorm": w}
+
+
+@dataclass
+class Scores:
+    agg: np.ndarray  # [L, E] keep score, higher = keep
+    per_class: np.ndarray  # [C, L, E] what each class's top-K protection ranks by
+    outliers: list[Outlier] = field(default_factory=list)
+
+
+def treat_outliers(s: np.ndarray, wnorm: np.ndarray | None, mode: str, threshold: float | None,
+                   classes: list[str]) -> tuple[np.ndarray, list[Outlier]]:
+    """Per (class, layer) row: a cell is an outlier when s or wnorm is non-finite or |wnorm| > threshold
+    (without wnorm — a count-only score — only non-finite cells are).
+
+    keep: leave it (finite outliers only: a NaN has no rank, so non-finite cells are refused);
+    median: the median of the row's clean cells (0 if none); drop: -inf (least support); zero: 0.
+    """
+    wnorm = np.zeros_like(s) if wnorm is None else wnorm
+    bad = ~np.isfinite(s) | ~np.isfinite(wnorm)
+    if threshold is not None:
+        with np.errstate(invalid="ignore"):
+            bad |= np.abs(wnorm) > threshold
+    found = [Outlier(classes[c], int(l), int(e), float(wnorm[c, l, e])) for c, l, e in zip(*np.nonzero(bad))]
+    if not found or mode == "keep":
+        nonfinite = ~np.isfinite(s)
+        if nonfinite.any():
+            c, l, e = (int(i[0]) for i in np.nonzero(nonfinite))
+            raise MoePruneError(
+                f"strategy.outlier_mode=keep cannot rank non-finite scores ({int(nonfinite.sum())} cells, first: "
+                f"class {classes[c]!r}, layer index {l}, expert {e}): expected outlier_mode=median, drop or zero"
+            )
+        return s, found
+    out = s.copy()
+    if mode == "median":
+        clean = np.where(bad, np.nan, s)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an all-bad row has no median: 0 below
+            med = np.nanmedian(clean, axis=-1, keepdims=True)
+        med = np.where(np.isfinite(med), med, 0.0)
+        out = np.where(bad, np.broadcast_to(med, s.shape), s)
+    else:
+        out[bad] = -np.inf if mode == "drop" else 0.0
+    return out, found
+
+
 class Strategy:
-    """Turns a profile into keep scores agg[l, e]: higher = more worth keeping."""
+    """Knobs common to every strategy; subclasses implement `scores`."""
+
+    uses_breadth = True
 
     def __init__(self, name: str, normalize: str = "rank", alpha: float = 2.0, score: str = "legacy",
-                 breadth_bonus: float = 0.0, protect_top: int = 0, seed: int = 0):
-        if normalize not in NORMALIZERS:
-            raise MoePruneError(f"strategy.normalize={normalize!r}: expected one of {', '.join(NORMALIZERS)}")
-        if score not in ("legacy", "mean"):
-            raise MoePruneError(f"strategy.score={score!r}: expected legacy or mean")
-        if protect_top < 0:
-            raise MoePruneError(f"strategy.protect_top={protect_top}: expected >= 0")
-        self.name, self.normalize, self.alpha, self.score = name, normalize, alpha, score
-        self.breadth_bonus, self.protect_top, self.seed = breadth_bonus, protect_top, seed
+                 breadth_bonus: float = 0.0, protect_top: int = 0, protect_class_top: int = 0,
+                 outlier_mode: str = "median", outlier_threshold: float | None = None, seed: int = 0):
+        def bad(knob, value, expected):
+            return MoePruneError(f"strategy={name}: strategy.{knob}={value!r}: expected {expected}")
 
-    def class_scores(self, stats: dict[str, np.ndarray]) -> np.ndarray:
-        s = self.alpha * stats["wnorm"]
+        if normalize not in NORMALIZERS:
+            raise bad("normalize", normalize, f"one of {', '.join(NORMALIZERS)}")
+        if score not in ("legacy", "mean"):
+            raise bad("score", score, "legacy (alpha*wnorm + count) or mean (alpha*wnorm)")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise bad("alpha", alpha, "a finite number >= 0")
+        if not (math.isfinite(breadth_bonus) and breadth_bonus >= 0):
+            raise bad("breadth_bonus", breadth_bonus, "a finite number >= 0")
+        if breadth_bonus and not self.uses_breadth:
+            raise bad("breadth_bonus", breadth_bonus, "0: a single-criterion baseline has no per-class scores to reward")
+        for knob, value in (("protect_top", protect_top), ("protect_class_top", protect_class_top)):
+            if value < 0:
+                raise bad(knob, value, "an integer >= 0")
+        if outlier_mode not in OUTLIER_MODES:
+            raise bad("outlier_mode", outlier_mode, f"one of {', '.join(OUTLIER_MODES)}")
+        if outlier_threshold is not None and not outlier_threshold > 0:
+            raise bad("outlier_threshold", outlier_threshold, "null or a number > 0")
+        self.name, self.normalize, self.alpha, self.score = name, normalize, alpha, score
+        self.breadth_bonus, self.protect_top, self.protect_class_top = breadth_bonus, protect_top, protect_class_top
+        self.outlier_mode, self.outlier_threshold, self.seed = outlier_mode, outlier_threshold, seed
+
+    def reference_needs(self) -> tuple[str, ...]:
+        """What `reference_score` reads: wnorm only when alpha > 0 (so a profile without it, such as
+        one of completion tokens, still drives a count-only score)."""
+        return (("wnorm",) if self.alpha else ()) + (("count",) if self.score == "legacy" else ())
+
+    @property
+    def needs(self) -> tuple[str, ...]:
+        """The profile statistics `scores` reads (the single-criterion baselines name their own)."""
+        return self.reference_needs()
+
+    def reference_score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        """The reference's per-class score [C, L, E]: alpha * wnorm (+ routed count in legacy mode)."""
+        s = self.alpha * stats["wnorm"] if self.alpha else np.zeros_like(stats["count"])
         return s + stats["count"] if self.score == "legacy" else s
 
-    def aggregate(self, s: np.ndarray, w: np.ndarray) -> np.ndarray:  # s [C,L,E], w [C] -> [L,E]
+    def scores(self, stats: dict[str, np.ndarray], weights: np.ndarray, classes: list[str]) -> Scores:
         raise NotImplementedError
 
-    def keep_scores(self, stats: dict[str, np.ndarray], weights: np.ndarray) -> np.ndarray:
-        s = NORMALIZERS[self.normalize](self.class_scores(stats).astype(np.float64))
-        agg = self.aggregate(s, weights)
+
+class ClassAggregate(Strategy):
+    """The multi-class recipe; subclasses define `combine` (how weighted class scores merge)."""
+
+    def combine(self, s: np.ndarray, w: np.ndarray) -> np.ndarray:  # s [C, L, E], w [C] -> [L, E]
+        raise NotImplementedError
+
+    def scores(self, stats, weights, classes):
+        s, outliers = treat_outliers(self.reference_score(stats), stats.get("wnorm"), self.outlier_mode,
+                                     self.outlier_threshold, classes)
+        s = NORMALIZERS[self.normalize](s)
+        # A dropped outlier is "no support" for its class: -inf before ranking; 0 on the other scales.
+        s = np.where(np.isneginf(s), 0.0, s)
+        agg = self.combine(s, weights)
         if self.breadth_bonus:
             agg = agg + self.breadth_bonus * s.mean(axis=0)
-        return agg
+        return Scores(agg, s, outliers)
+
+
+class PooledCriterion(Strategy):
+    """A single statistic pooled over the weighted classes; `normalize` then acts per layer, which
+    only matters when a global keep budget compares layers."""
+
+    uses_breadth = False
+
+    def per_class(self, stats: dict[str, np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def pooled(self, stats: dict[str, np.ndarray], w: np.ndarray) -> np.ndarray:
+        return np.tensordot(w, self.per_class(stats), axes=1)
+
+    def scores(self, stats, weights, classes):
+        per_class = self.per_class(stats)
+        if not np.isfinite(per_class).all():
+            raise MoePruneError(f"strategy={self.name}: the profile has non-finite statistics: expected finite values")
+        return Scores(NORMALIZERS[self.normalize](self.pooled(stats, weights)), per_class)
