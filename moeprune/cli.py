@@ -13,7 +13,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 import moeprune
-from moeprune import config
+from hydra_plugins import moeprune_optuna_sweeper as sweeper_plugin
+from moeprune import config, gpu_slots
 from moeprune.errors import MoePruneError
 
 log = logging.getLogger("moeprune")
@@ -23,11 +24,17 @@ if not OmegaConf.has_resolver("moeprune_pkg"):
     # `${moeprune_pkg:toy/model}` -> a path inside the installed package (the embedded toy model).
     OmegaConf.register_new_resolver("moeprune_pkg", lambda rel="": str(PKG_DIR / rel))
 config.register()
+gpu_slots.register_resolvers()  # ${moeprune_gpus:} / ${moeprune_n_gpus:} for hydra/launcher=joblib
+sweeper_plugin.register()  # hydra/sweeper=optuna, also from an editable install (see the plugin)
 
 
-def objective(results: dict, metric: str | None) -> float | None:
+def objective(results: dict, metric) -> float | list | None:
+    """The value at `metric` ("stage.key"), or a list of values for a list of metrics (multi-objective)."""
     if not metric:
         return None
+    if not isinstance(metric, str):
+        values = [objective(results, m) for m in metric]
+        return None if any(v is None for v in values) else values
     stage, _, key = metric.partition(".")
     value = results.get(stage, {}).get(key)
     return float(value) if value is not None else None
@@ -35,10 +42,10 @@ def objective(results: dict, metric: str | None) -> float | None:
 
 def run(cfg: DictConfig) -> dict:
     from moeprune.runner import Runner
-    from moeprune.stages import STAGES
+    from moeprune.stages import stages_for
 
     run_dir = Path(cfg.paths.output_dir)
-    runner = Runner(cfg, STAGES, run_dir)
+    runner = Runner(cfg, stages_for(cfg), run_dir)
     return runner.run(cfg.stage)
 
 
@@ -47,21 +54,52 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from moeprune.report import results_table
 
     try:
+        tracker = _instantiate(cfg.logger)  # first: a bad logger config fails before any work
         results = run(cfg)
+        value = objective(results, cfg.optimized_metric)
+        tracker.log_run(cfg, results, Path(cfg.paths.output_dir), value)
     except MoePruneError as e:
         log.error("%s", e)
+        if _in_sweep():  # the sweeper records the failed trial and goes on with the next
+            raise
         print(f"moeprune: error: {e}", file=sys.stderr)
         sys.exit(2)
     table = results_table(results)
     if table:
         print(table)
-    value = objective(results, cfg.optimized_metric)
     if value is not None:
-        log.info("objective %s = %.6g", cfg.optimized_metric, value)
+        log.info("objective %s = %s", cfg.optimized_metric, value)
     return value
 
 
+def _instantiate(node: DictConfig):
+    """hydra.utils.instantiate, re-raising a MoePruneError from the target as itself (Hydra wraps it)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return hydra.utils.instantiate(node, _convert_="all")
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MoePruneError):
+            raise e.__cause__ from None
+        raise
+
+
+def _in_sweep() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["compare"]:  # `moeprune compare <run A> <run B>`: per-bench deltas, agreement
+        from moeprune.evaluate.compare import main as compare_main
+
+        sys.exit(compare_main(sys.argv[2:]))
+    if sys.argv[1:2] == ["report"]:  # `moeprune report <dir>...`: a plain command, no Hydra config
+        from moeprune.study_report import main as report_main
+
+        sys.exit(report_main(sys.argv[2:]))
     hydra_main()
 
 

@@ -26,27 +26,64 @@ class ModelConfig:
 
 
 @dataclass
+class CalibrationSourceConfig:
+    """Where one class's prompts come from (docs/profiling.md)."""
+
+    kind: str = "jsonl"  # jsonl | text (one prompt per line) | toy (the toy world) | datasets
+    path: str = ""  # the file; datasets: a dataset id or local dir; toy: the toy class (default: this class)
+    field: str = "text"  # jsonl / datasets: the key with the text, or a chat `messages` list
+    split: str = "train"  # datasets split (toy: always its calib split)
+    subset: Optional[str] = None  # datasets config name
+    tier: str = "short"  # a key of calibration.tiers
+    limit: Optional[int] = None  # at most this many prompts from this source
+
+
+@dataclass
+class CalibrationTierConfig:
+    max_tokens: int = 128  # prompt tokens per pass (the generated continuation comes on top)
+    weight: float = 1.0  # multiplies every statistic of this tier's passes
+    overflow: str = "truncate"  # a longer prompt: truncate (warn) | window (consecutive windows) | error
+
+
+@dataclass
 class CalibrationConfig:
     name: str = MISSING
-    source: str = "toy"  # toy: the shipped toy world's calibration split
-    classes: List[str] = field(default_factory=list)  # empty = every class of the source
-    samples_per_class: int = 64
-    max_tokens: int = 128
-    batch_size: int = 64
+    classes: Dict[str, List[CalibrationSourceConfig]] = field(default_factory=dict)  # class -> sources
+    tiers: Dict[str, CalibrationTierConfig] = field(default_factory=lambda: {"short": CalibrationTierConfig()})
+    samples_per_class: Optional[int] = 64  # at most this many prompts per class (None: all)
+    chat_template: bool = False  # wrap each prompt as a user turn through the tokenizer's chat template
+    chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: true}
+    generate_tokens: int = 0  # greedy continuation profiled with the prompt (the reference: 128)
+    batch_size: int = 64  # passes per forward
+    batch_tokens: int = 65536  # padded tokens per forward (batches are grouped by length)
     seed: int = 0
+
+
+@dataclass
+class ProfileConfig:
+    mode: str = "whole"  # whole | layerwise (one decoder layer on the device at a time) | auto
+    neuron_energy: bool = False  # also sum squared intermediate activations per (expert, neuron)
+    on_nonfinite: str = "error"  # error | skip (exclude non-finite rows, count them in `nonfinite`)
+    progress: bool = True  # tqdm bar with tokens/s
+    device_memory_fraction: float = 0.9  # auto: layerwise when the weights exceed this share of the device
+    hidden_ram_bytes: int = 8 << 30  # layerwise: hidden states beyond this go to a memmap on disk
+    work_dir: Optional[str] = None  # layerwise: per-layer checkpoints for resume (default: under paths.cache_dir)
 
 
 # ---- drop map ----------------------------------------------------------------------------------
 @dataclass
-class StrategyConfig:
+class StrategyConfig:  # docs/recipes.md defines every knob
     _target_: str = MISSING
     name: str = MISSING
-    normalize: str = "rank"  # rank | mean | none
+    normalize: str = "rank"  # per (class, layer): rank | mean | none
     alpha: float = 2.0  # multiplier of the contribution term: score = alpha * wnorm + tc
     score: str = "legacy"  # legacy: alpha*wnorm + tc | mean: alpha*wnorm
-    breadth_bonus: float = 0.0
-    protect_top: int = 0
-    seed: int = 0
+    breadth_bonus: float = 0.0  # agg += breadth_bonus * mean over classes of the normalized scores
+    protect_top: int = 0  # never drop a layer's top-k experts by agg
+    protect_class_top: int = 0  # never drop any weighted class's top-k experts of a layer
+    outlier_mode: str = "median"  # keep | median | drop | zero: what replaces an outlier cell
+    outlier_threshold: Optional[float] = None  # |wnorm| above this is an outlier (non-finite always is)
+    seed: int = 0  # strategy=random
 
 
 @dataclass
@@ -59,13 +96,22 @@ class ClassWeightsConfig:
 @dataclass
 class FloorClampConfig:
     name: str = MISSING
-    band: Optional[List[int]] = None  # [lo, hi] experts per layer guaranteed by the floor ranking
+    profile: Optional[str] = None  # floor profile artifact dir; null = the run's own profile
+    map: Optional[str] = None  # floor map JSON: {"floor_per_layer": {layer: n}} or {layer: n}
+    top: Optional[int] = None  # one floor count for every layer (instead of a map)
+    band: Optional[List[int]] = None  # [lo, hi]: per-layer floors rescaled into this band
+    band_ratio: Optional[List[float]] = None  # [lo, hi] as fractions of the keep count
 
 
 @dataclass
 class KeepConfig:
     experts_per_layer: Optional[int] = None  # exact count kept per layer; overrides drop_fraction
     drop_fraction: float = 0.25
+    mode: str = "uniform"  # uniform: that count in every layer | budget: that count x layers, spread by score
+    min_per_layer: Optional[int] = None  # budget bounds; null = top_k
+    max_per_layer: Optional[int] = None  # null = num_experts
+    baseline_map: Optional[str] = None  # an earlier drop map: breaks ties at the boundary, overlap reported
+    drop_map: Optional[str] = None  # use this map (e.g. from the reference tools) instead of building one
 
 
 # ---- surgery / quant ---------------------------------------------------------------------------
@@ -76,32 +122,118 @@ class PruneConfig:
 
 
 @dataclass
+class ContribDynamicConfig:
+    """A CD tier: each MoE layer's expert tensors get a type by the layer's contribution rank
+    (the rule is in docs/quantization.md and quant/contrib_dynamic.py)."""
+
+    high_type: str = MISSING  # experts of the top `high_fraction` of MoE layers by contribution
+    mid_type: str = MISSING  # experts of the layers in between
+    low_type: str = MISSING  # experts of the bottom `low_fraction`
+    high_fraction: float = 0.25
+    low_fraction: float = 0.5
+
+
+@dataclass
 class QuantTierConfig:
     name: str = "none"
+    kind: str = "none"  # none | gguf (llama.cpp) | nvfp4 (nvidia-modelopt, GPU)
+    type: Optional[str] = None  # gguf: the llama-quantize type (F16, Q8_0, Q4_K_M, IQ4_XS, ...)
+    imatrix: bool = False  # gguf: quantize with an importance matrix from the calibration corpus
+    token_embedding_type: Optional[str] = None  # gguf: e.g. q8_0 for the "_L" tiers
+    output_tensor_type: Optional[str] = None
+    tensor_types: Dict[str, str] = field(default_factory=dict)  # regex over GGUF tensor names -> ggml type
+    cd: Optional[ContribDynamicConfig] = None  # ContribDynamic per-layer expert types
+    imatrix_ctx: int = 128  # llama-imatrix context (tokens per chunk)
+    threads: int = 0  # llama.cpp threads; 0 = every core
+    calib_samples: int = 32  # nvfp4: calibration texts per class for modelopt's amax pass
 
 
 # ---- evaluation --------------------------------------------------------------------------------
 @dataclass
+class BenchDataConfig:  # docs/evaluation.md
+    hf_id: Optional[str] = None  # a Hugging Face dataset id, read by `datasets` (its offline cache honoured)
+    config: Optional[str] = None  # the dataset's config (subset) name
+    revision: Optional[str] = None
+    data_files: Optional[List[str]] = None  # files of the dataset repo to read (LiveCodeBench releases)
+    path: Optional[str] = None  # a local JSONL / JSON / parquet file in the dataset's own format; wins over hf_id
+
+
+@dataclass
+class SamplerConfig:
+    temperature: float = 0.0  # greedy; the hf backend supports nothing else
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@dataclass
+class SandboxConfig:
+    wall_s: float = 10.0  # per program run (per test for LiveCodeBench)
+    memory_mb: int = 1024
+    output_bytes: int = 1048576
+    compile_wall_s: float = 60.0
+    workers: int = 2  # programs run at once
+
+
+@dataclass
 class BenchConfig:
     _target_: str = MISSING
     name: str = MISSING
-    n_per_class: int = 100
-    split: str = "test"
+    data: BenchDataConfig = field(default_factory=BenchDataConfig)  # unset fields: the bench's own source
+    split: Optional[str] = None  # null: the bench's own split
+    n: Optional[int] = None  # the first n problems (per language for multipl_e); null = all
+    n_per_class: int = 100  # toy_suite
     seed: int = 0
+    chat: bool = True  # send the prompt as a user turn through the chat template
+    prompt: Optional[str] = None  # a str.format template over the problem's fields; null = the bench's own
+    max_new_tokens: Optional[int] = None  # null: the bench's own limit (reasoning included)
+    thinking_budget: Optional[int] = None  # reasoning tokens allowed (servers enforce it); null = no budget
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    filter: Dict[str, Any] = field(default_factory=dict)  # keep rows whose fields equal these values
+    task_ids: Optional[List[str]] = None  # lcb: these problems, in this order
+    languages: Optional[List[str]] = None  # multipl_e: rust, java, js
+    classes: Optional[List[str]] = None  # toy_suite: null = every class
 
 
 @dataclass
 class BackendConfig:
+    _target_: str = MISSING
     name: str = MISSING
-    batch_size: int = 128
+    batch_size: int = 128  # hf: prompts per generate call
     max_new_tokens: Optional[int] = None  # None: the bench's own limit
+    reasoning_start: Optional[str] = None  # the model family's thinking markers, e.g. <think> / </think>
+    reasoning_end: Optional[str] = None
+    enable_thinking: bool = False  # chat template kwarg
+    base_url: Optional[str] = None  # openai: the server's API root, e.g. http://127.0.0.1:8000/v1
+    model: Optional[str] = None  # openai: the served model name; null = the server's only model
+    api_key_env: str = "OPENAI_API_KEY"
+    concurrency: int = 8  # openai / llama_cpp: requests in flight
+    max_retries: int = 5  # per request, on 5xx / 429 / timeouts, with backoff
+    timeout_s: float = 1800.0
+    thinking_budget_field: Optional[str] = None  # request field for the budget (vLLM: thinking_token_budget)
+    extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields
+    gguf: Optional[str] = None  # llama_cpp: the GGUF file; null = the single *.gguf in the model dir
+    server_args: List[str] = field(default_factory=list)  # llama_cpp: more llama-server flags
 
 
 @dataclass
-class LoggerConfig:
+class EvaluateConfig:
+    virtual: bool = False  # score the drop map on the base model (router masking), no prune stage
+    validate: bool = False  # only check the bench's scorer: canonical solutions pass, empty answers fail
+    resume: bool = True  # keep completions in <cache_dir>/generations.sqlite and reuse them
+    empty_threshold: float = 0.05  # flag a bench loudly when more answers than this are empty
+
+
+@dataclass
+class LoggerConfig:  # moeprune/tracking.py; conf/logger/{none,wandb}.yaml
+    _target_: str = "moeprune.tracking.NullTracker"
     name: str = "none"
     project: str = "moeprune"
-    mode: str = "offline"
+    entity: Optional[str] = None
+    mode: str = "offline"  # offline (no network; `wandb sync` later) | online | disabled
+    group: Optional[str] = None  # null: the Optuna study name in a sweep
+    dir: Optional[str] = None  # where wandb/ goes; null: the run's output dir
+    tags: List[str] = field(default_factory=list)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -131,12 +263,14 @@ class CacheConfig:
 class RunConfig:
     model: ModelConfig = MISSING
     calibration: CalibrationConfig = MISSING
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     strategy: StrategyConfig = MISSING
     class_weights: ClassWeightsConfig = MISSING
     floor_clamp: FloorClampConfig = MISSING
     quant_tier: QuantTierConfig = MISSING
     bench: BenchConfig = MISSING
     backend: BackendConfig = MISSING
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     logger: LoggerConfig = MISSING
     keep: KeepConfig = field(default_factory=KeepConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
@@ -144,7 +278,9 @@ class RunConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     stage: str = "all"  # all | profile | dropmap | prune | quant | evaluate
-    optimized_metric: Optional[str] = "evaluate.score"  # what a sweep optimizes (dotted path into results)
+    # What a sweep optimizes: a dotted path into the results ("evaluate.score"), or a list of them
+    # for a multi-objective sweep (one per hydra.sweeper.direction). Any: str or list.
+    optimized_metric: Any = "evaluate.score"
     seed: int = 0
     extras: Dict[str, Any] = field(default_factory=dict)
 

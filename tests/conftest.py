@@ -8,6 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# Session fixtures of the sweep / tracking tests (one profiled model, one study for all of them).
+pytest_plugins = ["sweep_support"]
+
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
