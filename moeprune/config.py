@@ -54,6 +54,10 @@ class CalibrationConfig:
     chat_template: bool = False  # wrap each prompt as a user turn through the tokenizer's chat template
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: true}
     generate_tokens: int = 0  # greedy continuation profiled with the prompt (the reference: 128)
+    # all: every token of a pass feeds the statistics (the reference). completion: the whole pass
+    # is forwarded but only answer-producing positions count (from the prompt's last token on);
+    # needs sources that know where the answer starts (toy) or generate_tokens > 0.
+    score_tokens: str = "all"
     batch_size: int = 64  # passes per forward
     batch_tokens: int = 65536  # padded tokens per forward (batches are grouped by length)
     seed: int = 0

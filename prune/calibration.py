@@ -46,6 +46,7 @@ class Pass:
     ids: tuple[int, ...]
     tier: str
     weight: float
+    start: int = 0  # positions before this are forwarded (context) but not counted
 
 
 # ---- config validation -------------------------------------------------------------------------
@@ -134,7 +135,7 @@ def _read_text(path: Path) -> list[str]:
     return [line.rstrip("\n") for line in open(path, encoding="utf-8") if line.strip()]
 
 
-def _read_toy(cls: str, src: CalibrationSourceConfig, n: int | None, seed: int) -> list[str]:
+def _read_toy(cls: str, src: CalibrationSourceConfig, n: int | None, seed: int) -> list:
     from moeprune.toy import world
 
     name = src.path or cls
@@ -147,7 +148,8 @@ def _read_toy(cls: str, src: CalibrationSourceConfig, n: int | None, seed: int) 
         raise MoePruneError(f"calibration class {cls!r}: toy field={src.field!r}: "
                             "expected text (prompt + answer) or prompt")
     tasks = world.make_tasks(name, n, "calib", seed)
-    return [t.prompt + t.answer if src.field == "text" else t.prompt for t in tasks]
+    # (prompt, answer) pairs: the toy world knows where the answer starts (score_tokens=completion)
+    return [(t.prompt, t.answer) if src.field == "text" else t.prompt for t in tasks]
 
 
 def _read_datasets(src: CalibrationSourceConfig, n: int | None) -> list[Prompt]:
@@ -222,6 +224,9 @@ def build_corpus(cfg: DictConfig, tokenizer, max_context: int | None = None) -> 
                 raise MoePruneError(
                     f"calibration.tiers.{name}.max_tokens={t.max_tokens} + generate_tokens={cfg.generate_tokens} "
                     f"exceeds the model's context ({max_context} tokens): expected at most {max_context}")
+    if cfg.score_tokens not in ("all", "completion"):
+        raise MoePruneError(f"calibration.score_tokens={cfg.score_tokens!r}: expected all or completion")
+    completion = cfg.score_tokens == "completion"
     corpus: dict[str, list[Pass]] = {}
     for cls, srcs in sources.items():
         passes, budget, truncated = [], cfg.samples_per_class, 0
@@ -232,10 +237,22 @@ def build_corpus(cfg: DictConfig, tokenizer, max_context: int | None = None) -> 
             tier = tiers[src.tier]
             prompts = read_prompts(cls, src, n, cfg.seed)
             for j, p in enumerate(prompts):
+                prefix = None
+                if isinstance(p, tuple):
+                    prefix, p = p[0], p[0] + p[1]
                 ids = encode(tokenizer, p, cfg.chat_template, dict(cfg.chat_template_kwargs))
+                start = 0
+                if completion and cfg.generate_tokens == 0:
+                    if prefix is None:
+                        raise MoePruneError(
+                            f"calibration class {cls!r} source {i}: score_tokens=completion needs to know where "
+                            f"the answer starts: expected a toy source or generate_tokens > 0")
+                    # the prompt's last position already predicts the first answer token
+                    start = len(encode(tokenizer, prefix, cfg.chat_template, dict(cfg.chat_template_kwargs))) - 1
                 pieces = fit(ids, tier, f"calibration class {cls!r} source {i} prompt {j}")
                 truncated += tier.overflow == "truncate" and len(ids) > tier.max_tokens
-                passes += [Pass(tuple(piece), src.tier, tier.weight) for piece in pieces]
+                passes += [Pass(tuple(piece), src.tier, tier.weight, start if k == 0 else 0)
+                           for k, piece in enumerate(pieces)]
             if budget is not None:
                 budget -= len(prompts)
         if truncated:
@@ -248,7 +265,8 @@ def build_corpus(cfg: DictConfig, tokenizer, max_context: int | None = None) -> 
 
 
 # ---- self-generated continuations --------------------------------------------------------------
-def continue_greedy(model, corpus: dict[str, list[Pass]], n: int, batch_size: int, tokenizer) -> dict[str, list[Pass]]:
+def continue_greedy(model, corpus: dict[str, list[Pass]], n: int, batch_size: int, tokenizer,
+                    score_completion: bool = False) -> dict[str, list[Pass]]:
     """Each pass extended by the model's own greedy continuation of up to n tokens (stopping after
     end-of-sequence), as the reference profiles prompt + 128 generated tokens. Batched by length
     with left padding, as generation needs."""
@@ -277,6 +295,7 @@ def continue_greedy(model, corpus: dict[str, list[Pass]], n: int, batch_size: in
                 if eos in new:
                     new = new[:new.index(eos) + 1]
                 p = passes[i]
-                done[i] = Pass(p.ids + tuple(new), p.tier, p.weight)
+                start = len(p.ids) - 1 if score_completion else p.start
+                done[i] = Pass(p.ids + tuple(new), p.tier, p.weight, start)
         out[cls] = done
     return out

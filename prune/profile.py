@@ -159,7 +159,10 @@ def pad_right(batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Ten
     for i, p in enumerate(batch):
         ids[i, :len(p.ids)] = torch.tensor(p.ids)
         mask[i, :len(p.ids)] = 1
-    seq = torch.where(mask.bool(), torch.arange(len(batch))[:, None], -1).reshape(-1)
+    counted = mask.bool()
+    for i, p in enumerate(batch):  # context-only positions (score_tokens=completion) are not counted
+        counted[i, :getattr(p, "start", 0)] = False
+    seq = torch.where(counted, torch.arange(len(batch))[:, None], -1).reshape(-1)
     return ids.to(device), mask.to(device), seq.to(device)
 
 
@@ -220,7 +223,7 @@ def corpus_meta(corpus: dict[str, list]) -> dict:
     tiers: dict[str, dict[str, int]] = {}
     for c, passes in corpus.items():
         for p in passes:
-            h.update(f"{c}|{p.tier}|{p.weight}|{','.join(map(str, p.ids))}\n".encode())
+            h.update(f"{c}|{p.tier}|{p.weight}|{p.start}|{','.join(map(str, p.ids))}\n".encode())
             tiers.setdefault(c, {}).setdefault(p.tier, 0)
             tiers[c][p.tier] += len(p.ids)
     return {"tokens_per_class_tier": tiers, "passes_per_class": {c: len(v) for c, v in corpus.items()},
@@ -250,7 +253,8 @@ def run_stage(cfg, model_dir: Path, out_dir: Path) -> dict:
     if mode == "whole":
         model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
         if cal.generate_tokens:
-            corpus = continue_greedy(model, corpus, cal.generate_tokens, cal.batch_size, tok)
+            corpus = continue_greedy(model, corpus, cal.generate_tokens, cal.batch_size, tok,
+                                     cal.score_tokens == "completion")
         profile = profile_model(model, adapter, corpus, cal.batch_size, cal.batch_tokens, tok.pad_token_id,
                                 pc.neuron_energy, pc.on_nonfinite, pc.progress)
     else:

@@ -144,3 +144,31 @@ def test_greedy_continuation_matches_generate_alone(tok, tiny_gemma4):
     if tok.eos_token_id in cut:
         cut = cut[:cut.index(tok.eos_token_id) + 1]
     assert list(longer[0].ids) == alone[:len(corpus["c"][0].ids)] + cut
+
+
+def test_completion_scoring_counts_only_answer_producing_positions(tok, tiny_gemma4):
+    from moeprune.adapters import adapter_for
+    from moeprune.models import load_model, read_config
+    from moeprune.prune.profile import profile_model
+
+    classes = {"c": [{"kind": "toy", "path": "generic_code"}]}
+    full = build_corpus(cfg(classes=classes, samples_per_class=4), tok)["c"]
+    scored = build_corpus(cfg(classes=classes, samples_per_class=4, score_tokens="completion"), tok)["c"]
+    tasks = world.make_tasks("generic_code", 4, "calib", 0)
+    for a, b, t in zip(full, scored, tasks):
+        assert a.ids == b.ids and a.start == 0  # the same forward pass, fewer counted positions
+        assert b.start == len(tok(t.prompt)["input_ids"]) - 1
+        assert tok.decode(b.ids[b.start + 1:], skip_special_tokens=True) == t.answer
+    model = load_model(tiny_gemma4)
+    adapter = adapter_for(read_config(tiny_gemma4))
+    counts = profile_model(model, adapter, {"c": scored}).stats["count"]
+    top_k = 2
+    assert counts.sum(dim=-1)[0].tolist() == [sum(len(p.ids) - p.start for p in scored) * top_k] * counts.shape[1]
+
+
+def test_completion_scoring_needs_a_known_answer_start(tok, tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [{"text": "hello"}])
+    with pytest.raises(MoePruneError, match="score_tokens=completion needs to know where the answer starts"):
+        build_corpus(cfg(classes={"c": [{"path": str(f)}]}, score_tokens="completion"), tok)
+    with pytest.raises(MoePruneError, match="score_tokens='sometimes'"):
+        build_corpus(cfg(classes={"c": [{"path": str(f)}]}, score_tokens="sometimes"), tok)
