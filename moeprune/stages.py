@@ -7,9 +7,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.models import load_model, load_tokenizer, read_config, resolve_model_dir
+from moeprune.models import read_config, resolve_model_dir
 from moeprune.runner import Stage, StageContext
 
 log = logging.getLogger("moeprune")

@@ -4,7 +4,6 @@ generation, the thinking budget forces the end-of-thinking marker, reasoning is 
 from __future__ import annotations
 
 import pytest
-import torch
 from transformers import LogitsProcessorList
 
 from moeprune.errors import MoePruneError

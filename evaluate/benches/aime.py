@@ -9,14 +9,12 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class AIME(Bench):
+    default_name = "aime_2024"
     default_data = {"hf_id": "HuggingFaceH4/aime_2024"}
     default_split = "train"
     default_prompt = ("Solve the following problem step by step. The answer is an integer from 0 to 999; put it "
                       "in \\boxed{{}}.\n\n{problem}")
     default_max_new_tokens = 16384
-
-    def __init__(self, name: str = "aime_2024", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         return [Sample(str(r["id"]), self.render(problem=r["problem"]), str(r["answer"]).strip()) for r in rows]

@@ -9,13 +9,11 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class ARC(Bench):
+    default_name = "arc_challenge"
     default_data = {"hf_id": "allenai/ai2_arc", "config": "ARC-Challenge"}
     default_prompt = ("Answer the following multiple choice question. End your reply with \"Answer: X\" where X "
                       "is the label of the correct option.\n\nQuestion: {question}\n{options}")
     default_max_new_tokens = 4096
-
-    def __init__(self, name: str = "arc_challenge", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         out = []

@@ -22,6 +22,7 @@ def fence(code: str, language: str = "python") -> str:
 
 
 class Bench:
+    default_name = ""  # the preset name a bench built without config gets
     default_data: dict = {}
     default_split = "test"
     default_max_new_tokens = 2048
@@ -29,7 +30,7 @@ class Bench:
     options: tuple[str, ...] = ()  # the optional knobs (task_ids, languages, classes) this bench reads
     runs_code = False  # scored in the sandbox, several samples at a time
 
-    def __init__(self, name: str, data: dict | None = None, split: str | None = None, n: int | None = None,
+    def __init__(self, name: str | None = None, data: dict | None = None, split: str | None = None, n: int | None = None,
                  n_per_class: int = 100, seed: int = 0, chat: bool = True, prompt: str | None = None,
                  max_new_tokens: int | None = None, thinking_budget: int | None = None,
                  sampler: dict | None = None, sandbox: dict | None = None, filter: dict | None = None,
@@ -41,7 +42,7 @@ class Bench:
             raise MoePruneError(f"bench {name}: bench.n={n}: expected a positive count or null (all)")
         if thinking_budget is not None and thinking_budget <= 0:
             raise MoePruneError(f"bench {name}: bench.thinking_budget={thinking_budget}: expected > 0 or null")
-        self.name, self.n, self.n_per_class, self.seed, self.chat = name, n, n_per_class, seed, chat
+        self.name, self.n, self.n_per_class, self.seed, self.chat = name or self.default_name, n, n_per_class, seed, chat
         self.data = {**self.default_data, **{k: v for k, v in (data or {}).items() if v is not None}}
         self.split = split or self.default_split
         self.prompt = prompt or self.default_prompt

@@ -14,14 +14,12 @@ LETTERS = "ABCD"
 
 
 class GPQA(Bench):
+    default_name = "gpqa_diamond"
     default_data = {"hf_id": "Idavidrein/gpqa", "config": "gpqa_diamond"}
     default_split = "train"
     default_prompt = ("Answer the following multiple choice question. Think step by step, then end your reply "
                       "with \"Answer: (X)\" where X is one of A, B, C, D.\n\n{question}\n\n{options}")
     default_max_new_tokens = 16384
-
-    def __init__(self, name: str = "gpqa_diamond", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         out = []

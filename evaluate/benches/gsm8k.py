@@ -10,13 +10,11 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class GSM8K(Bench):
+    default_name = "gsm8k_100"
     default_data = {"hf_id": "openai/gsm8k", "config": "main"}
     default_prompt = ("Solve the following math problem step by step. End your reply with the final answer on "
                       "its own line in the form \"#### <number>\".\n\nQuestion: {question}")
     default_max_new_tokens = 4096
-
-    def __init__(self, name: str = "gsm8k_100", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         return [Sample(f"gsm8k/{i}", self.render(question=r["question"]), r["answer"].split("####")[-1].strip(),

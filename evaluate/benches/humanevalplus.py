@@ -9,7 +9,5 @@ from moeprune.evaluate.benches.humaneval import HumanEval
 
 
 class HumanEvalPlus(HumanEval):
+    default_name = "humanevalplus"
     default_data = {"hf_id": "evalplus/humanevalplus"}
-
-    def __init__(self, name: str = "humanevalplus", **kw):
-        super().__init__(name, **kw)

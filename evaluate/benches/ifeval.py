@@ -18,12 +18,10 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class IFEval(Bench):
+    default_name = "ifeval_100"
     default_data = {"hf_id": "google/IFEval"}
     default_split = "train"
     default_max_new_tokens = 4096
-
-    def __init__(self, name: str = "ifeval_100", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT

@@ -65,6 +65,7 @@ def outputs_match(got: str, expected: str) -> bool:
 
 
 class LiveCodeBench(Bench):
+    default_name = "lcb_medium_55"
     # release_v4 of code_generation_lite is the union of its first four files.
     default_data = {"hf_id": "livecodebench/code_generation_lite",
                     "data_files": ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl"]}
@@ -74,9 +75,6 @@ class LiveCodeBench(Bench):
     default_max_new_tokens = 16384
     options = ("task_ids",)
     runs_code = True
-
-    def __init__(self, name: str = "lcb_medium_55", **kw):
-        super().__init__(name, **kw)
 
     def select(self, rows: list[dict]) -> list[dict]:
         if self.task_ids is None:

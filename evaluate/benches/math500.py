@@ -10,12 +10,10 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class MATH500(Bench):
+    default_name = "math500_100"
     default_data = {"hf_id": "HuggingFaceH4/MATH-500"}
     default_prompt = "Solve the following problem step by step. Put the final answer in \\boxed{{}}.\n\n{problem}"
     default_max_new_tokens = 8192
-
-    def __init__(self, name: str = "math500_100", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         return [Sample(r["unique_id"], self.render(problem=r["problem"]), r["answer"], category=r.get("subject", ""))

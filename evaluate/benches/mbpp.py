@@ -11,6 +11,7 @@ from moeprune.evaluate.types import Sample, Verdict
 
 
 class MBPP(Bench):
+    default_name = "mbpp"
     default_data = {"hf_id": "google-research-datasets/mbpp", "config": "sanitized"}
     default_prompt = (
         "You are an expert Python programmer, and here is your task: {text}\n"
@@ -19,9 +20,6 @@ class MBPP(Bench):
     )
     default_max_new_tokens = 4096
     runs_code = True
-
-    def __init__(self, name: str = "mbpp", **kw):
-        super().__init__(name, **kw)
 
     def build(self, rows: list[dict]) -> list[Sample]:
         out = []

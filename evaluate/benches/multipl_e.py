@@ -49,6 +49,7 @@ def completion_from_reply(code: str, prompt: str, stop_tokens: list[str]) -> str
 
 
 class MultiPLE(Bench):
+    default_name = "multipl_e"
     default_data = {"hf_id": "nuprl/MultiPL-E"}
     default_prompt = ("Complete the following {language} function. Reply with the complete function in a "
                       "single ```{tag} code block.\n\n```{tag}\n{prompt}\n```")
@@ -57,7 +58,7 @@ class MultiPLE(Bench):
     macro_average = True  # the score is the mean of the per-language scores
     runs_code = True
 
-    def __init__(self, name: str = "multipl_e", **kw):
+    def __init__(self, name: str | None = None, **kw):
         kw.setdefault("languages", list(DATASET_CODES))
         super().__init__(name, **kw)
         unknown = [lang for lang in self.languages if lang not in DATASET_CODES]

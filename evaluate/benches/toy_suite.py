@@ -11,10 +11,11 @@ from moeprune.toy import world
 
 
 class ToySuite(Bench):
+    default_name = "toy_suite"
     default_split = "test"
     options = ("classes",)
 
-    def __init__(self, name: str = "toy_suite", **kw):
+    def __init__(self, name: str | None = None, **kw):
         kw.setdefault("chat", False)
         super().__init__(name, **kw)
         unknown = sorted(set(self.classes or ()) - set(world.CLASSES))
