@@ -58,6 +58,7 @@ class Runner:
         self.cache_dir = Path(cfg.paths.cache_dir).expanduser()
         self.keys: dict[str, str] = {}
         self.dirs: dict[str, Path] = {}
+        self._input_hashes: dict[tuple[Path, bool], str] = {}  # several stages read the same model dir
         self.results: dict[str, dict] = {}
 
     def key(self, stage: Stage) -> tuple[str, dict]:
@@ -67,7 +68,9 @@ class Runner:
             path = Path(path)
             if not path.exists():
                 raise MoePruneError(f"{stage.name}: input {name} not found: {path}")
-            ext[name] = artifacts.hash_path(path, full)
+            if (path, full) not in self._input_hashes:
+                self._input_hashes[(path, full)] = artifacts.hash_path(path, full)
+            ext[name] = self._input_hashes[(path, full)]
         payload = {
             "stage": stage.name,
             "version": stage.version,

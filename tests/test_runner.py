@@ -1,0 +1,35 @@
+"""The stage runner on its own: keys, reuse, and input hashing done once per run."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from moeprune import artifacts
+from moeprune.runner import Runner, Stage
+
+
+def _write(name):
+    def fn(ctx):
+        (ctx.out_dir / "out.txt").write_text(name)
+        return {"name": name}
+    return fn
+
+
+def test_an_input_read_by_several_stages_is_hashed_once_per_run(tmp_path, monkeypatch):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"x" * 1000)
+    cfg = OmegaConf.create({"paths": {"cache_dir": str(tmp_path / "cache")}, "cache": {"refresh": False},
+                            "knob": 1})
+    stages = [Stage("a", _write("a"), ("knob",), external=lambda c: {"model": model}),
+              Stage("b", _write("b"), ("knob",), inputs=("a",), external=lambda c: {"model": model})]
+    calls = []
+    real = artifacts.hash_path
+    monkeypatch.setattr(artifacts, "hash_path", lambda p, full=False: calls.append(p) or real(p, full))
+    (tmp_path / "run1").mkdir()
+    first = Runner(cfg, stages, tmp_path / "run1").run()
+    assert calls == [model] and not first["a"]["cached"] and not first["b"]["cached"]
+    (model / "weights.bin").write_bytes(b"y" * 1000)  # a changed input is a new key in the next run
+    (tmp_path / "run2").mkdir()
+    second = Runner(cfg, stages, tmp_path / "run2").run()
+    assert not second["a"]["cached"] and len(calls) == 2
