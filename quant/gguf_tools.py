@@ -61,6 +61,8 @@ def run_tool(cmd: list[str], what: str, env: dict | None = None, log_file: Path 
             break
     if proc.returncode != 0:
         tail = "\n".join(log.strip().splitlines()[-15:])
+        if log_file is not None and not _ERROR_LINE.search(log):
+            tail = "(its logger lost the error line on exit, 3 runs in a row; the log ends:)\n" + tail
         raise MoePruneError(f"{what} failed (exit {proc.returncode}):\n{tail}")
     return log
 

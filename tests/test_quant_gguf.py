@@ -204,6 +204,13 @@ def test_failed_quantize_and_imatrix_report_their_own_messages(toolchain, ladder
 
     short = tmp_path / "short.txt"
     short.write_text("ADD:1+1=2\n")
-    with pytest.raises(MoePruneError, match="you need at least 256 tokens for a context of 128 tokens"):
+    with pytest.raises(MoePruneError, match=r"tokenizes to \d+ tokens; llama-imatrix needs at least 256 \(two chunks of imatrix_ctx=128\)"):
         imatrix.compute(toolchain, f16_out / m["file"], short, tmp_path / "im" / "imatrix.gguf", ctx=128)
     assert no_gguf_left(tmp_path / "im")
+
+
+def test_tool_failure_without_error_line_says_the_logger_lost_it(tmp_path):
+    from moeprune.quant import gguf_tools
+
+    with pytest.raises(MoePruneError, match=r"llama-imatrix failed \(exit 3\):\n\(its logger lost the error line"):
+        gguf_tools.run_tool(["sh", "-c", "echo loading; exit 3"], "llama-imatrix", log_file=tmp_path / "x.log")
