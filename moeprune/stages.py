@@ -42,9 +42,10 @@ def run_dropmap(ctx: StageContext) -> dict:
     cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
     config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
+    keep = dropmap.keep_count(cfg.keep, profile.num_experts)
     if cfg.keep.mode == "uniform" and cfg.keep.drop_map is None:
-        adapter.validate_keep(config, dropmap.keep_count(cfg.keep, profile.num_experts))
-    result = dropmap.build(profile, cfg, adapter.top_k(config))
+        adapter.validate_keep(config, keep)
+    result = dropmap.build(profile, cfg, adapter.top_k(config), adapter.expert_groups(config, keep))
     checked = dropmap.validate(result.as_json(), profile.layers, profile.num_experts, adapter.top_k(config),
                                uniform=cfg.keep.mode == "uniform")
     adapter.validate_drop_map(config, checked, physical=cfg.keep.mode == "uniform")  # architecture rules (groups...)

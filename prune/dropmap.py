@@ -3,7 +3,8 @@
 build() follows the reference recipe: strategy scores -> protection set (protect_top, each
 class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties broken by the
 baseline map (its dropped experts go first) and then by expert id (the lower id goes first).
-The JSON schema is the reference tools' own ({"<layer>": [ids]}), so maps move both ways.
+Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
+the map is legal (select_grouped). The JSON schema is the reference tools' own ({"<layer>": [ids]}), so maps move both ways.
 """
 
 from __future__ import annotations
@@ -165,6 +166,42 @@ def select_budget(agg, protections: list[Protection], bases: list[set[int]], kee
     return [sorted(set(range(E)) - k) for k in kept]
 
 
+def select_grouped(agg, protections: list[Protection], bases: list[set[int]], n_group: int,
+                   shapes: list[tuple[int, int]]) -> tuple[list[list[int]], dict]:
+    """Uniform selection under group-limited routing: every layer keeps `c` experts in each of `g`
+    groups of consecutive ids, one (g, c) of the legal `shapes` for all layers (a checkpoint has one
+    n_group). Within a group the best c go first, protected before unprotected; a layer keeps the
+    groups whose chosen experts hold the most protected and then the most score; the shape with the
+    most protected and then the most score over all layers wins. Protected experts that no legal
+    shape can keep are dropped and counted."""
+    L, E = agg.shape
+    size = E // n_group
+    best = None
+    for g_keep, c in shapes:
+        kept, protected_kept, score = [], 0, 0.0
+        for l in range(L):
+            candidates = []
+            for g in range(n_group):
+                ids = np.arange(g * size, (g + 1) * size)
+                local_base = {e - g * size for e in bases[l] if g * size <= e < (g + 1) * size}
+                order = ids[drop_order(agg[l, ids], local_base)[::-1]].tolist()
+                order.sort(key=lambda e: e not in protections[l].experts)  # stable: protected first, then by score
+                chosen = order[:c]
+                candidates.append((sum(e in protections[l].experts for e in chosen), float(agg[l, chosen].sum()),
+                                   -g, chosen))
+            layer = sorted(candidates, reverse=True)[:g_keep]
+            kept.append(sorted(e for *_, chosen in layer for e in chosen))
+            protected_kept += sum(p for p, *_ in layer)
+            score += sum(s for _, s, *_ in layer)
+        if best is None or (protected_kept, score) > best[:2]:
+            best = (protected_kept, score, (g_keep, c), kept)
+    protected_kept, _, (g_keep, c), kept = best
+    dropped = [sorted(set(range(E)) - set(k)) for k in kept]
+    lost = sum(len(p.experts) for p in protections) - protected_kept
+    return dropped, {"n_group": n_group, "groups_kept": g_keep, "per_group": c, "legal_shapes": shapes,
+                     "protected_dropped": lost}
+
+
 # ---- the recipe ---------------------------------------------------------------------------------
 @dataclass
 class DropMap:
@@ -196,8 +233,9 @@ def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tup
     return other.classes, check_profile(other, needs, "floor profile")
 
 
-def build(profile: Profile, cfg: DictConfig, top_k: int) -> DropMap:
-    """The drop map for `profile` under the recipe in cfg.strategy/class_weights/floor_clamp/keep."""
+def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list[tuple[int, int]]] | None = None) -> DropMap:
+    """The drop map for `profile` under the recipe in cfg.strategy/class_weights/floor_clamp/keep.
+    `groups` (n_group, legal shapes) is the adapter's group-limited routing rule, if any."""
     strategy = hydra.utils.instantiate(cfg.strategy, _convert_="all")
     stats = check_profile(profile, strategy.needs)
     L, E = len(profile.layers), profile.num_experts
@@ -230,12 +268,19 @@ def build(profile: Profile, cfg: DictConfig, top_k: int) -> DropMap:
 
     protections = [protect(l, scores.agg, scores.per_class, weights, strategy.protect_top, strategy.protect_class_top,
                            floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l]) for l in range(L)]
-    if cfg.keep.mode == "budget":
+    grouping = None
+    if groups is not None and cfg.keep.mode == "budget":
+        raise MoePruneError(f"keep.mode=budget cannot follow group-limited routing (n_group={groups[0]}): expected "
+                            "keep.mode=uniform, whose maps are chosen legal group by group")
+    if groups is not None:
+        dropped, grouping = select_grouped(scores.agg, protections, bases, *groups)
+    elif cfg.keep.mode == "budget":
         dropped = select_budget(scores.agg, protections, bases, keep, lo, hi)
     else:
         dropped = select_uniform(scores.agg, protections, bases, keep)
     summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
                        floor_n, keep)
+    summary["groups"] = grouping
     return DropMap(profile.layers, E, dropped, scores.agg, [p.experts for p in protections], summary)
 
 

@@ -76,8 +76,10 @@ FAMILIES = ("gemma4", "gemma4_multimodal", "qwen3_moe", "mixtral", "olmoe", "qwe
 MULTIMODAL = {"gemma4_multimodal", "qwen3_5_moe_multimodal"}
 
 
-def build_family(name: str, seed: int = 0):
+def build_family(name: str, seed: int = 0, **config_overrides):
     cls, config = _config(name)
+    for key, value in config_overrides.items():  # e.g. vocab_size=384 to run the toy tokenizer through it
+        setattr(config, key, value)
     torch.manual_seed(seed)
     model = cls(config).eval()
     with torch.no_grad():  # what init leaves constant would hide slicing mistakes: make it random

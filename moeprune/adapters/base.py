@@ -102,6 +102,12 @@ class MoEAdapter:
         sizes = {len(d) for d in drop_map.values()} or {0}
         return self.with_num_experts(config_dict, self.num_experts(config_dict) - sizes.pop())
 
+    def expert_groups(self, config_dict: dict, keep: int) -> tuple[int, list[tuple[int, int]]] | None:
+        """For group-limited routing: (n_group, the legal (groups kept, experts kept per group) shapes
+        for `keep` experts per layer), so the drop map can be chosen legal; None when routing is not
+        grouped."""
+        return None
+
     def validate_keep(self, config_dict: dict, keep: int) -> None:
         """Refuse keep counts the architecture cannot run with."""
         e, k = self.num_experts(config_dict), self.top_k(config_dict)

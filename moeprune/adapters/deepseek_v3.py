@@ -16,7 +16,8 @@ experts or the same number c of them (the same c in every group and every layer)
   - c >= 2 (a group is scored by its two best experts), groups left >= topk_group, and
     topk_group * c >= top_k (enough candidates in the surviving groups).
 Anything else is refused, for physical and virtual pruning alike (a virtual prune that no
-checkpoint can reproduce would score a model nobody can ship).
+checkpoint can reproduce would score a model nobody can ship). `expert_groups` lists the legal
+shapes so that the drop map stage chooses a legal map for any strategy (dropmap.select_grouped).
 
 Virtual pruning sets `e_score_correction_bias` to -inf at dropped experts: their selection score is
 -inf, so they never count toward a group's score nor get chosen, while the kept experts' scores and
@@ -50,13 +51,19 @@ class DeepseekV3Adapter(MoEAdapter):
             return f"topk_group ({topk_group}) x {c} kept per group < top_k ({self.top_k(config_dict)})"
         return None
 
+    def expert_groups(self, config_dict, keep):
+        e, (n_group, _) = self.num_experts(config_dict), self._groups(config_dict)
+        if n_group <= 1:
+            return None
+        size = e // n_group
+        return n_group, [(g, keep // g) for g in range(1, n_group + 1)
+                         if keep % g == 0 and keep // g <= size and self._legal(config_dict, [keep // g] * g) is None]
+
     def validate_keep(self, config_dict, keep):
         super().validate_keep(config_dict, keep)
-        e, (n_group, _) = self.num_experts(config_dict), self._groups(config_dict)
-        size = e // n_group
-        # keep = c * groups_left for some legal (c, groups_left)
-        if not any(keep % g == 0 and keep // g <= size and self._legal(config_dict, [keep // g] * g) is None
-                   for g in range(1, n_group + 1)):
+        groups = self.expert_groups(config_dict, keep)
+        if groups is not None and not groups[1]:
+            n_group, size = groups[0], self.num_experts(config_dict) // groups[0]
             raise MoePruneError(
                 f"cannot keep {keep} experts per layer with group-limited routing (n_group={n_group} groups of "
                 f"{size}): expected a multiple of the kept groups with at least 2 per group; {self.notes}"
