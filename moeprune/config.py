@@ -48,6 +48,7 @@ class CalibrationTierConfig:
 @dataclass
 class CalibrationConfig:
     name: str = MISSING
+    data_dir: Optional[str] = None  # where a preset's files live: its paths say ${calibration.data_dir}/...
     classes: Dict[str, List[CalibrationSourceConfig]] = field(default_factory=dict)  # class -> sources
     tiers: Dict[str, CalibrationTierConfig] = field(default_factory=lambda: {"short": CalibrationTierConfig()})
     samples_per_class: Optional[int] = 64  # at most this many prompts per class (None: all)

@@ -54,7 +54,8 @@ def _typed(node, schema, where: str):
     """Merge one user node onto its dataclass schema: a misspelt key or a wrong type names `where`."""
     from omegaconf import OmegaConf
 
-    try:
+    try:  # resolve in place first: a preset's paths interpolate ${calibration.data_dir}
+        node = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
     except Exception as e:  # omegaconf's ConfigKeyError / ValidationError, with the key in the text
         raise MoePruneError(f"{where}: {e.__class__.__name__}: {str(e).splitlines()[0]}") from None
@@ -79,6 +80,7 @@ def sources_of(cfg: DictConfig, tiers: dict) -> dict[str, list[CalibrationSource
     if not cfg.classes:
         raise MoePruneError(f"calibration={cfg.get('name')}: no classes; expected calibration.classes "
                             "to map each class name to a list of sources")
+    check_data_dir(cfg)
     out = {}
     for cls, sources in cfg.classes.items():
         if not sources:
@@ -97,8 +99,22 @@ def sources_of(cfg: DictConfig, tiers: dict) -> dict[str, list[CalibrationSource
     return out
 
 
+def check_data_dir(cfg: DictConfig) -> None:
+    """A preset whose paths interpolate ${calibration.data_dir} needs it set (null would read 'None/...')."""
+    from omegaconf import OmegaConf
+
+    if cfg.get("data_dir") is not None:
+        return
+    raw = OmegaConf.to_container(cfg.classes, resolve=False)
+    users = [cls for cls, sources in raw.items() for src in sources or [] if "data_dir" in str(src.get("path", ""))]
+    if users:
+        raise MoePruneError(f"calibration={cfg.get('name')} reads its files from calibration.data_dir, which is not "
+                            f"set: expected calibration.data_dir=<the dir holding the files of {sorted(set(users))}>")
+
+
 def calibration_files(cfg: DictConfig) -> dict[str, Path]:
     """The local files a corpus reads, for the stage's cache key (an edited corpus re-profiles)."""
+    check_data_dir(cfg)
     files = {}
     for cls, sources in cfg.classes.items():
         for i, src in enumerate(sources or []):
