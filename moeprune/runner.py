@@ -39,6 +39,9 @@ class Stage:
     external: Callable[[DictConfig], dict[str, Path]] = lambda cfg: {}  # files hashed into the key
     version: int = 1  # bump when the stage's code changes what it writes
     enabled: Callable[[DictConfig], bool] = lambda cfg: True
+    # checked before any stage of the run starts (e.g. the bench's data loads), so a long profile
+    # is not lost to an input a later stage cannot read
+    preflight: Callable[[DictConfig], None] | None = None
 
 
 def config_slice(cfg: DictConfig, keys: tuple[str, ...]) -> dict:
@@ -82,6 +85,9 @@ class Runner:
 
     def run(self, only: str | None = None) -> dict[str, dict]:
         wanted = self.order if only in (None, "all") else self._with_upstream(only)
+        checks = {self.stages[n].preflight for n in wanted if self.stages[n].enabled(self.cfg)} - {None}
+        for check in checks:
+            check(self.cfg)
         for name in wanted:
             stage = self.stages[name]
             if not stage.enabled(self.cfg):

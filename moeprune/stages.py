@@ -175,6 +175,12 @@ def run_evaluate_quant(ctx: StageContext) -> dict:
     return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
 
 
+def _bench_loads(cfg: DictConfig) -> None:
+    from moeprune.evaluate import build
+
+    build(cfg.bench).samples()
+
+
 def _quant_on(c: DictConfig) -> bool:
     return bool(c.stages.quant) and c.quant_tier.name != "none"
 
@@ -192,15 +198,17 @@ STAGES = [
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on),
     Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=2,
-          enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate),
-    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate),
+          enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
+    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate,
+          preflight=_bench_loads),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend"), inputs=("quant",),
-          enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf"),
+          enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
+          preflight=_bench_loads),
 ]
 
 # evaluate.virtual=true: the same "evaluate" stage, scoring the drop map on the base model.
 EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, _EVAL_KEYS, inputs=("dropmap",), external=_model_input,
-                         version=2, enabled=lambda c: c.stages.evaluate)
+                         version=2, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
 VALIDATE = Stage("validate", run_validate, ("bench",), version=1)
 
 

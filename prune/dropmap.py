@@ -24,7 +24,7 @@ from moeprune.prune.profile import Profile
 DROP_MAP_FILE = "drop_map.json"
 SUMMARY_FILE = "summary.json"
 HEATMAP_FILE = "keep_heatmap.png"
-TOY_WEIGHT_PRESETS = ("uniform", "five_class", "toy_coder", "toy_lcb_only")
+TOY_WEIGHT_PRESETS = ("uniform", "five_class", "coder", "toy_lcb_only")
 
 
 # ---- recipe inputs ------------------------------------------------------------------------------

@@ -77,7 +77,9 @@ def _band(cfg: DictConfig, keep: int) -> tuple[int, int] | None:
     if cfg.band is not None:
         band = list(cfg.band)
         if len(band) != 2 or not 0 <= band[0] <= band[1] <= keep:
-            raise MoePruneError(f"floor_clamp.band={band}: expected [lo, hi] with 0 <= lo <= hi <= keep ({keep})")
+            raise MoePruneError(f"floor_clamp.band={band}: expected [lo, hi] with 0 <= lo <= hi <= keep ({keep}); "
+                               "for another keep count use a ratio band (floor_clamp=ratio_24_40 scales [24, 40] of "
+                               "98 to it)")
         return int(band[0]), int(band[1])
     if cfg.band_ratio is not None:
         r = list(cfg.band_ratio)

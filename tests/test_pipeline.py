@@ -107,3 +107,13 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, overr
     assert message in proc.stderr and "Traceback" not in proc.stderr
     for stage in ("dropmap", "prune"):
         assert not (cache / stage).exists() or not any((cache / stage).iterdir())
+
+
+def test_unreadable_bench_data_stops_the_run_before_any_stage(tiny_gemma4, tmp_path):
+    cache = tmp_path / "cache"
+    args = [f"model.path={tiny_gemma4}", *SMALL, "bench=humaneval", f"bench.data.path={tmp_path / 'missing.jsonl'}"]
+    proc = moeprune(args, cache, tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
+    assert not cache.exists() or not any(cache.glob("*/*")), "no stage may run before the bench data is known good"
+
+    moeprune([*args, "stage=dropmap"], cache, tmp_path / "run2")  # a run without evaluation does not care
