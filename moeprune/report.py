@@ -1,28 +1,51 @@
-"""The table a run prints: per class, base vs pruned."""
+"""The table a run prints (and logs to W&B): per class, base vs pruned, and the quantized file."""
 
 from __future__ import annotations
+
+from typing import Any
 
 
 def _mb(n) -> str:
     return f"{n / 1e6:.1f} MB" if n else "-"
 
 
+def score_columns(results: dict) -> list[tuple[str, dict]]:
+    """(header, evaluate result) per evaluated model: base and pruned (empty when not run), then the
+    quantized file (headed by its type) when it was evaluated."""
+    cols = [("base", results.get("evaluate_base") or {}), ("pruned", results.get("evaluate") or {})]
+    if results.get("evaluate_quant"):
+        cols.append(((results.get("quant") or {}).get("type", "quant"), results["evaluate_quant"]))
+    return cols
+
+
+def class_rows(results: dict) -> tuple[list[str], list[list[Any]]]:
+    """Headers and rows [class, score per column..., delta] per class of the bench, then ALL; delta
+    is the last evaluated column against base."""
+    cols = score_columns(results)
+    ref = next((r for _, r in reversed(cols) if r), None)
+    if ref is None:
+        return [], []
+    rows = []
+    for cls in [*ref.get("per_category", {}), "ALL"]:
+        scores = [r.get("score") if cls == "ALL" else r.get("per_category", {}).get(cls) for _, r in cols]
+        last = next((s for s in reversed(scores[1:]) if s is not None), None)
+        rows.append([cls, *scores, last - scores[0] if last is not None and scores[0] is not None else None])
+    return ["class", *(h for h, _ in cols), "delta"], rows
+
+
 def results_table(results: dict) -> str:
-    base, pruned = results.get("evaluate_base"), results.get("evaluate")
-    if not base and not pruned:
+    headers, rows = class_rows(results)
+    if not rows:
         return ""
-    ref = pruned or base
-    cats = list(ref.get("per_category", {}))
-    rows = [("class", "base", "pruned", "delta")]
-    for c in cats + ["ALL"]:
-        b = (base["per_category"].get(c) if c != "ALL" else base["score"]) if base else None
-        p = (pruned["per_category"].get(c) if c != "ALL" else pruned["score"]) if pruned else None
-        d = f"{(p - b) * 100:+.1f}" if b is not None and p is not None else "-"
-        rows.append((c, f"{b:.1%}" if b is not None else "-", f"{p:.1%}" if p is not None else "-", d))
-    rows.append(("experts/layer", str(base["num_experts"]) if base else "-", str(pruned["num_experts"]) if pruned else "-", ""))
-    rows.append(("size", _mb(base and base["size_bytes"]), _mb(pruned and pruned["size_bytes"]), ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths))) for r in rows]
-    lines.insert(1, "-" * len(lines[0]))
-    lines.insert(len(lines) - 2, "-" * len(lines[0]))
-    return "\n".join(lines)
+    cols = score_columns(results)
+    pct = [[r[0], *(f"{s:.1%}" if s is not None else "-" for s in r[1:-1]),
+            f"{r[-1] * 100:+.1f}" if r[-1] is not None else "-"] for r in rows]
+    lines = [headers, *pct,
+             ["experts/layer", *(str(r["num_experts"]) if r.get("num_experts") else "-" for _, r in cols), ""],
+             ["size", *(_mb(r.get("size_bytes")) for _, r in cols), ""]]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(headers))]
+    text = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+            for line in lines]
+    text.insert(1, "-" * len(text[0]))
+    text.insert(len(text) - 2, "-" * len(text[0]))
+    return "\n".join(text)

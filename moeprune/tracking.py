@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.report import class_rows, score_columns
 
 log = logging.getLogger("moeprune")
 ARTIFACT_SUFFIXES = (".json", ".jsonl")
@@ -49,20 +50,6 @@ def flat_metrics(results: dict) -> dict[str, float]:
     for stage, metrics in results.items():
         walk(stage, metrics)
     return out
-
-
-def class_rows(results: dict) -> list[list[Any]]:
-    """[bench, class, base, pruned, delta] per class of the evaluated bench, then ALL."""
-    base, pruned = results.get("evaluate_base") or {}, results.get("evaluate") or {}
-    ref = pruned or base
-    if not ref:
-        return []
-    rows = []
-    for cls in [*ref.get("per_category", {}), "ALL"]:
-        b = base.get("score") if cls == "ALL" else base.get("per_category", {}).get(cls)
-        p = pruned.get("score") if cls == "ALL" else pruned.get("per_category", {}).get(cls)
-        rows.append([ref.get("bench"), cls, b, p, p - b if b is not None and p is not None else None])
-    return rows
 
 
 def stage_files(run_dir: Path) -> dict[str, tuple[str, list[Path]]]:
@@ -135,9 +122,10 @@ class WandbTracker:
             payload: dict[str, Any] = dict(metrics)
             for key, png in stage_images(run_dir):
                 payload[key] = wandb.Image(str(png))
-            rows = class_rows(results)
+            headers, rows = class_rows(results)
             if rows:
-                payload["per_class"] = wandb.Table(columns=["bench", "class", "base", "pruned", "delta"], data=rows)
+                bench = next(r for _, r in score_columns(results) if r).get("bench")
+                payload["per_class"] = wandb.Table(columns=["bench", *headers], data=[[bench, *r] for r in rows])
             run.log(payload)
             for stage, (key, files) in stage_files(run_dir).items():
                 if files:

@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from moeprune.tracking import class_rows, flat_metrics
+from moeprune.tracking import flat_metrics
 from sweep_support import SMALL, moeprune, trial_records, wandb_run
 
 
-def test_flat_metrics_and_class_rows():
+def test_flat_metrics():
     results = {"dropmap": {"cached": True, "keep_per_layer": 6, "classes": ["a"]},
                "evaluate_base": {"bench": "toy_suite", "score": 0.5, "per_category": {"a": 1.0, "b": 0.0}},
                "evaluate": {"bench": "toy_suite", "score": 0.25, "per_category": {"a": 0.5, "b": 0.0}}}
@@ -18,9 +18,6 @@ def test_flat_metrics_and_class_rows():
                                      "evaluate_base/score": 0.5, "evaluate_base/per_category/a": 1.0,
                                      "evaluate_base/per_category/b": 0.0, "evaluate/score": 0.25,
                                      "evaluate/per_category/a": 0.5, "evaluate/per_category/b": 0.0}
-    assert class_rows(results) == [["toy_suite", "a", 1.0, 0.5, -0.5], ["toy_suite", "b", 0.0, 0.0, 0.0],
-                                   ["toy_suite", "ALL", 0.5, 0.25, -0.25]]
-    assert class_rows({"dropmap": {}}) == []
 
 
 def test_wandb_offline_run_holds_config_metrics_heatmap_table_and_artifacts(study):
