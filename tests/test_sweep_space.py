@@ -13,6 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 import moeprune.cli  # noqa: F401  (registers schema, resolvers and the sweeper plugin)
 from hydra_plugins.moeprune_optuna_sweeper import _core, _search_space
 from moeprune.errors import MoePruneError
+from tests.conftest import REPO
 
 
 def parse(*lines: str):
@@ -97,7 +98,7 @@ def test_job_returns_become_trial_values_or_a_reason(status, value, n, ok):
         assert values is None and ok in why
 
 
-@pytest.mark.parametrize("preset", ["toy_recipe", "toy_recipe_physical", "toy_pareto"])
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")))
 def test_hparams_search_presets_compose_with_the_optuna_sweeper(preset):
     with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
         cfg = compose(config_name="run", overrides=[f"hparams_search={preset}"], return_hydra_config=True)
