@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moeprune.adapters import adapter_for
-from moeprune.prune.dropmap import Protection, select_grouped
+from moeprune.prune.selection import Protection, select_grouped
 from tests.test_pipeline import moeprune, stage_dirs
 from tests.tiny_moe import build_family
 

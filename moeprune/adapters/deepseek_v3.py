@@ -17,7 +17,7 @@ experts or the same number c of them (the same c in every group and every layer)
     topk_group * c >= top_k (enough candidates in the surviving groups).
 Anything else is refused, for physical and virtual pruning alike (a virtual prune that no
 checkpoint can reproduce would score a model nobody can ship). `expert_groups` lists the legal
-shapes so that the drop map stage chooses a legal map for any strategy (dropmap.select_grouped).
+shapes so that the drop map stage chooses a legal map for any strategy (prune/selection.py, select_grouped).
 
 Virtual pruning sets `e_score_correction_bias` to -inf at dropped experts: their selection score is
 -inf, so they never count toward a group's score nor get chosen, while the kept experts' scores and
