@@ -84,8 +84,13 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
     layers: set[int] = set()
     per_expert_seen: dict[str, set[int]] = {}
     scaled, unpruned = 0, []
+    fp8_scales = _fp8_scales(adapter, sources) if alpha != 1.0 else set()
     for t in sorted(sources.values(), key=lambda t: (str(t.file), t.start)):
         role = adapter.role(t.name)
+        if t.name in fp8_scales:  # W = codes x scale: scaling the scale upweights W exactly
+            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
+            scaled += 1
+            continue
         outside = num_layers is not None and role.layer is not None and role.layer >= num_layers
         if outside and role.kind in ("expert_axis", "per_expert") or role.kind == "other" and _expert_like(adapter, t.name):
             unpruned.append(t.name)
@@ -104,10 +109,7 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
             if role.expert in ids:
                 plan.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
                                       t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
-        elif role.kind == "shared_down" and alpha != 1.0:
-            if t.dtype not in _SCALABLE:
-                raise MoePruneError(f"{t.name} is stored as {t.dtype}: "
-                                    f"the shared-FFN upweight needs one of {sorted(_SCALABLE)}")
+        elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE:
             plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
             scaled += 1
         else:
@@ -118,6 +120,22 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
             raise MoePruneError(f"checkpoint lacks {template.format(expert='N')} for experts {missing}: "
                                 f"expected one tensor per expert 0..{num_experts - 1}")
     return plan, layers, scaled, unpruned
+
+
+def _fp8_scales(adapter, sources: dict[str, SourceTensor]) -> set[str]:
+    """The scale tensors of shared-FFN down projections stored in 8-bit float: DeepSeek-V3's block
+    `weight_scale_inv` or compressed-tensors' `weight_scale`, both multiplied into the codes."""
+    out = set()
+    for t in sources.values():
+        if adapter.role(t.name).kind != "shared_down" or t.dtype in _SCALABLE:
+            continue
+        scale = next((n for n in (t.name + "_scale_inv", t.name + "_scale") if n in sources), None)
+        if scale is None or sources[scale].dtype not in _SCALABLE:
+            raise MoePruneError(f"{t.name} is stored as {t.dtype} without a float scale tensor "
+                                f"({t.name}_scale_inv or {t.name}_scale): the shared-FFN upweight needs one of "
+                                f"{sorted(_SCALABLE)}, or an 8-bit weight with its scale")
+        out.add(scale)
+    return out
 
 
 def _expert_like(adapter, name: str) -> bool:

@@ -96,16 +96,41 @@ def test_deepseek_upweight_scales_shared_experts_only(sources, tmp_path):
     assert info["shared_ffn_tensors_scaled"] == 2  # the two MoE layers; the dense first layer is not shared FFN
 
 
-def test_upweight_refused_on_an_fp8_shared_ffn(sources, tmp_path):
-    """DeepSeek-V3 ships FP8 weights with block scales: scaling the codes would not be an upweight."""
+FP8_SHARED = "model.layers.2.mlp.shared_experts.down_proj.weight"
+
+
+def fp8_source(sources, tmp_path, scale_suffix: str | None):
+    """The tiny DeepSeek-V3 with one shared down projection in FP8, as DeepSeek-V3 ships it (block
+    scales in `weight_scale_inv`, dequantized W = codes x scale)."""
     from safetensors.torch import load_file, save_file
 
     src = copy_of(sources("deepseek_v3"), tmp_path)
     state = load_file(src / "model.safetensors")
-    name = "model.layers.2.mlp.shared_experts.down_proj.weight"
-    state[name] = state[name].to(torch.float8_e4m3fn)
+    state[FP8_SHARED] = state[FP8_SHARED].to(torch.float8_e4m3fn)
+    if scale_suffix:
+        state[FP8_SHARED + scale_suffix] = torch.tensor([[0.5]])
     save_file(state, src / "model.safetensors", metadata={"format": "pt"})
-    assert_fails_cleanly(src, tmp_path / "out", f"{name} is stored as F8_E4M3", drop_map={}, shared_ffn_alpha=1.2)
+    return src
+
+
+@pytest.mark.parametrize("suffix", ["_scale_inv", "_scale"])
+def test_fp8_shared_ffn_is_upweighted_through_its_scale(sources, tmp_path, suffix):
+    from safetensors.torch import load_file
+
+    src = fp8_source(sources, tmp_path, suffix)
+    info = prune_checkpoint(src, tmp_path / "out", {}, shared_ffn_alpha=1.2)
+    assert info["shared_ffn_tensors_scaled"] == 2  # layer 1's BF16/F32 weight and layer 2's FP8 scale
+    before, after = load_file(src / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert after[FP8_SHARED].dtype == torch.float8_e4m3fn
+    assert torch.equal(after[FP8_SHARED].view(torch.uint8), before[FP8_SHARED].view(torch.uint8))  # codes as they were
+    dequant = lambda s: s[FP8_SHARED].float() * s[FP8_SHARED + suffix]  # noqa: E731
+    torch.testing.assert_close(dequant(after), 1.2 * dequant(before), rtol=1e-6, atol=0)
+
+
+def test_upweight_refused_on_an_fp8_shared_ffn_without_its_scale(sources, tmp_path):
+    src = fp8_source(sources, tmp_path, None)
+    assert_fails_cleanly(src, tmp_path / "out", f"{FP8_SHARED} is stored as F8_E4M3 without a float scale tensor",
+                         drop_map={}, shared_ffn_alpha=1.2)
 
 
 def test_upweight_refused_without_a_shared_ffn(sources, tmp_path):
