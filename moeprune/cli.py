@@ -29,15 +29,26 @@ sweeper_plugin.register()  # hydra/sweeper=optuna, also from an editable install
 
 
 def objective(results: dict, metric) -> float | list | None:
-    """The value at `metric` ("stage.key"), or a list of values for a list of metrics (multi-objective)."""
+    """The value at `metric` ("stage.key", or deeper: "evaluate.per_category.generic_code"), or a
+    list of values for a list of metrics (multi-objective); None when that stage did not run."""
     if not metric:
         return None
     if not isinstance(metric, str):
         values = [objective(results, m) for m in metric]
         return None if any(v is None for v in values) else values
-    stage, _, key = metric.partition(".")
-    value = results.get(stage, {}).get(key)
-    return float(value) if value is not None else None
+    stage, *path = metric.split(".")
+    node = results.get(stage)
+    if node is None:
+        return None
+    for i, key in enumerate(path):
+        if not isinstance(node, dict) or key not in node:
+            where = ".".join([stage, *path[:i]])
+            choices = sorted(k for k, v in node.items() if isinstance(v, (int, float, dict))) if isinstance(node, dict) else []
+            raise MoePruneError(f"optimized_metric={metric}: {where} has no {key!r}; expected one of {choices}")
+        node = node[key]
+    if isinstance(node, bool) or not isinstance(node, (int, float)):
+        raise MoePruneError(f"optimized_metric={metric} is {node!r}: expected a number")
+    return float(node)
 
 
 def run(cfg: DictConfig) -> dict:

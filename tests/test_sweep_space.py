@@ -117,3 +117,18 @@ def test_hparams_search_presets_compose_with_the_optuna_sweeper(preset):
     metrics = cfg.optimized_metric if not isinstance(cfg.optimized_metric, str) else [cfg.optimized_metric]
     directions = sw.direction if not isinstance(sw.direction, str) else [sw.direction]
     assert len(metrics) == len(directions)
+
+
+def test_objective_reads_nested_metrics_and_names_what_exists():
+    from moeprune.cli import objective
+
+    results = {"evaluate": {"score": 0.75, "per_category": {"generic_code": 0.5}, "bench": "toy_suite"},
+               "dropmap": {"kept_total": 48}}
+    assert objective(results, "evaluate.score") == 0.75
+    assert objective(results, "evaluate.per_category.generic_code") == 0.5
+    assert objective(results, ["evaluate.score", "dropmap.kept_total"]) == [0.75, 48.0]
+    assert objective(results, "evaluate_quant.score") is None  # that stage did not run
+    with pytest.raises(MoePruneError, match=r"evaluate.per_category has no 'generic_cod'; expected one of \['generic_code'\]"):
+        objective(results, "evaluate.per_category.generic_cod")
+    with pytest.raises(MoePruneError, match="expected a number"):
+        objective(results, "evaluate.bench")
