@@ -124,6 +124,9 @@ class KeepConfig:
 class PruneConfig:
     shared_ffn_alpha: float = 1.0  # multiply the shared/dense FFN down projection by this
     max_shard_bytes: int = 5_000_000_000
+    # multi-token-prediction heads (DeepSeek-V3, Qwen3.5/Next), which no profile sees: keep them
+    # unpruned (main-model use is unaffected) or drop them whole (the config then counts 0)
+    mtp_heads: str = "keep"
 
 
 @dataclass

@@ -85,7 +85,8 @@ def run_prune(ctx: StageContext) -> dict:
     src = model_dir(ctx.cfg)
     out = ctx.out_dir / "model"
     info = prune_checkpoint(src, out, drop_map, ctx.cfg.prune.shared_ffn_alpha, ctx.cfg.prune.max_shard_bytes,
-                            recipe={k: _plain(ctx.cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")})
+                            recipe={k: _plain(ctx.cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")},
+                            mtp_heads=ctx.cfg.prune.mtp_heads)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {**info, "size_bytes": size}
 

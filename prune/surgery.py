@@ -9,9 +9,11 @@ output shards are written tensor by tensor:
 - the shared FFN's down projection is scaled by α when asked (the one tensor computed in memory);
 - everything else, vision towers included, is copied byte for byte.
 Multi-token-prediction heads (DeepSeek-V3's `model.layers.61`, Qwen3.5/Next's `mtp.*`) are not part
-of the model transformers runs and are not profiled: their experts are copied unpruned, with a
-warning and a note in the metadata (an engine that loads them for speculative decoding would need
-them pruned by the same map, which no profile provides).
+of the model transformers runs and are not profiled. `mtp_heads="keep"` copies their experts
+unpruned, with a warning and a note in the metadata (main-model use is unaffected; an engine that
+loads them for speculative decoding would need them pruned by a map no profile provides).
+`mtp_heads="drop"` leaves the whole head out and sets the config's head count to 0, which gives a
+consistent checkpoint without speculative decoding.
 Memory stays near one small tensor whatever the checkpoint size; the source is only read. The
 output is built in a temp dir beside `out` and renamed into place only when complete.
 """
@@ -23,6 +25,7 @@ import json
 import logging
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import safe_open
@@ -76,50 +79,59 @@ def _check_paths(src: Path, out: Path) -> None:
         raise MoePruneError(f"{src}: no config.json: expected a Hugging Face checkpoint dir")
 
 
+MTP_HEADS = ("keep", "drop")
+
+
+@dataclass
+class Plan:
+    tensors: list[OutTensor] = field(default_factory=list)  # the output, in source order
+    layers: set[int] = field(default_factory=set)  # MoE layers seen
+    scaled: int = 0  # shared-FFN tensors scaled by alpha
+    unpruned: list[str] = field(default_factory=list)  # MTP expert tensors copied as they are
+    mtp_dropped: list[str] = field(default_factory=list)  # MTP tensors left out (mtp_heads="drop")
+
+
 def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]], num_experts: int,
-          alpha: float, num_layers: int | None) -> tuple[list[OutTensor], set[int], int, list[str]]:
-    """The output tensors in source order; also the MoE layers seen, the shared tensors scaled, and
-    the expert tensors copied unpruned because they lie outside the decoder layers (MTP heads)."""
-    plan: list[OutTensor] = []
-    layers: set[int] = set()
+          alpha: float, num_layers: int | None, mtp_heads: str = "keep") -> Plan:
+    plan = Plan()
     per_expert_seen: dict[str, set[int]] = {}
-    scaled, unpruned = 0, []
     fp8_scales = _fp8_scales(adapter, sources) if alpha != 1.0 else set()
     for t in sorted(sources.values(), key=lambda t: (str(t.file), t.start)):
         role = adapter.role(t.name)
-        if t.name in fp8_scales:  # W = codes x scale: scaling the scale upweights W exactly
-            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
-            scaled += 1
-            continue
         outside = num_layers is not None and role.layer is not None and role.layer >= num_layers
-        if outside and role.kind in ("expert_axis", "per_expert") or role.kind == "other" and _expert_like(adapter, t.name):
-            unpruned.append(t.name)
-            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+        if mtp_heads == "drop" and (outside or t.name.startswith(adapter.mtp_prefixes)):
+            plan.mtp_dropped.append(t.name)
+        elif t.name in fp8_scales:  # W = codes x scale: scaling the scale upweights W exactly
+            plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
+            plan.scaled += 1
+        elif outside and role.kind in ("expert_axis", "per_expert") or role.kind == "other" and _expert_like(adapter, t.name):
+            plan.unpruned.append(t.name)
+            plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
         elif role.kind == "expert_axis":
             if len(t.shape) <= role.axis or t.shape[role.axis] != num_experts:
                 raise MoePruneError(f"{t.name}: shape {list(t.shape)}, expected {num_experts} experts on axis {role.axis}")
-            layers.add(role.layer)
-            plan.append(_slice(t, role.axis, keep.get(role.layer, list(range(num_experts))), num_experts))
+            plan.layers.add(role.layer)
+            plan.tensors.append(_slice(t, role.axis, keep.get(role.layer, list(range(num_experts))), num_experts))
         elif role.kind == "per_expert":
             if role.expert >= num_experts:
                 raise MoePruneError(f"{t.name}: expert id {role.expert}, expected ids below num_experts ({num_experts})")
-            layers.add(role.layer)
+            plan.layers.add(role.layer)
             per_expert_seen.setdefault(role.rename, set()).add(role.expert)
             ids = keep.get(role.layer, list(range(num_experts)))
             if role.expert in ids:
-                plan.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
-                                      t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+                plan.tensors.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
+                                              t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
         elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE:
-            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
-            scaled += 1
+            plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
+            plan.scaled += 1
         else:
-            plan.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
+            plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
     for template, ids in per_expert_seen.items():
         if ids != set(range(num_experts)):
             missing = sorted(set(range(num_experts)) - ids)
             raise MoePruneError(f"checkpoint lacks {template.format(expert='N')} for experts {missing}: "
                                 f"expected one tensor per expert 0..{num_experts - 1}")
-    return plan, layers, scaled, unpruned
+    return plan
 
 
 def _fp8_scales(adapter, sources: dict[str, SourceTensor]) -> set[str]:
@@ -168,8 +180,10 @@ def _scaled(t: SourceTensor, alpha: float):
 
 
 def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], shared_ffn_alpha: float = 1.0,
-                     max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None) -> dict:
+                     max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None, mtp_heads: str = "keep") -> dict:
     """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done."""
+    if mtp_heads not in MTP_HEADS:
+        raise MoePruneError(f"prune.mtp_heads={mtp_heads!r}: expected one of {list(MTP_HEADS)}")
     src, out = Path(src).resolve(), Path(out).resolve()
     _check_paths(src, out)
     config = artifacts.read_json(src / "config.json")
@@ -183,11 +197,12 @@ def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], share
     keep_n = E - len(next(iter(drop_map.values()), []))
 
     num_layers = adapter.text_config(config).get("num_hidden_layers")
-    plan, layers, scaled, unpruned = _plan(adapter, read_sources(src), keep, E, shared_ffn_alpha, num_layers)
-    if unpruned:
+    plan = _plan(adapter, read_sources(src), keep, E, shared_ffn_alpha, num_layers, mtp_heads)
+    layers, scaled = plan.layers, plan.scaled
+    if plan.unpruned:
         log.warning("%d expert tensors outside the %s decoder layers (multi-token-prediction heads, e.g. %s) are "
-                    "copied unpruned: transformers ignores them, an engine loading them would need them pruned too",
-                    len(unpruned), num_layers, unpruned[0])
+                    "copied unpruned: transformers ignores them, an engine loading them would need them pruned "
+                    "too (prune.mtp_heads=drop leaves the heads out)", len(plan.unpruned), num_layers, plan.unpruned[0])
     if not layers:
         raise MoePruneError(f"{src}: no expert tensors for adapter {adapter.name}: expected an MoE checkpoint")
     if set(drop_map) - layers:
@@ -198,10 +213,10 @@ def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], share
     if shared_ffn_alpha != 1.0 and scaled == 0:
         raise MoePruneError(f"shared_ffn_alpha={shared_ffn_alpha}, but {adapter.name} has no shared FFN: expected 1.0")
 
-    shards = plan_shards(plan, max_shard_bytes)
+    shards = plan_shards(plan.tensors, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    total = sum(t.nbytes for t in plan)
+    total = sum(t.nbytes for t in plan.tensors)
     where = next(p for p in out.parents if p.exists())
     free = shutil.disk_usage(where).free
     if free < total:
@@ -219,18 +234,26 @@ def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], share
             weight_map = {t.name: name for name, shard in zip(names, shards) for t in shard}
             artifacts.write_json(tmp / INDEX, {"metadata": {"total_size": total},
                                                "weight_map": dict(sorted(weight_map.items()))})
-        artifacts.write_json(tmp / "config.json", adapter.pruned_config(config, drop_map))
+        pruned_config = adapter.pruned_config(config, drop_map)
+        if plan.mtp_dropped:
+            text = adapter.text_config(pruned_config)
+            for key in adapter.mtp_config_keys:
+                if key in text:
+                    text[key] = 0
+        artifacts.write_json(tmp / "config.json", pruned_config)
         for p in src.iterdir():  # tokenizer, chat template, generation config, processor files
             if p.is_file() and not p.name.endswith(WEIGHT_SUFFIXES) and p.name not in (
                     "config.json", INDEX, METADATA_FILE, artifacts.MANIFEST):
                 shutil.copy2(p, tmp / p.name)
         meta = _metadata(src, adapter, E, keep_n, keep, drop_map, shared_ffn_alpha, scaled, recipe)
-        meta["unpruned_expert_tensors"] = sorted(unpruned)
+        meta["mtp_heads"] = mtp_heads
+        meta["unpruned_expert_tensors"] = sorted(plan.unpruned)
+        meta["dropped_mtp_tensors"] = sorted(plan.mtp_dropped)
         artifacts.write_json(tmp / METADATA_FILE, meta)
         if shared_ffn_alpha != 1.0:
             (tmp / SHARED_MARKER).write_text(f"{shared_ffn_alpha}\n")
     return {"num_experts_after": keep_n, "shared_ffn_tensors_scaled": scaled, "shards": len(shards),
-            "bytes_written": total}
+            "bytes_written": total, "mtp_tensors_dropped": len(plan.mtp_dropped)}
 
 
 def _metadata(src, adapter, E, keep_n, keep, drop_map, alpha, scaled, recipe) -> dict:

@@ -314,11 +314,14 @@ def test_existing_output_is_replaced_only_when_complete(sources, tmp_path, monke
 
 
 # ---- multi-token-prediction heads -------------------------------------------------------------------
-@pytest.mark.parametrize("family,extra", [
+MTP_CASES = [
     ("qwen3_5_moe", "mtp.layers.0.mlp"),   # Qwen3.5/Next: an `mtp.*` module beside the model
     ("deepseek_v3", "model.layers.3.mlp"),  # DeepSeek-V3: one decoder layer past num_hidden_layers
-])
-def test_mtp_head_experts_are_copied_unpruned_and_the_model_still_loads(sources, tmp_path, family, extra, caplog):
+]
+
+
+def with_mtp_head(sources, tmp_path, family, extra):
+    """The family's tiny checkpoint plus an MTP head: its experts, router and a non-expert tensor."""
     from safetensors.torch import load_file, save_file
 
     src = copy_of(sources(family), tmp_path)
@@ -326,17 +329,45 @@ def test_mtp_head_experts_are_copied_unpruned_and_the_model_still_loads(sources,
     e = adapter_for(read_config(src)).num_experts(read_config(src))
     mtp = {f"{extra}.experts.{i}.down_proj.weight": torch.randn(32, 16) for i in range(e)}
     mtp[f"{extra}.gate.weight"] = torch.randn(e, 32)
+    mtp[extra.rsplit(".", 1)[0] + ".eh_proj.weight"] = torch.randn(32, 64)
     save_file({**state, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
     drop = {layer: [2, 6, 10, 14][:2] if family == "qwen3_5_moe" else [0, 4, 8, 12] for layer in
             ([0, 1] if family == "qwen3_5_moe" else [1, 2])}
+    return src, mtp, drop
+
+
+@pytest.mark.parametrize("family,extra", MTP_CASES)
+def test_mtp_head_experts_are_copied_unpruned_and_the_model_still_loads(sources, tmp_path, family, extra, caplog):
+    src, mtp, drop = with_mtp_head(sources, tmp_path, family, extra)
     with caplog.at_level("WARNING", logger="moeprune"):
         prune_checkpoint(src, tmp_path / "out", drop)
-    assert "copied unpruned" in caplog.text
-    assert json.loads((tmp_path / "out" / METADATA_FILE).read_text())["unpruned_expert_tensors"] == sorted(mtp)
+    assert "copied unpruned" in caplog.text and "prune.mtp_heads=drop" in caplog.text
+    experts = sorted(n for n in mtp if not n.endswith("eh_proj.weight"))
+    assert json.loads((tmp_path / "out" / METADATA_FILE).read_text())["unpruned_expert_tensors"] == experts
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         for name, t in mtp.items():
             assert torch.equal(f.get_tensor(name), t)
     load_family(family, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family,extra", MTP_CASES)
+def test_mtp_heads_drop_leaves_the_whole_head_out_and_zeroes_its_count(sources, tmp_path, family, extra, caplog):
+    src, mtp, drop = with_mtp_head(sources, tmp_path, family, extra)
+    config = read_config(src)
+    key = {"deepseek_v3": "num_nextn_predict_layers", "qwen3_5_moe": "mtp_num_hidden_layers"}[family]
+    config[key] = 1  # as the Hub configs say
+    (src / "config.json").write_text(json.dumps(config))
+    with caplog.at_level("WARNING", logger="moeprune"):
+        info = prune_checkpoint(src, tmp_path / "out", drop, mtp_heads="drop")
+    assert "copied unpruned" not in caplog.text and info["mtp_tensors_dropped"] == len(mtp)
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        assert not set(mtp) & set(f.keys())
+    assert read_config(tmp_path / "out")[key] == 0
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert meta["mtp_heads"] == "drop" and meta["dropped_mtp_tensors"] == sorted(mtp)
+    load_family(family, tmp_path / "out")
+    with pytest.raises(MoePruneError, match=r"prune.mtp_heads='prune': expected one of \['keep', 'drop'\]"):
+        prune_checkpoint(src, tmp_path / "out2", drop, mtp_heads="prune")
 
 
 def test_output_keeps_whole_page_rows_page_congruent_with_the_source(tmp_path):

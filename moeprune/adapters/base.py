@@ -60,6 +60,10 @@ class MoEAdapter:
     # Qwen3-MoE config says `num_experts`, the same config saved by transformers 5 `num_local_experts`)
     extra_expert_count_keys: tuple[str, ...] = ()
     text_config_key: str | None = None  # multimodal wrappers nest the text model's config
+    # multi-token-prediction heads outside the decoder stack (beyond layers past num_hidden_layers):
+    # their tensor name prefixes and the config keys that count them (zeroed when they are dropped)
+    mtp_prefixes: tuple[str, ...] = ()
+    mtp_config_keys: tuple[str, ...] = ()
     # where a loaded decoder layer keeps its MoE block, and the block its router and experts
     # ("" = the decoder layer itself, as in Gemma 4)
     block_attr: str = "mlp"

@@ -112,6 +112,7 @@ ADAPTERS.register("deepseek_v3")(
         shared_down_tensors=("mlp.shared_experts.down_proj.weight",),
         num_experts_key="n_routed_experts",
         extra_expert_count_keys=("num_local_experts",),
+        mtp_config_keys=("num_nextn_predict_layers",),  # the MTP head is decoder layer num_hidden_layers
         notes=("Legal DeepSeek-V3 prunes keep the same number (>= 2) of experts in every group of "
                "n_group consecutive ids, or drop whole groups (n_group shrinks); see docs/architectures.md"),
     )

@@ -21,6 +21,8 @@ ADAPTERS.register("qwen3_5_moe")(
         num_experts_key="num_experts",
         extra_expert_count_keys=("num_local_experts",),
         text_config_key="text_config",
+        mtp_prefixes=("mtp.",),
+        mtp_config_keys=("mtp_num_hidden_layers",),
         notes="shared FFN = `mlp.shared_expert` (its sigmoid gate is untouched)",
     )
 )
