@@ -29,15 +29,23 @@ def fixture_bench(name: str, fixture: str, *overrides: str):
 
 HE_ADD = "Sure:\n```python\ndef add(x: int, y: int):\n    return x + y\n```\nThis adds."
 LCB_STDIN = "```python\nn = int(input())\nfor _ in range(n):\n    a, b = map(int, input().split())\n    print(a + b)\n```"
-LCB_FUNC = "```python\nfrom typing import List\nclass Solution:\n    def maxPlusK(self, nums: List[int], k: int) -> int:\n        return max(nums) + k\n```"
+LCB_FUNC = "```python\nclass Solution:\n    def maxPlusK(self, nums: List[int], k: int) -> int:\n        return max(nums) + k\n```"  # the starter code as given: `List` comes from the harness prelude
+USAGE = "\nExample usage:\n```python\nprint({call})\n```"  # chat replies often end with one: never the solution
 
 # bench, fixture, sample index, a right reply, a wrong reply
 CASES = [
     ("humanevalplus", "humanevalplus.jsonl", 1, HE_ADD, HE_ADD.replace("x + y", "x - y")),
+    ("humanevalplus", "humanevalplus.jsonl", 1, HE_ADD + USAGE.format(call="add(2, 3)"),
+     HE_ADD.replace("x + y", "x - y") + USAGE.format(call="add(2, 3)")),
     ("mbpp", "mbpp_sanitized.jsonl", 2, "```python\ndef square_perimeter(a):\n    return 4 * a\n```",
      "```python\ndef square_perimeter(a):\n    return a * a\n```"),
+    ("mbpp", "mbpp_sanitized.jsonl", 2,
+     "```python\ndef square_perimeter(a):\n    return 4 * a\n```" + USAGE.format(call="square_perimeter(3)"),
+     "```python\ndef square_perimeter(a):\n    return a * a\n```" + USAGE.format(call="square_perimeter(3)")),
     ("lcb_medium_55", "lcb.jsonl", 1, LCB_STDIN, LCB_STDIN.replace("a + b", "a * b")),
     ("lcb_medium_55", "lcb.jsonl", 0, LCB_FUNC, LCB_FUNC.replace("max(nums)", "min(nums)")),
+    ("lcb_medium_55", "lcb.jsonl", 0, LCB_FUNC + USAGE.format(call="Solution().maxPlusK([1, 2], 3)"),
+     LCB_FUNC.replace("max(nums)", "min(nums)") + USAGE.format(call="Solution().maxPlusK([1, 2], 3)")),
     ("gsm8k_100", "gsm8k.jsonl", 2, "1,200 + 834 = 2,034 pencils.\n#### 2,034", "#### 2024"),
     ("math500_100", "math500.jsonl", 0, "So the point is $\\boxed{(3, \\frac{\\pi}{2})}$.", "$\\boxed{(3, \\pi)}$"),
     ("math500_100", "math500.jsonl", 1, "That is $\\boxed{0.75}$", "$\\boxed{\\frac{2}{3}}$"),

@@ -38,8 +38,8 @@ class HumanEval(Bench):
                 for r in rows]
 
     def program(self, sample: Sample, completion: str) -> tuple[str, bool]:
-        code, fenced = extract_code(completion, "python")
         x = sample.extra
+        code, fenced = extract_code(completion, "python", defines=f"def {x['entry_point']}")
         # A body-only reply continues the prompt's signature; a full function redefines the stub,
         # whose docstring alone is a valid body.
         joined = x["prompt"] + ("\n" + code if f"def {x['entry_point']}" in code else code)
@@ -50,7 +50,8 @@ class HumanEval(Bench):
             return Verdict(False, "", "empty")
         program, _ = self.program(sample, completion)
         res = sandbox.run_program(program, "python", limits=self.limits)
-        return Verdict(res.passed, extract_code(completion)[0], "" if res.passed else res.why())
+        code = extract_code(completion, "python", defines=f"def {sample.extra['entry_point']}")[0]
+        return Verdict(res.passed, code, "" if res.passed else res.why())
 
     def canonical(self, sample: Sample) -> str:
         return fence(sample.extra["prompt"] + sample.extra["canonical"])

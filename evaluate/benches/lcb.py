@@ -26,6 +26,13 @@ _STARTER = ("You will use the following starter code to write the solution to th
             "your code within delimiters.\n```python\n{starter_code}\n```")
 _STDIN = ("Read the inputs from stdin, solve the problem and write the answer to stdout (do not directly "
           "test on the sample inputs). Enclose your code within delimiters as follows.\n```python\n# YOUR CODE HERE\n```")
+# LiveCodeBench's harness runs every program after star-imports of the standard library modules
+# solutions lean on (typing's List/Optional in the starter code, collections, heapq, math...) and a
+# raised recursion limit; without them a reply that restates the starter code fails on `List`.
+_MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy", "math", "random", "statistics",
+            "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
+_PRELUDE = ("".join(f"from {m} import *\n" for m in _MODULES) + "".join(f"import {m}\n" for m in _MODULES)
+            + "sys.setrecursionlimit(50000)\n")
 _FUNCTIONAL_HARNESS = """
 
 import json as _json, sys as _sys
@@ -103,10 +110,10 @@ class LiveCodeBench(Bench):
     def score(self, sample: Sample, completion: str) -> Verdict:
         if not completion.strip():
             return Verdict(False, "", "empty")
-        code, _ = extract_code(completion, "python")
+        code, _ = extract_code(completion, "python", defines="class Solution" if sample.extra["func_name"] else None)
         for i, test in enumerate(sample.extra["tests"]):
             functional = test.get("testtype") == "functional"
-            program = code + _FUNCTIONAL_HARNESS.format(func=sample.extra["func_name"]) if functional else code
+            program = _PRELUDE + code + (_FUNCTIONAL_HARNESS.format(func=sample.extra["func_name"]) if functional else "")
             res = sandbox.run_program(program, "python", stdin=test["input"], limits=self.limits)
             if not res.passed:
                 return Verdict(False, code, f"test {i}: {res.why()}")

@@ -34,7 +34,7 @@ class MBPP(Bench):
     def score(self, sample: Sample, completion: str) -> Verdict:
         if not completion.strip():
             return Verdict(False, "", "empty")
-        code, _ = extract_code(completion, "python")
+        code, _ = extract_code(completion, "python", defines="def ")
         program = "\n\n".join([sample.extra["setup"], code, *sample.extra["tests"]]) + "\n"
         res = sandbox.run_program(program, "python", limits=self.limits)
         return Verdict(res.passed, code, "" if res.passed else res.why())
