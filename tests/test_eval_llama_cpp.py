@@ -3,6 +3,8 @@ llama-server and queried through the openai backend. Needs the built llama.cpp t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from moeprune.errors import MoePruneError
@@ -37,3 +39,13 @@ def test_llama_server_generates_through_the_openai_backend(tmp_path):
     assert len(comps) == 2 and all(c.tokens is not None and 0 < c.tokens <= 8 for c in comps)
     assert all(c.finish_reason in ("stop", "length") for c in comps)
     assert backend.identity()["gguf"]
+
+
+def test_identity_keys_every_request_knob_so_the_generation_cache_cannot_mix_them(tmp_path):
+    (tmp_path / "m.gguf").write_bytes(b"GGUF")
+    ids = [LlamaCppBackend(tmp_path, **kw).identity() for kw in (
+        {}, {"enable_thinking": True}, {"extra_body": {"repeat_penalty": 5.0}},
+        {"reasoning_start": "<think>", "reasoning_end": "</think>"}, {"thinking_budget_field": "thinking_budget"},
+        {"server_args": ["-c", "512"]})]
+    assert len({json.dumps(i, sort_keys=True) for i in ids}) == len(ids)
+    assert LlamaCppBackend(tmp_path, concurrency=4).identity() == ids[0]  # how many in flight changes nothing

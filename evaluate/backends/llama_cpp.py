@@ -58,7 +58,10 @@ class LlamaCppBackend:
         self._client: OpenAIBackend | None = None
 
     def identity(self) -> dict:
-        return {"backend": "llama_cpp", "gguf": artifacts.hash_path(self.gguf), "server_args": self.server_args}
+        # the request knobs as the inner openai client would key them (no server yet: a dummy root)
+        requests = OpenAIBackend(base_url="http://127.0.0.1:0/v1", model="-", **self.openai_knobs).request_identity()
+        return {"backend": "llama_cpp", "gguf": artifacts.hash_path(self.gguf), "server_args": self.server_args,
+                **requests}
 
     def _start(self, thinking_budget: int | None) -> OpenAIBackend:
         if self._client is not None and self._budget == thinking_budget:

@@ -54,8 +54,12 @@ class OpenAIBackend:
         return self._model
 
     def identity(self) -> dict:
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model,
-                "enable_thinking": self.enable_thinking, "extra_body": self.extra_body, "reasoning": self.markers}
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model, **self.request_identity()}
+
+    def request_identity(self) -> dict:
+        """What shapes each request's output besides the server and model (the generation cache key)."""
+        return {"enable_thinking": self.enable_thinking, "extra_body": self.extra_body, "reasoning": self.markers,
+                "thinking_budget_field": self.thinking_budget_field}
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, chat: bool = False,
                  thinking_budget: int | None = None, sampler: dict | None = None) -> list[Completion]:
