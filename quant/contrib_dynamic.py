@@ -22,7 +22,6 @@ the 32-block type of similar size); the manifest records every tensor that fell 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 from moeprune.errors import MoePruneError
 
@@ -71,9 +70,3 @@ def tensor_type_lines(layer_types: dict[int, str]) -> list[str]:
     """llama-quantize --tensor-type-file lines: a regex searched in each tensor name, then =type."""
     return [f"blk\\.{layer}\\.ffn_{family}_exps\\.weight={layer_types[layer].lower()}"
             for layer in sorted(layer_types) for family in EXPERT_FAMILIES]
-
-
-def write_tensor_type_file(path: Path, layer_types: dict[int, str]) -> list[str]:
-    lines = tensor_type_lines(layer_types)
-    Path(path).write_text("\n".join(lines) + "\n")
-    return lines

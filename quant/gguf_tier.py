@@ -83,19 +83,23 @@ def produce(tier, model_dir: Path, out_dir: Path, base_cache: Path, *, corpus: d
     else:
         manifest["imatrix"] = None
 
-    type_file = None
+    # llama-quantize applies the first pattern a tensor name matches: one-off overrides
+    # (`tensor_types`) go before the CD rule so they win over it
+    lines = [f"{pattern}={typ.lower()}" for pattern, typ in tier.tensor_types.items()]
+    manifest["tensor_type_map"] = None
     if tier.cd is not None:
         if profile is None:
             raise MoePruneError(f"quant_tier {tier.name!r} is a CD tier: expected a profile to rank layers by contribution")
         contribution = contrib_dynamic.layer_contribution(profile, keep or {})
         layer_types = contrib_dynamic.assign_types(contribution, tier.cd)
-        type_file = out_dir / TENSOR_TYPE_FILE
-        lines = contrib_dynamic.write_tensor_type_file(type_file, layer_types)
-        manifest["tensor_type_map"] = {"file": TENSOR_TYPE_FILE, "lines": lines,
-                                       "layer_contribution": {str(k): v for k, v in contribution.items()},
+        lines += contrib_dynamic.tensor_type_lines(layer_types)
+        manifest["tensor_type_map"] = {"layer_contribution": {str(k): v for k, v in contribution.items()},
                                        "layer_types": {str(k): v for k, v in layer_types.items()}}
-    else:
-        manifest["tensor_type_map"] = None
+    type_file = None
+    if lines:
+        type_file = out_dir / TENSOR_TYPE_FILE
+        type_file.write_text("\n".join(lines) + "\n")
+        manifest["tensor_type_map"] = {"file": TENSOR_TYPE_FILE, "lines": lines, **(manifest["tensor_type_map"] or {})}
 
     out = out_dir / f"{model_name}-{ftype}.gguf"
     if ftype == "F16":  # the base itself; other float types go through llama-quantize

@@ -7,6 +7,7 @@ ContribDynamic rule. Validation happens before any tool runs so a typo costs not
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -77,5 +78,16 @@ def validate(tier: DictConfig) -> None:
     for key, value in named.items():
         if value is not None and value.lower() not in GGML_TYPES:
             raise MoePruneError(f"{where}: {key}={value!r} is not a ggml type; expected one of {GGML_TYPES}")
+        if value is not None and is_iq(value) and not tier.imatrix:
+            raise MoePruneError(f"{where}: {key}={value} is an IQ type, which needs an importance matrix; "
+                                "expected imatrix=true")
+    if tier.tensor_types and ftype in FLOAT_FTYPES:
+        raise MoePruneError(f"{where}: tensor_types override quantized types; {ftype} is not quantized "
+                            "(expected a quantized base type)")
+    for pattern in tier.tensor_types:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise MoePruneError(f"{where}: tensor_types pattern {pattern!r} is not a regular expression ({e})") from None
     if tier.imatrix_ctx < 8:
         raise MoePruneError(f"{where}: imatrix_ctx={tier.imatrix_ctx}; expected at least 8 tokens")

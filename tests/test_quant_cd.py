@@ -57,7 +57,7 @@ CD = OmegaConf.create({"high_type": "q8_0", "mid_type": "q6_k", "low_type": "q5_
                        "high_fraction": 0.25, "low_fraction": 0.5})
 
 
-def test_known_ranks_give_known_types(tmp_path):
+def test_known_ranks_give_known_types():
     # 5 MoE layers (ids 1,3,5,7,9), 2 classes, 3 experts. Layer totals per class (all experts kept):
     # layer 1: 3, layer 3: 9, layer 5: 6, layer 7: 6 (tie with 5: lower layer first), layer 9: 1.
     rows = {1: [1, 1, 1], 3: [3, 3, 3], 5: [2, 2, 2], 7: [1, 1, 4], 9: [0.5, 0.25, 0.25]}
@@ -67,8 +67,8 @@ def test_known_ranks_give_known_types(tmp_path):
     # n_high = floor(1.25 + .5) = 1, n_low = min(floor(2.5 + .5), 5 - 1) = 3: ranks 3 > 5 = 7 > 1 > 9
     assert types == {3: "q8_0", 5: "q6_k", 7: "q5_k", 1: "q5_k", 9: "q5_k"}
     assert types == documented_rule(profile, {}, CD)
-    lines = contrib_dynamic.write_tensor_type_file(tmp_path / "t.txt", types)
-    parsed = parse_type_file((tmp_path / "t.txt").read_text())
+    lines = contrib_dynamic.tensor_type_lines(types)
+    parsed = parse_type_file("\n".join(lines))
     assert parsed == {layer: {f: t for f in ("gate_up", "gate", "up", "down")} for layer, t in types.items()}
     assert len(lines) == 4 * 5
 
@@ -107,7 +107,7 @@ def test_fraction_rounding(high, low, n, expected):
     assert [types[i] for i in range(n)] == expected
 
 
-def test_real_profile_of_a_tiny_model_follows_the_rule(tiny_gemma4, tmp_path):
+def test_real_profile_of_a_tiny_model_follows_the_rule(tiny_gemma4):
     from moeprune.adapters import adapter_for
     from moeprune.models import load_model, load_tokenizer, read_config
     from moeprune.prune.calibration import build_corpus
@@ -122,8 +122,8 @@ def test_real_profile_of_a_tiny_model_follows_the_rule(tiny_gemma4, tmp_path):
     keep = {profile.layers[0]: [0, 2, 3, 5, 6, 7]}
     types = contrib_dynamic.assign_types(contrib_dynamic.layer_contribution(profile, keep), cd)
     assert types == documented_rule(profile, keep, cd)
-    contrib_dynamic.write_tensor_type_file(tmp_path / "t.txt", types)
-    assert {l: fam["down"] for l, fam in parse_type_file((tmp_path / "t.txt").read_text()).items()} == types
+    lines = contrib_dynamic.tensor_type_lines(types)
+    assert {l: fam["down"] for l, fam in parse_type_file("\n".join(lines)).items()} == types
 
 
 def test_bad_profiles_are_refused():

@@ -214,3 +214,26 @@ def test_tool_failure_without_error_line_says_the_logger_lost_it(tmp_path):
 
     with pytest.raises(MoePruneError, match=r"llama-imatrix failed \(exit 3\):\n\(its logger lost the error line"):
         gguf_tools.run_tool(["sh", "-c", "echo loading; exit 3"], "llama-imatrix", log_file=tmp_path / "x.log")
+
+
+def test_tensor_type_overrides_reach_the_file_and_win_over_the_cd_rule(toolchain, model, tmp_path):
+    from omegaconf import OmegaConf
+    from quant_support import toy_corpus
+    from test_quant_cd import make_profile
+
+    from moeprune.quant import gguf_tier, tiers
+
+    tier = OmegaConf.merge(tiers.load("q8_0"), {"tensor_types": {r"blk\.0\.attn_q\.weight": "q4_0"}})
+    m = gguf_tier.produce(tier, model, tmp_path / "a", tmp_path / "base", model_name="tiny")
+    assert m["tensor_types"]["blk.0.attn_q.weight"] == "Q4_0" and m["tensor_types"]["blk.1.attn_q.weight"] == "Q8_0"
+    assert (tmp_path / "a" / gguf_tier.TENSOR_TYPE_FILE).read_text() == "blk\\.0\\.attn_q\\.weight=q4_0\n"
+
+    # layer 0 contributes least, so the CD rule gives its experts the low type; the override wins
+    profile = make_profile([[[0.1] * 8, [5.0] * 8]], [0, 1])
+    cd = OmegaConf.merge(tiers.load("cd_q4_k_m"), {"tensor_types": {r"blk\.0\.ffn_down_exps\.weight": "q8_0"}})
+    m = gguf_tier.produce(cd, model, tmp_path / "b", tmp_path / "base", corpus=toy_corpus(16), model_name="tiny",
+                          profile=profile)
+    lines = m["tensor_type_map"]["lines"]
+    assert lines[0] == r"blk\.0\.ffn_down_exps\.weight=q8_0" and r"blk\.0\.ffn_down_exps\.weight=q3_k" in lines
+    assert m["tensor_types"]["blk.0.ffn_down_exps.weight"] == "Q8_0"
+    assert m["tensor_types"]["blk.0.ffn_gate_up_exps.weight"] == "Q3_K"  # the rest of layer 0 follows the rule

@@ -66,6 +66,11 @@ def test_unknown_tier_is_named_with_the_choices():
     ({"cd": {"high_type": "q8_0", "mid_type": "q4_k", "low_type": "q3_k", "high_fraction": 0.7,
              "low_fraction": 0.5}}, r"sum is at most 1"),
     ({"imatrix_ctx": 2}, r"imatrix_ctx=2"),
+    ({"imatrix": False, "cd": {"high_type": "q8_0", "mid_type": "q4_k", "low_type": "iq3_xxs"}},
+     r"cd.low_type=iq3_xxs is an IQ type, which needs an importance matrix"),
+    ({"imatrix": False, "tensor_types": {"attn_v": "iq4_xs"}}, r"tensor_types\['attn_v'\]=iq4_xs is an IQ type"),
+    ({"type": "F16", "imatrix": False, "tensor_types": {"attn_v": "q8_0"}}, r"F16 is not quantized"),
+    ({"tensor_types": {"blk\\.(": "q8_0"}}, r"is not a regular expression"),
 ])
 def test_bad_tier_fields_are_refused(override, message):
     tier = OmegaConf.merge(tiers.load("q4_k_m"), override)
