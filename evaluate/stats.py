@@ -26,9 +26,16 @@ def _pcts(values: list[float]) -> dict:
             "mean": float(a.mean())}
 
 
+def _chars(row: dict) -> int:
+    # an answer read from reasoning_content is the reasoning itself: count it once
+    if row.get("answer_source") == "reasoning_content":
+        return len(row["reasoning"])
+    return len(row["reasoning"]) + len(row["completion"])
+
+
 def token_stats(rows: list[dict]) -> dict:
     tokens = [r["tokens"] for r in rows if r["tokens"] is not None]
-    return {"chars": _pcts([len(r["reasoning"]) + len(r["completion"]) for r in rows]),
+    return {"chars": _pcts([_chars(r) for r in rows]),
             "tokens": _pcts(tokens), "tokens_known": len(tokens)}
 
 

@@ -169,3 +169,25 @@ def test_unreachable_dataset_names_the_dataset_and_the_way_out(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MoePruneError, match="'openai/gsm8k'.*bench.data.path"):
         make_bench("gsm8k_100").samples()
+
+
+def test_a_prompt_with_a_lone_brace_is_refused_with_the_escaping_rule():
+    bench = fixture_bench("humaneval", "humanevalplus.jsonl", "bench.prompt='{prompt} end with }'")
+    with pytest.raises(MoePruneError, match=r"not a format string .* doubled as \{\{ and \}\}"):
+        bench.samples()
+
+
+def test_token_stats_count_an_answer_read_from_reasoning_once():
+    from moeprune.evaluate.stats import token_stats
+
+    rows = [{"reasoning": "r" * 1000, "completion": "r" * 1000, "answer_source": "reasoning_content", "tokens": 5},
+            {"reasoning": "r" * 10, "completion": "a" * 20, "answer_source": "content", "tokens": 5}]
+    assert token_stats(rows)["chars"]["max"] == 1000 and token_stats(rows[1:])["chars"]["max"] == 30
+
+
+def test_toy_suite_keeps_an_explicit_max_new_tokens():
+    from moeprune.evaluate.benches.toy_suite import ToySuite
+    from moeprune.toy import world
+
+    assert ToySuite().max_new_tokens == world.MAX_NEW_TOKENS
+    assert ToySuite(max_new_tokens=2048).max_new_tokens == 2048

@@ -92,6 +92,9 @@ class Bench:
             raise MoePruneError(
                 f"bench {self.name}: prompt template uses {e} but a problem offers only {{{', '.join(fields)}}}"
             ) from None
+        except ValueError as e:  # a lone brace: str.format syntax
+            raise MoePruneError(f"bench {self.name}: prompt template is not a format string ({e}): expected "
+                                "fields like {prompt}, with literal braces doubled as {{ and }}") from None
 
     # ---- scoring ------------------------------------------------------------------------------
     def score(self, sample: Sample, completion: str) -> Verdict:

@@ -13,6 +13,7 @@ from moeprune.toy import world
 class ToySuite(Bench):
     default_name = "toy_suite"
     default_split = "test"
+    default_max_new_tokens = world.MAX_NEW_TOKENS  # toy answers are short
     options = ("classes",)
 
     def __init__(self, name: str | None = None, **kw):
@@ -22,8 +23,6 @@ class ToySuite(Bench):
         if unknown:
             raise MoePruneError(f"bench {name}: unknown classes {unknown}; expected some of {list(world.CLASSES)}")
         self.classes = list(self.classes or world.CLASSES)
-        if self.max_new_tokens == self.default_max_new_tokens:
-            self.max_new_tokens = world.MAX_NEW_TOKENS
         self._tasks: dict[str, world.Task] = {}
 
     def rows(self) -> list[dict]:
