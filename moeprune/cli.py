@@ -65,7 +65,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
     from moeprune.report import results_table
 
     try:
-        tracker = _instantiate(cfg.logger)  # first: a bad logger config fails before any work
+        tracker = config.build(cfg.logger)  # first: a bad logger config fails before any work
         results = run(cfg)
         value = objective(results, cfg.optimized_metric)
         tracker.log_run(cfg, results, Path(cfg.paths.output_dir), value)
@@ -81,18 +81,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
     if value is not None:
         log.info("objective %s = %s", cfg.optimized_metric, value)
     return value
-
-
-def _instantiate(node: DictConfig):
-    """hydra.utils.instantiate, re-raising a MoePruneError from the target as itself (Hydra wraps it)."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return hydra.utils.instantiate(node, _convert_="all")
-    except InstantiationException as e:
-        if isinstance(e.__cause__, MoePruneError):
-            raise e.__cause__ from None
-        raise
 
 
 def _in_sweep() -> bool:

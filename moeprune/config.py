@@ -289,9 +289,25 @@ class RunConfig:
     # What a sweep optimizes: a dotted path into the results ("evaluate.score"), or a list of them
     # for a multi-objective sweep (one per hydra.sweeper.direction). Any: str or list.
     optimized_metric: Any = "evaluate.score"
-    seed: int = 0
     extras: Dict[str, Any] = field(default_factory=dict)
 
 
 def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def build(node, **runtime):
+    """hydra.utils.instantiate for a strategy / bench / backend / logger node; a MoePruneError from
+    its constructor is raised as itself (Hydra wraps it in an InstantiationException, which would
+    reach the user as a traceback instead of `moeprune: error: ...`)."""
+    import hydra
+    from hydra.errors import InstantiationException
+
+    from moeprune.errors import MoePruneError
+
+    try:
+        return hydra.utils.instantiate(node, _convert_="all", **runtime)
+    except InstantiationException as e:
+        if isinstance(e.__cause__, MoePruneError):
+            raise e.__cause__ from None
+        raise

@@ -73,6 +73,10 @@ def _dropmap_inputs(cfg: DictConfig) -> dict[str, Path]:
         if not Path(value).exists():
             raise MoePruneError(f"{key}={value}: not found; expected a {what} (pass {key}=PATH, or {key}=null "
                                 f"to run without it)")
+        is_dir = what.endswith("dir")
+        if Path(value).is_dir() != is_dir:
+            hint = f" (a dropmap artifact holds {Path(value) / 'drop_map.json'})" if key.startswith("keep.") else ""
+            raise MoePruneError(f"{key}={value} is a {'file' if is_dir else 'directory'}: expected a {what}{hint}")
         out[key] = Path(value)
     return out
 
@@ -99,7 +103,7 @@ def _plain(node):
 
 def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None) -> dict:
     """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning."""
-    from moeprune.evaluate import build
+    from moeprune.config import build
     from moeprune.evaluate.runner import run_bench
 
     cfg = ctx.cfg
@@ -151,7 +155,7 @@ def run_evaluate_virtual(ctx: StageContext) -> dict:
 
 
 def run_validate(ctx: StageContext) -> dict:
-    from moeprune.evaluate import build
+    from moeprune.config import build
     from moeprune.evaluate.runner import validate_bench
 
     report = validate_bench(build(ctx.cfg.bench), ctx.out_dir)
@@ -176,8 +180,15 @@ def run_evaluate_quant(ctx: StageContext) -> dict:
     return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
 
 
+def _uniform_keep(cfg: DictConfig) -> None:
+    if cfg.keep.mode != "uniform":  # before the profile: surgery would refuse the map at the end
+        raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
+                            "cannot hold: expected evaluate.virtual=true (score it by router masking), "
+                            "stage=dropmap, or keep.mode=uniform")
+
+
 def _bench_loads(cfg: DictConfig) -> None:
-    from moeprune.evaluate import build
+    from moeprune.config import build
 
     build(cfg.bench).samples()
 
@@ -195,15 +206,15 @@ STAGES = [
     Stage("dropmap", run_dropmap, ("strategy", "class_weights", "floor_clamp", "keep"),
           inputs=("profile",), external=_dropmap_inputs, version=2, enabled=lambda c: c.stages.dropmap),
     Stage("prune", run_prune, ("prune",), inputs=("dropmap",), external=_model_input,
-          enabled=lambda c: c.stages.prune),
+          enabled=lambda c: c.stages.prune, preflight=_uniform_keep),
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on),
     Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=2,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate,
           preflight=_bench_loads),
-    Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend"), inputs=("quant",),
-          enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
+    Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
+          version=2, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
           preflight=_bench_loads),
 ]
 

@@ -7,8 +7,9 @@ the reference tool's sense: its per-pass statistics are taken over it). Each cla
   list of ``{role, content}``;
 - ``text``: one prompt per non-blank line;
 - ``toy``: the toy world's ``calib`` split of a class (prompt + answer, or ``field: prompt``);
-- ``datasets``: ``datasets.load_dataset(path, subset, split=split)[field]``, from a local dir or
-  the local Hugging Face cache (nothing is downloaded here).
+- ``datasets``: ``datasets.load_dataset(path, subset, split=split)[field]``: a local dir (hashed
+  into the profile's cache key), or a Hub id read from the Hugging Face cache, or downloaded where
+  there is network (keyed by id, subset and split only: use a local copy to pin the content).
 
 Every source feeds a tier (``calibration.tiers``): its prompt token limit, its weight and what a
 longer prompt does: ``truncate`` keeps the first ``max_tokens`` tokens and warns, ``window`` splits
@@ -119,6 +120,8 @@ def calibration_files(cfg: DictConfig) -> dict[str, Path]:
     for cls, sources in cfg.classes.items():
         for i, src in enumerate(sources or []):
             kind, path = src.get("kind", "jsonl"), src.get("path", "")
+            if kind in ("jsonl", "text") and not path:
+                raise MoePruneError(f"calibration.classes.{cls}[{i}]: kind {kind} needs a path")
             if kind in ("jsonl", "text") or (kind == "datasets" and path and Path(path).expanduser().exists()):
                 files[f"calibration.{cls}[{i}]"] = Path(path).expanduser()
     return files
@@ -178,7 +181,7 @@ def _read_datasets(src: CalibrationSourceConfig, n: int | None) -> list[Prompt]:
         ds = datasets.load_dataset(src.path, src.subset, split=src.split)
     except Exception as e:  # not cached / not a dataset: the library's own message says which
         raise MoePruneError(f"calibration dataset {src.path!r} (subset {src.subset}, split {src.split}) "
-                            f"could not be loaded offline: {type(e).__name__}: {e}") from None
+                            f"could not be loaded: {type(e).__name__}: {e}") from None
     if src.field not in ds.column_names:
         raise MoePruneError(f"calibration dataset {src.path!r}: no column {src.field!r}; columns: {ds.column_names}")
     if n is not None:
@@ -262,7 +265,8 @@ def build_corpus(cfg: DictConfig, tokenizer, max_context: int | None = None) -> 
                     if prefix is None:
                         raise MoePruneError(
                             f"calibration class {cls!r} source {i}: score_tokens=completion needs to know where "
-                            f"the answer starts: expected a toy source or generate_tokens > 0")
+                            f"the answer starts: expected a toy source with its answer (not field: prompt), "
+                            f"generate_tokens > 0, or calibration.score_tokens=all")
                     # the prompt's last position already predicts the first answer token
                     start = len(encode(tokenizer, prefix, cfg.chat_template, dict(cfg.chat_template_kwargs))) - 1
                 pieces = fit(ids, tier, f"calibration class {cls!r} source {i} prompt {j}")

@@ -12,11 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
+from moeprune import config
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.selection import Protection, protect, select_budget, select_grouped, select_uniform
@@ -134,7 +134,7 @@ def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tup
 def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list[tuple[int, int]]] | None = None) -> DropMap:
     """The drop map for `profile` under the recipe in cfg.strategy/class_weights/floor_clamp/keep.
     `groups` (n_group, legal shapes) is the adapter's group-limited routing rule, if any."""
-    strategy = hydra.utils.instantiate(cfg.strategy, _convert_="all")
+    strategy = config.build(cfg.strategy)
     stats = check_profile(profile, strategy.needs)
     L, E = len(profile.layers), profile.num_experts
     weights = class_weight_vector(profile.classes, cfg.class_weights)
@@ -184,13 +184,15 @@ def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list
 
 def _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases, floor_n, keep) -> dict:
     layers, E = profile.layers, profile.num_experts
-    outliers_per_layer = np.bincount([o.layer for o in scores.outliers], minlength=len(layers))
+    treated = scores.outliers if strategy.outlier_mode != "keep" else []
+    outliers_per_layer = np.bincount([o.layer for o in treated], minlength=len(layers))
     per_layer = {}
     for l, layer in enumerate(layers):
         a, d = scores.agg[l], dropped[l]
         kept = [e for e in range(E) if e not in set(d)]
         edge = float(a[d].max()) if d else None
-        ties = sum(1 for e in kept if a[e] - edge <= 0.01 * abs(edge)) if d else 0
+        # kept experts scoring within 1% of the best dropped one (protected experts below it do not count)
+        ties = sum(1 for e in kept if 0 <= a[e] - edge <= 0.01 * abs(edge)) if d else 0
         per_layer[str(layer)] = {
             "kept": len(kept), "dropped": len(d),
             "agg_min": float(a.min()), "agg_max": float(a.max()), "agg_mean": float(a.mean()),
@@ -210,7 +212,7 @@ def _summary(profile, cfg, strategy, weights, scores, protections, dropped, base
         "class_weights": dict(zip(profile.classes, weights.tolist())),
         "recipe": {k: _plain(cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")},
         "outliers": {"mode": strategy.outlier_mode, "threshold": strategy.outlier_threshold,
-                     "treated": len(scores.outliers) if strategy.outlier_mode != "keep" else 0,
+                     "treated": len(treated),
                      "found": len(scores.outliers), "cells": [o.as_dict(layers) for o in scores.outliers[:100]]},
         "baseline": None if bases is None else {
             "path": str(cfg.keep.baseline_map), "mean_overlap": float(np.mean(overlaps)),

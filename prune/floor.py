@@ -28,7 +28,7 @@ def is_active(cfg: DictConfig) -> bool:
 def floor_scores(stats: dict[str, np.ndarray], strategy, classes: list[str]) -> np.ndarray:
     from moeprune.prune.strategies.base import treat_outliers
 
-    s, _ = treat_outliers(strategy.reference_score(stats), stats.get("wnorm"), strategy.outlier_mode,
+    s, _ = treat_outliers(strategy.reference_score(stats), strategy.outlier_signal(stats), strategy.outlier_mode,
                           strategy.outlier_threshold, classes)
     return s.max(axis=0)
 

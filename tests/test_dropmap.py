@@ -246,6 +246,26 @@ def test_broken_class_in_a_layer_is_refused_naming_class_and_layers(what, fill, 
         dropmap.build(p, recipe(), 2)
 
 
+def test_outliers_found_under_keep_are_not_reported_as_treated():
+    p = make_profile(0)
+    p.stats["wnorm"][2, 1, 5] = 1e9
+    s = dropmap.build(p, recipe(outlier_mode="keep", outlier_threshold=1e4), 2).summary
+    assert s["outliers"]["found"] == 1 and s["outliers"]["treated"] == 0
+    assert all(v["outliers_treated"] == 0 for v in s["layers"].values())
+
+
+def test_boundary_ties_count_only_kept_experts_just_above_the_best_dropped():
+    # class c1 (tiny weight) protects its top expert 3, whose agg is the lowest of the layer
+    p = make_profile(1, C=2, L=1, E=6)
+    score = torch.tensor([[[10.0, 10.05, 20.0, 1.0, 30.0, 9.0]], [[0.0, 0.0, 0.0, 100.0, 0.0, 0.0]]],
+                         dtype=torch.float64)
+    p.stats = {k: score.clone() for k in p.stats}
+    r = dropmap.build(p, recipe(normalize="none", alpha=1.0, score="mean", protect_class_top=1,
+                                weights={"c0": 1.0, "c1": 0.001}), 2)
+    assert r.dropped[0] == [0, 5] and 3 in r.protected[0]
+    assert r.summary["layers"]["0"]["boundary_ties_within_1pct"] == 1  # 10.05 only, not the protected 1.0
+
+
 def test_outliers_are_clamped_and_reported_per_layer():
     p = make_profile(0)
     p.stats["wnorm"][2, 1, 5] = 1e9  # a weight-norm artifact

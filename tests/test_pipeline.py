@@ -96,6 +96,10 @@ def test_dropping_nothing_reproduces_base_logits_exactly(tiny_gemma4, tmp_path):
     ("keep.experts_per_layer=1", "top_k (2)"),
     ("model.path=/no/such/model", "model not found"),
     ("+class_weights.weights.no_such_class=2", "unknown classes ['no_such_class']"),
+    ("strategy.normalize=foo", "strategy.normalize='foo': expected one of rank, mean, none"),
+    ("keep.mode=budget", "keeps different counts per layer, which a checkpoint cannot hold"),
+    ("keep.baseline_map=/tmp", "keep.baseline_map=/tmp is a directory: expected a baseline drop map JSON"),
+    ("calibration.classes.generic_math=[{kind: jsonl}]", "calibration.classes.generic_math[0]: kind jsonl needs a path"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, override, message):
     cache = tmp_path / "cache"

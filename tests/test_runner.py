@@ -33,3 +33,12 @@ def test_an_input_read_by_several_stages_is_hashed_once_per_run(tmp_path, monkey
     (tmp_path / "run2").mkdir()
     second = Runner(cfg, stages, tmp_path / "run2").run()
     assert not second["a"]["cached"] and len(calls) == 2
+
+
+def test_every_evaluating_stage_keys_on_the_empty_answer_threshold():
+    """Its flags come from evaluate.empty_threshold: a cached result under another threshold is stale."""
+    from moeprune.stages import EVALUATE_VIRTUAL, STAGES
+
+    evaluating = [s for s in STAGES if s.name.startswith("evaluate")] + [EVALUATE_VIRTUAL]
+    assert len(evaluating) == 4
+    assert all("evaluate.empty_threshold" in s.config_keys for s in evaluating)

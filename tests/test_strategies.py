@@ -128,8 +128,16 @@ def test_median_clamp_stops_an_artifact_from_topping_the_ranking():
     assert med.scores(stats(w), np.ones(1), ["a"]).agg[0].argmax() == 3
 
 
+def test_a_count_only_score_ignores_the_weight_norm_threshold():
+    w = np.array([[[1.0, 2.0, 3.0, 4.0, 9e9]]])  # finite wnorm far above the threshold: not read at alpha=0
+    counts = MaxStrategy(name="max", alpha=0.0, score="legacy", outlier_threshold=1e4)
+    s = counts.scores(stats(w, count=[[[1.0, 2.0, 3.0, 4.0, 5.0]]]), np.ones(1), ["a"])
+    assert s.outliers == [] and s.agg[0].argmax() == 4
+
+
 @pytest.mark.parametrize("cls, kwargs, message", [
     (MaxStrategy, {"normalize": "zscore"}, "strategy.normalize='zscore': expected one of rank, mean, none"),
+    (MaxStrategy, {"alpha": 0.0, "score": "mean"}, "alpha * wnorm would be 0 for every expert"),
     (MaxStrategy, {"score": "fancy"}, "strategy.score='fancy'"),
     (MaxStrategy, {"alpha": -1.0}, "strategy.alpha=-1.0: expected a finite number >= 0"),
     (MaxStrategy, {"breadth_bonus": float("nan")}, "strategy.breadth_bonus"),

@@ -121,6 +121,9 @@ class Strategy:
             raise bad("score", score, "legacy (alpha*wnorm + count) or mean (alpha*wnorm)")
         if not (math.isfinite(alpha) and alpha >= 0):
             raise bad("alpha", alpha, "a finite number >= 0")
+        if alpha == 0 and score == "mean":
+            raise bad("alpha", alpha, "> 0 with score=mean (alpha * wnorm would be 0 for every expert), "
+                                      "or score=legacy to rank by routed count alone")
         if not (math.isfinite(breadth_bonus) and breadth_bonus >= 0):
             raise bad("breadth_bonus", breadth_bonus, "a finite number >= 0")
         if breadth_bonus and not self.uses_breadth:
@@ -146,6 +149,11 @@ class Strategy:
         """The profile statistics `scores` reads (the single-criterion baselines name their own)."""
         return self.reference_needs()
 
+    def outlier_signal(self, stats: dict[str, np.ndarray]) -> np.ndarray | None:
+        """The wnorm the outlier rule inspects: none for a count-only score (alpha = 0), whose cells
+        can only be non-finite."""
+        return stats.get("wnorm") if self.alpha else None
+
     def reference_score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         """The reference's per-class score [C, L, E]: alpha * wnorm (+ routed count in legacy mode)."""
         s = self.alpha * stats["wnorm"] if self.alpha else np.zeros_like(stats["count"])
@@ -162,7 +170,7 @@ class ClassAggregate(Strategy):
         raise NotImplementedError
 
     def scores(self, stats, weights, classes):
-        s, outliers = treat_outliers(self.reference_score(stats), stats.get("wnorm"), self.outlier_mode,
+        s, outliers = treat_outliers(self.reference_score(stats), self.outlier_signal(stats), self.outlier_mode,
                                      self.outlier_threshold, classes)
         s = NORMALIZERS[self.normalize](s)
         # A dropped outlier is "no support" for its class: -inf before ranking; 0 on the other scales.
