@@ -132,3 +132,16 @@ def test_objective_reads_nested_metrics_and_names_what_exists():
         objective(results, "evaluate.per_category.generic_cod")
     with pytest.raises(MoePruneError, match="expected a number"):
         objective(results, "evaluate.bench")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("hydra.sweeper.storage=studies.db", "hydra.sweeper.storage='studies.db': expected null (in memory)"),
+    ("hydra.sweeper.n_trials=0", "hydra.sweeper.n_trials=0: expected at least 1"),
+])
+def test_bad_sweeper_settings_end_like_any_moeprune_error(tmp_path, override, message):
+    from sweep_support import moeprune
+
+    proc = moeprune(["-m", "hparams_search=toy_recipe", override, f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+                    tmp_path, tmp_path / "cache", check=False)
+    assert proc.returncode == 2 and f"moeprune: error: {message}" in proc.stderr
+    assert "Traceback" not in proc.stderr
