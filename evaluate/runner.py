@@ -7,7 +7,6 @@ import inspect
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,7 +159,7 @@ def validate_bench(bench, out_dir: Path) -> dict:
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = artifacts.mkstemp(path)
     try:
         with os.fdopen(fd, "w") as f:
             for r in rows:

@@ -24,6 +24,25 @@ FULL_HASH_LIMIT = 64 << 20
 _EDGE = 1 << 20
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes private files (0600) and dirs (0700); a renamed artifact keeps that mode, and a
+# pruned checkpoint another user or a serving container cannot read is no use: give temps the
+# modes a plain open()/mkdir() would
+_UMASK = _current_umask()
+
+
+def mkstemp(final: Path, suffix: str = "") -> tuple[int, str]:
+    """tempfile.mkstemp beside `final` (same filesystem, so os.replace is atomic), with the umask's mode."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{Path(final).name}.", suffix=suffix, dir=Path(final).parent)
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    return fd, tmp
+
+
 def hash_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -63,7 +82,7 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically: temp file in the same directory, then rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = mkstemp(path)
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(obj, f, indent=2, sort_keys=False, default=str)
@@ -86,6 +105,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)
     try:
         yield tmp
         if final.exists():

@@ -22,7 +22,6 @@ class ModelConfig:
     revision: Optional[str] = None
     dtype: str = "float32"  # compute dtype for profiling / hf evaluation: float32 | bfloat16 | float16
     device: str = "auto"  # auto = cuda when available, else cpu
-    trust_remote_code: bool = False
 
 
 @dataclass
@@ -66,7 +65,8 @@ class CalibrationConfig:
 
 @dataclass
 class ProfileConfig:
-    mode: str = "whole"  # whole | layerwise (one decoder layer on the device at a time) | auto
+    # auto: layerwise when the weights exceed device_memory_fraction of the GPU, else whole (CPU: whole)
+    mode: str = "auto"  # auto | whole | layerwise (one decoder layer on the device at a time)
     neuron_energy: bool = False  # also sum squared intermediate activations per (expert, neuron)
     on_nonfinite: str = "error"  # error | skip (exclude non-finite rows, count them in `nonfinite`)
     progress: bool = True  # tqdm bar with tokens/s

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,13 +52,13 @@ class Profile:
         return self.stats[name]
 
     def save(self, out_dir: Path) -> None:
+        from moeprune.artifacts import mkstemp, write_json
+
         out_dir = Path(out_dir)
-        fd, tmp = tempfile.mkstemp(prefix=f".{PROFILE_FILE}.", dir=out_dir)
+        fd, tmp = mkstemp(out_dir / PROFILE_FILE)
         os.close(fd)
         save_file({k: v.contiguous() for k, v in self.stats.items()}, tmp)
         os.replace(tmp, out_dir / PROFILE_FILE)
-        from moeprune.artifacts import write_json
-
         write_json(out_dir / META_FILE, {"classes": self.classes, "layers": self.layers,
                                          "num_experts": self.num_experts, "tokens_per_class": self.tokens,
                                          **self.meta})

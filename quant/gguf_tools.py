@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from moeprune import artifacts
 from moeprune.errors import MoePruneError
 from moeprune.quant.toolchain import Toolchain
 
@@ -32,7 +33,7 @@ def staged(final: Path) -> Iterator[Path]:
     """A temp path beside `final`; renamed to `final` on success, removed on any error."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent)
+    fd, tmp = artifacts.mkstemp(final, suffix=".partial")
     os.close(fd)
     try:
         yield Path(tmp)

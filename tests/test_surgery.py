@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -387,3 +389,14 @@ def test_output_keeps_whole_page_rows_page_congruent_with_the_source(tmp_path):
     assert written.start % 4096 == src.start % 4096
     with safe_open(tmp_path / "out.safetensors", "pt") as f:
         assert torch.equal(f.get_tensor("b.experts"), rows[keep])
+
+
+def test_outputs_get_the_umask_modes_not_private_temp_modes(sources, tmp_path):
+    """tempfile's 0600/0700 would survive the rename: a checkpoint others cannot read."""
+    mask = os.umask(0)
+    os.umask(mask)
+    prune_checkpoint(sources("qwen3_moe"), tmp_path / "out", {}, max_shard_bytes=20_000)
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~mask
+    for name in ("config.json", "model.safetensors.index.json", METADATA_FILE):
+        assert stat.S_IMODE((out / name).stat().st_mode) == 0o666 & ~mask, name
