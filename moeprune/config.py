@@ -71,7 +71,7 @@ class ProfileConfig:
     on_nonfinite: str = "error"  # error | skip (exclude non-finite rows, count them in `nonfinite`)
     progress: bool = True  # tqdm bar with tokens/s
     device_memory_fraction: float = 0.9  # auto: layerwise when the weights exceed this share of the device
-    hidden_ram_bytes: int = 8 << 30  # layerwise: hidden states beyond this go to a memmap on disk
+    hidden_ram_bytes: int = 8 << 30  # layerwise: a layer's input + output hidden states beyond this go to disk
     work_dir: Optional[str] = None  # layerwise: per-layer checkpoints for resume (default: under paths.cache_dir)
 
 

@@ -3,8 +3,8 @@
 The calibration tokens are embedded once; then for each decoder layer only that layer's tensors
 are read from the safetensors shards, every batch's hidden states run through it (MoE layers under
 the same statistics implementation as the whole-model profiler) and the outputs become the next
-layer's inputs. Hidden states live in RAM up to `hidden_ram_bytes`, beyond that in a memory-mapped
-file. After every layer the hidden states and the statistics so far are checkpointed atomically,
+layer's inputs. A layer's input and output hidden states live in RAM when both fit in
+`hidden_ram_bytes`, else in memory-mapped files. After every layer the hidden states and the statistics so far are checkpointed atomically,
 so a killed run resumes at the first unfinished layer with identical results.
 
 What each layer is called with (attention masks per layer type, position embeddings, per-layer
@@ -221,7 +221,8 @@ class Checkpoints:
 
     def __init__(self, work: Path, key: str, rows: int, hidden: int, dtype: torch.dtype, ram_bytes: int, pin: bool):
         self.work, self.key, self.rows, self.width, self.dtype = Path(work), key, rows, hidden, dtype
-        self.in_ram = rows * hidden * dtype.itemsize <= ram_bytes
+        # a layer reads one buffer (its inputs) and writes another (its outputs): two live at once
+        self.in_ram = 2 * rows * hidden * dtype.itemsize <= ram_bytes
         self.pin = pin and self.in_ram
         self.work.mkdir(parents=True, exist_ok=True)
 
@@ -307,13 +308,15 @@ def profile_layerwise(model_dir: Path, adapter, corpus: dict[str, list], work_di
             x = args[0] if args else kwargs["hidden_states"]
             h[off:off + x.shape[0] * x.shape[1]] = x.reshape(-1, x.shape[-1]).cpu()
         ckpt.commit(0, h, _state(acc, weight_norm))
-        done = 0
+        done, src = 0, h  # already in hand: no second copy read back
+        del h
+    else:  # resuming: the last committed layer's outputs
+        src = ckpt.hidden(done)
     saved = ckpt.stats(done)
     acc.sums.copy_(saved["sums"])
     weight_norm.copy_(saved["weight_norm"])
     if acc.energy is not None:
         acc.energy.copy_(saved["energy"])
-    src = ckpt.hidden(done)
     tokens = sum(len(p.ids) for _, b in batches for p in b)
     with tqdm(total=tokens * (L - done), unit="tok", unit_scale=True, disable=not progress,
               desc="profile layer-wise") as bar:
@@ -333,6 +336,7 @@ def profile_layerwise(model_dir: Path, adapter, corpus: dict[str, list], work_di
                     y = y[0] if isinstance(y, tuple) else y
                     dst[off:off + n] = y.reshape(n, -1).cpu()
                     bar.update(sum(len(p.ids) for p in b))
+                    del x, y  # on CPU x is a view of src: it would keep the old buffer alive past this layer
             if blocks:
                 weight_norm[moe] = expert_weight_norms(blocks[0].experts)
             loader.release(i)
@@ -340,6 +344,7 @@ def profile_layerwise(model_dir: Path, adapter, corpus: dict[str, list], work_di
                 torch.cuda.empty_cache()
             ckpt.commit(i + 1, dst, _state(acc, weight_norm))
             src = dst  # the next layer's inputs (in RAM, or the memory map now renamed)
+            del dst
     classes = list(corpus)
     stats = finish(acc, classes, loader.moe_layers, on_nonfinite)
     stats["weight_norm"] = weight_norm

@@ -84,6 +84,36 @@ lw.profile_layerwise(path, adapter_for(read_config(path)), random_corpus(96), Pa
 """
 
 
+def test_at_most_two_hidden_state_buffers_are_alive_and_the_budget_counts_both(tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    path = saved("qwen3_moe", tmp_path / "m")
+    corpus = random_corpus(96)
+    alive, peak = [], []
+
+    def tracked(method):
+        def wrapper(self, k):
+            t = method(self, k)
+            gc.collect()
+            alive.append(weakref.ref(t))
+            peak.append(sum(r() is not None for r in alive))
+            return t
+        return wrapper
+
+    monkeypatch.setattr(lw.Checkpoints, "new_hidden", tracked(lw.Checkpoints.new_hidden))
+    monkeypatch.setattr(lw.Checkpoints, "hidden", tracked(lw.Checkpoints.hidden))
+    lw.profile_layerwise(path, adapter_for(read_config(path)), corpus, tmp_path / "w", **KW)
+    layers = read_config(path)["num_hidden_layers"]
+    assert len(peak) == layers + 1 and max(peak) == 2  # a layer's inputs and outputs, nothing else
+
+    one = lw.Checkpoints(tmp_path / "c", "k", rows=1000, hidden=32, dtype=torch.float32, ram_bytes=0, pin=False)
+    size = 1000 * 32 * 4
+    assert lw.Checkpoints(tmp_path / "c", "k", 1000, 32, torch.float32, 2 * size, False).in_ram
+    assert not lw.Checkpoints(tmp_path / "c", "k", 1000, 32, torch.float32, 2 * size - 1, False).in_ram
+    assert not one.in_ram
+
+
 @pytest.mark.parametrize("ram", [0])  # hidden states in the memory map: the harder case to resume
 def test_a_killed_run_resumes_at_the_last_finished_layer_with_identical_statistics(tmp_path, ram):
     path = saved("deepseek_v3", tmp_path / "m")  # 3 layers, the first dense
