@@ -100,8 +100,9 @@ def table(trials: list[Trial], cost: str) -> str:
     return "\n".join(lines)
 
 
-def plot(trials: list[Trial], cost: str, out: Path) -> int:
-    """Objective (y) against cost (x); returns the number of Pareto-optimal trials."""
+def plot(trials: list[Trial], cost: str, out: Path) -> Optional[int]:
+    """Objective (y) against cost (x); returns the number of Pareto-optimal trials, or None (no plot)
+    when no trial completed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -111,10 +112,13 @@ def plot(trials: list[Trial], cost: str, out: Path) -> int:
     y_max = trials[0].directions[0] == "maximize"
     x_max = len(trials[0].directions) > 1 and cost in trials[0].objectives and \
         trials[0].directions[trials[0].objectives.index(cost)] == "maximize"
-    done = [t for t in trials if t.state == "COMPLETE" and t.values and t.metric(cost) is not None]
+    completed = [t for t in trials if t.state == "COMPLETE" and t.values]
+    if not completed:
+        return None
+    done = [t for t in completed if t.metric(cost) is not None]
     if not done:
-        raise MoePruneError(f"report: no completed trial of study {trials[0].study} has both its objective and "
-                            f"{cost}; pass --cost STAGE.KEY naming a metric in the trials' run.json")
+        raise MoePruneError(f"report: no completed trial of study {trials[0].study} has the metric {cost}; pass "
+                            "--cost STAGE.KEY naming a metric in the trials' run.json")
     pts = [(t.metric(cost), t.values[0]) for t in done]
     front = pareto_front(pts, (x_max, y_max))
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
@@ -153,15 +157,16 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
         n_front = plot(st, c, out_dir / f"pareto-{study}.png")
         done = [t for t in st if t.state == "COMPLETE" and t.values]
         best = (max if st[0].directions[0] == "maximize" else min)(done, key=lambda t: t.values[0]) if done else None
+        front = (f"{n_front} on the Pareto front of {st[0].objectives[0] if st[0].objectives else 'value0'} vs {c}"
+                 if n_front is not None else "none completed, so no Pareto plot (the table says why they failed)")
         lines = [f"# study {study}", "",
-                 f"{len(st)} trials ({len(done)} completed), {n_front} on the Pareto front of "
-                 f"{st[0].objectives[0] if st[0].objectives else 'value0'} vs {c}.",
+                 f"{len(st)} trials ({len(done)} completed), {front}.",
                  f"Best {st[0].directions[0]}: trial {best.number}, value {_fmt(best.values[0])}." if best else "", "",
                  table(st, c), ""]
         md = out_dir / f"report-{study}.md"
         _write(md, "\n".join(lines))
         print("\n".join(lines))
-        written += [md, out_dir / f"pareto-{study}.png"]
+        written += [md] + ([out_dir / f"pareto-{study}.png"] if n_front is not None else [])
     return written
 
 

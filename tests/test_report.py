@@ -27,3 +27,26 @@ def test_the_quantized_file_gets_a_column_headed_by_its_type_and_the_delta():
     assert table[0].split() == headers and table[-1].split() == ["size", "16.4", "MB", "13.2", "MB", "4.4", "MB"]
     assert table[-2].split() == ["experts/layer", "16", "12", "12"]
     assert table[2].split() == ["a", "100.0%", "50.0%", "0.0%", "-100.0"]
+
+
+def test_study_report_writes_every_study_even_one_without_a_completed_trial(tmp_path):
+    import json
+
+    from moeprune.study_report import report
+
+    def trial(study, number, state, values, kept):
+        d = tmp_path / "sweep" / f"{study}-{number}"
+        d.mkdir(parents=True)
+        (d / "optuna_trial.json").write_text(json.dumps({
+            "study": study, "number": number, "state": state, "params": {"strategy.alpha": 1.0 + number},
+            "values": values, "directions": ["maximize"], "objectives": ["evaluate.score"], "recorded": "t"}))
+        if kept is not None:
+            (d / "run.json").write_text(json.dumps({"stages": {"dropmap": {"kept_total": kept}}}))
+
+    trial("aaa", 0, "FAIL", None, None)  # sorts first: it must not stop the report of "alpha"
+    trial("alpha", 0, "COMPLETE", [0.5], 48)
+    trial("alpha", 1, "COMPLETE", [0.75], 40)
+    written = report([tmp_path / "sweep"], tmp_path / "out")
+    assert sorted(p.name for p in written) == ["pareto-alpha.png", "report-aaa.md", "report-alpha.md"]
+    assert "none completed, so no Pareto plot" in (tmp_path / "out" / "report-aaa.md").read_text()
+    assert "1 on the Pareto front" in (tmp_path / "out" / "report-alpha.md").read_text()
