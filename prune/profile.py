@@ -65,14 +65,16 @@ class Profile:
 
     @classmethod
     def load(cls, out_dir: Path) -> "Profile":
+        from safetensors import SafetensorError
+
         out_dir = Path(out_dir)
         try:
             meta = json.loads((out_dir / META_FILE).read_text())
             stats = load_file(str(out_dir / PROFILE_FILE))
-        except (OSError, ValueError) as e:
-            raise MoePruneError(f"{out_dir}: not a readable profile ({e}); "
-                                f"expected {META_FILE} + {PROFILE_FILE}") from None
-        core = {k: meta.pop(k) for k in ("classes", "layers", "num_experts", "tokens_per_class")}
+            core = {k: meta.pop(k) for k in ("classes", "layers", "num_experts", "tokens_per_class")}
+        except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError) as e:
+            raise MoePruneError(f"{out_dir}: not a readable profile ({type(e).__name__}: {e}); "
+                                f"expected {META_FILE} + {PROFILE_FILE} as the profile stage writes them") from None
         return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta)
 
     # ---- the reference tool's JSON ------------------------------------------------------------
@@ -91,8 +93,9 @@ class Profile:
         if not isinstance(data, dict) or not data:
             raise MoePruneError("reference profile: expected {class: {layer: {expert: {wnorm, rnorm, wsum, tc, cc}}}}")
         classes = list(data)
-        layers = sorted({int(k) for c in classes for k in _dict(data[c], c)})
-        experts = sorted({int(e) for c in classes for layer in data[c].values() for e in _dict(layer, c)})
+        layers = sorted({_int(k, f"class {c!r}: layer key") for c in classes for k in _dict(data[c], c)})
+        experts = sorted({_int(e, f"class {c!r}: expert key") for c in classes for layer in data[c].values()
+                          for e in _dict(layer, c)})
         if experts != list(range(len(experts))):
             raise MoePruneError(f"reference profile: expert ids {experts[:5]}...: expected 0..E-1")
         out = {ours: torch.zeros(len(classes), len(layers), len(experts), dtype=torch.float64)
@@ -105,9 +108,19 @@ class Profile:
                     if missing:
                         raise MoePruneError(f"reference profile {c}/{layer}/{e}: missing {sorted(missing)}")
                     for ref, ours in REFERENCE_NAMES.items():
-                        out[ours][ci, li, int(e)] = float(cell[ref])
+                        value = cell[ref]
+                        if isinstance(value, bool) or not isinstance(value, (int, float)):
+                            raise MoePruneError(f"reference profile {c}/{layer}/{e}: {ref}={value!r}: expected a number")
+                        out[ours][ci, li, int(e)] = float(value)
         # the reference JSON does not record tokens (count sums top_k slots per token)
         return cls(classes, layers, len(experts), out, {c: 0 for c in classes}, {"source": "reference-json"})
+
+
+def _int(key, what: str) -> int:
+    try:
+        return int(key)
+    except (TypeError, ValueError):
+        raise MoePruneError(f"reference profile {what} {key!r}: expected an integer id") from None
 
 
 def _dict(x, where: str) -> dict:

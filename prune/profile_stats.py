@@ -78,7 +78,9 @@ class Accumulator:
             torch.where(hit, per_pass[..., 1] / n.clamp(min=1), 0.0).sum(0), hit.float().sum(0),
             per_expert[:, 4],
         ], dim=1)
-        self.sums[self.cls, layer] += terms.double().to(self.sums.device, non_blocking=True) * self.weight
+        terms = terms.double()
+        terms[:, :-1] *= self.weight  # tier weights scale the statistics; `nonfinite` stays a token count
+        self.sums[self.cls, layer] += terms.to(self.sums.device, non_blocking=True)
         if self.energy is not None:
             sq = torch.where(keep[:, None], act.float().square(), 0.0)
             energy = torch.zeros(E, sq.shape[1], device=out.device).index_add_(0, ids, sq)

@@ -236,3 +236,37 @@ def test_reference_json_round_trip_and_bad_input(tmp_path):
     assert json.loads((tmp_path / "again.json").read_text())["a"]["1"]["7"]["tc"] == data["a"]["1"]["7"]["tc"]
     with pytest.raises(SystemExit, match="error: .*not a readable JSON"):
         main(["import", str(tmp_path / "notjson.json"), str(tmp_path / "z")])
+    for bad, message in (({"a": {"layer0": {"0": {}}}}, "layer key 'layer0': expected an integer id"),
+                         ({"a": {"0": {"0": dict.fromkeys(("wnorm", "rnorm", "wsum", "tc", "cc"))}}},
+                          r"a/0/0: wnorm=None: expected a number")):
+        (tmp_path / "b2.json").write_text(json.dumps(bad))
+        with pytest.raises(MoePruneError, match=message):
+            import_reference(tmp_path / "b2.json", tmp_path / "w")
+
+
+@pytest.mark.parametrize("meta, tensors, message", [
+    ('{"classes": ["a"]}', None, "KeyError"),
+    (None, b"\x00" * 4, "SafetensorError"),
+])
+def test_a_broken_profile_dir_is_named_not_a_traceback(tmp_path, meta, tensors, message):
+    model, adapter = model_for("mixtral")
+    profile_model(model, adapter, random_corpus(96)).save(tmp_path)
+    if meta is not None:
+        (tmp_path / "profile.json").write_text(meta)
+    if tensors is not None:
+        (tmp_path / "profile.safetensors").write_bytes(tensors)
+    with pytest.raises(MoePruneError, match=f"not a readable profile \\({message}"):
+        Profile.load(tmp_path)
+
+
+@pytest.mark.parametrize("weight", [0.5, 3.0])
+def test_nonfinite_counts_tokens_whatever_the_tier_weight(weight):
+    from moeprune.prune.profile_stats import Accumulator
+
+    acc = Accumulator(1, 1, 4, "cpu")
+    acc.begin(0, weight, torch.zeros(3, dtype=torch.long), 1)  # three tokens of one pass
+    out = torch.ones(3, 8)
+    out[1] = float("nan")  # one routed token's output is NaN
+    acc.collect(0, out, out[:, :2], torch.tensor([0, 1, 2]), torch.arange(3), torch.full((3,), 0.5))
+    stats = acc.stats()
+    assert stats["nonfinite"].sum() == 1 and stats["count"][0, 0, 0] == weight
