@@ -138,12 +138,14 @@ def test_greedy_continuation_matches_generate_alone(tok, tiny_gemma4):
     longer = continue_greedy(model, corpus, 5, batch_size=2, tokenizer=tok)["c"]
     for before, after in zip(corpus["c"], longer):
         assert after.ids[:len(before.ids)] == before.ids and 0 < len(after.ids) - len(before.ids) <= 5
-    alone = model.generate(torch.tensor([corpus["c"][0].ids]), max_new_tokens=5, do_sample=False,
-                           pad_token_id=tok.pad_token_id)[0].tolist()
-    cut = alone[len(corpus["c"][0].ids):]
-    if tok.eos_token_id in cut:
-        cut = cut[:cut.index(tok.eos_token_id) + 1]
-    assert list(longer[0].ids) == alone[:len(corpus["c"][0].ids)] + cut
+    assert len({len(p.ids) for p in corpus["c"]}) > 1, "prompts of different lengths: some rows are padded"
+    for prompt, got in zip(corpus["c"], longer):  # every row, padded or not, continues as it would alone
+        alone = model.generate(torch.tensor([prompt.ids]), max_new_tokens=5, do_sample=False,
+                               pad_token_id=tok.pad_token_id)[0].tolist()
+        cut = alone[len(prompt.ids):]
+        if tok.eos_token_id in cut:
+            cut = cut[:cut.index(tok.eos_token_id) + 1]
+        assert list(got.ids) == alone[:len(prompt.ids)] + cut
 
 
 def test_completion_scoring_counts_only_answer_producing_positions(tok, tiny_gemma4):

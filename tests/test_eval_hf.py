@@ -4,6 +4,7 @@ generation, the thinking budget forces the end-of-thinking marker, reasoning is 
 from __future__ import annotations
 
 import pytest
+import torch
 from transformers import LogitsProcessorList
 
 from moeprune.errors import MoePruneError
@@ -37,6 +38,19 @@ def test_thinking_budget_forces_the_end_marker(backend, end):
     for row in out[:, L:].tolist():
         closed_early = end_ids[-1] in row[:3]
         assert closed_early or row[3:3 + len(end_ids)] == end_ids, row
+
+
+def test_thinking_budget_spares_rows_that_closed_their_thinking_themselves():
+    prompt_len, end = 4, [7, 9]  # a two-token end marker, budget 3 tokens
+    budget = ThinkingBudget(prompt_len, 3, end)
+    ids = torch.tensor([[1, 1, 1, 1, 5, 7, 9], [1, 1, 1, 1, 5, 6, 6]])  # row 0 closes with its 3rd token
+    for n in range(3):  # generate() calls the processor at every step
+        budget(ids[:, :prompt_len + n], torch.zeros(2, 12))
+    scores = budget(ids, torch.zeros(2, 12))  # 3 generated: the budget is spent, k = 0
+    assert torch.equal(scores[0], torch.zeros(12)), "a row that closed its thinking is not forced"
+    assert scores[1].argmax() == 7 and torch.isinf(scores[1]).sum() == 11  # the marker's first token
+    scores = budget(torch.cat([ids, torch.tensor([[3], [7]])], 1), torch.zeros(2, 12))  # k = 1
+    assert torch.equal(scores[0], torch.zeros(12)) and scores[1].argmax() == 9 and torch.isinf(scores[1]).sum() == 11
 
 
 def test_reasoning_is_split_from_the_answer(tmp_path, backend):

@@ -23,8 +23,11 @@ def test_find_gguf_names_what_is_missing(tmp_path):
 
 
 def test_llama_server_generates_through_the_openai_backend(tmp_path):
-    from moeprune.quant import gguf_tools, toolchain
     from quant_support import save_gguf_ready_gemma4
+
+    from moeprune import artifacts
+    from moeprune.quant import gguf_tools, toolchain
+    from moeprune.quant.gguf_backend import generate
 
     tc = toolchain.cached()
     if tc is None:
@@ -32,13 +35,17 @@ def test_llama_server_generates_through_the_openai_backend(tmp_path):
     model = save_gguf_ready_gemma4(tmp_path / "hf")
     gguf_tools.convert(tc, model, tmp_path / "gguf" / "model.gguf")
     backend = LlamaCppBackend(tmp_path / "gguf", concurrency=2, server_args=["-c", "512"])
+    prompts = ["ADD:12+34=", "BOOL:T&F="]
     try:
-        comps = backend.generate(["ADD:12+34=", "BOOL:T&F="], 8)
+        comps = backend.generate(prompts, 8)
     finally:
         backend.close()
     assert len(comps) == 2 and all(c.tokens is not None and 0 < c.tokens <= 8 for c in comps)
     assert all(c.finish_reason in ("stop", "length") for c in comps)
-    assert backend.identity()["gguf"]
+    # greedy through the server = greedy in-process through llama-cpp-python on the same file (the
+    # random tiny model emits partial UTF-8: the server sends U+FFFD where the binding drops the bytes)
+    assert [c.text.replace("\ufffd", "") for c in comps] == generate(tmp_path / "gguf" / "model.gguf", prompts, 8)
+    assert backend.identity()["gguf"] == artifacts.hash_path(tmp_path / "gguf" / "model.gguf")
 
 
 def test_identity_keys_every_request_knob_so_the_generation_cache_cannot_mix_them(tmp_path):

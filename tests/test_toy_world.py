@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -59,15 +60,31 @@ def test_code_answers_equal_a_real_execution(cls, tmp_path):
 
 
 def test_other_answers():
+    """Each class's answers recomputed independently from the prompt text (docs/toy-world.md)."""
     for t in world.make_tasks("generic_math", 50, "test"):
         a, b = t.prompt[4:-1].split("+")
         assert int(t.answer[::-1]) == int(a[::-1]) + int(b[::-1])
-    for t in world.make_tasks("generic_creative", 50, "test"):
+    ops = {"rev": lambda w: w[::-1], "sort": lambda w: "".join(sorted(w)), "dup": lambda w: "".join(c * 2 for c in w),
+           "rot": lambda w: w[1:] + w[0], "swap": lambda w: w[-1] + w[1:-1] + w[0]}
+    creative = world.make_tasks("generic_creative", 100, "test")
+    assert {t.prompt[4:].split(" ")[0] for t in creative} == set(ops)
+    for t in creative:
         op, word = t.prompt[4:-1].split(" ")
-        assert sorted(t.answer) == sorted(word * (2 if op == "dup" else 1))
-    rels = {t.answer for t in world.make_tasks("generic_science", 200, "test")}
-    assert rels == {"<", ">", "="}
-    assert {t.answer for t in world.make_tasks("generic_logic", 100, "test")} == {"T", "F"}
+        assert t.answer == ops[op](word), t
+    scale = {"m": -3, "": 0, "k": 3, "M": 6}
+    science = world.make_tasks("generic_science", 200, "test")
+    for t in science:
+        (n1, p1, u1), (n2, p2, u2) = re.findall(r"(\d+)([mkM]?)([gsJW])", t.prompt)
+        assert u1 == u2, t
+        v1, v2 = int(n1) * 10 ** (scale[p1] + 3), int(n2) * 10 ** (scale[p2] + 3)
+        assert t.answer == ("<" if v1 < v2 else ">" if v1 > v2 else "="), t
+    assert {t.answer for t in science} == {"<", ">", "="}
+    logic = world.make_tasks("generic_logic", 100, "test")
+    for t in logic:
+        expr = t.prompt[5:-1].replace("T", " True ").replace("F", " False ").replace("&", " and ")
+        expr = expr.replace("|", " or ").replace("!", " not ")
+        assert t.answer == ("T" if eval(expr) else "F"), t  # noqa: S307 (our own generated text)
+    assert {t.answer for t in logic} == {"T", "F"}
 
 
 def test_unknown_class_or_split_raises():
