@@ -180,6 +180,25 @@ def run_evaluate_quant(ctx: StageContext) -> dict:
     return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
 
 
+def _recipe_fits(cfg: DictConfig) -> None:
+    """The recipe's own mistakes (a knob, a class name, a keep count the model cannot take) are
+    known from the config and the model's config.json: say them before the profile is computed."""
+    from moeprune import config
+    from moeprune.adapters import adapter_for
+    from moeprune.prune import dropmap
+
+    _dropmap_inputs(cfg)  # the recipe's files exist and are what each knob expects
+    if cfg.keep.drop_map is None:
+        model_config = read_config(model_dir(cfg))
+        adapter = adapter_for(model_config)
+        E, top_k = adapter.num_experts(model_config), adapter.top_k(model_config)
+        keep, _, _ = dropmap.keep_bounds(cfg.keep, E, top_k)
+        if cfg.keep.mode == "uniform":
+            adapter.validate_keep(model_config, keep)
+    config.build(cfg.strategy)
+    dropmap.class_weight_vector(list(cfg.calibration.classes), cfg.class_weights)
+
+
 def _uniform_keep(cfg: DictConfig) -> None:
     if cfg.keep.mode != "uniform":  # before the profile: surgery would refuse the map at the end
         raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
@@ -204,7 +223,8 @@ STAGES = [
                                    "profile.neuron_energy", "profile.on_nonfinite"),
           external=_profile_inputs, version=2, enabled=lambda c: c.stages.profile),
     Stage("dropmap", run_dropmap, ("strategy", "class_weights", "floor_clamp", "keep"),
-          inputs=("profile",), external=_dropmap_inputs, version=2, enabled=lambda c: c.stages.dropmap),
+          inputs=("profile",), external=_dropmap_inputs, version=2, enabled=lambda c: c.stages.dropmap,
+          preflight=_recipe_fits),
     Stage("prune", run_prune, ("prune",), inputs=("dropmap",), external=_model_input,
           enabled=lambda c: c.stages.prune, preflight=_uniform_keep),
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.

@@ -109,6 +109,7 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, overr
     proc = moeprune(args, cache, tmp_path / "run", check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not cache.exists() or not any(cache.glob("*/*")), "config mistakes stop the run before the profile"
     for stage in ("dropmap", "prune"):
         assert not (cache / stage).exists() or not any((cache / stage).iterdir())
 
