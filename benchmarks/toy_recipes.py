@@ -3,7 +3,8 @@
 Each recipe's map is scored on the held-out test split with virtual pruning (the dropped experts'
 router logits at -inf: the pruned checkpoint's routing, no checkpoint written), from two profiles:
 
-- `prompt+answer`: the pipeline's default toy calibration, each calibration task teacher-forced;
+- `prompt+answer`: the toy calibration with `calibration.score_tokens=all`, every position of each
+  teacher-forced calibration task counted (the reference's way);
 - `completion`: only the positions that produce the answer (the last prompt token onwards), i.e.
   what generation exercises — the reference profiles prompt + 128 generated tokens, so its profile
   is dominated by generation. Computed with the pipeline's own profile stage as
@@ -56,8 +57,9 @@ def compose_cfg(model: Path, out: Path, overrides: list[str]):
 
 
 def pipeline_profile(model: Path, out: Path, overrides: list[str]) -> Profile:
+    """The profile stage with every position counted (the subtraction below needs whole passes)."""
     (out / "run").mkdir(parents=True, exist_ok=True)
-    runner = Runner(compose_cfg(model, out, overrides), STAGES, out / "run")
+    runner = Runner(compose_cfg(model, out, ["calibration.score_tokens=all", *overrides]), STAGES, out / "run")
     runner.run("profile")
     return Profile.load(runner.dirs["profile"])
 

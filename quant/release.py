@@ -93,9 +93,12 @@ def model_card(manifest: dict, prune_meta: dict | None, scores: dict[str, dict] 
         out.append(f"| llama.cpp type | {manifest['type']} |")
     im = manifest.get("imatrix")
     out.append(f"| imatrix | {'`' + im['file'] + '` sha256 ' + im['sha256'][:16] if im else 'none'} |")
-    if manifest.get("tensor_type_map"):
-        out.append(f"| ContribDynamic map | `{manifest['tensor_type_map']['file']}` "
-                   f"(layer types {manifest['tensor_type_map']['layer_types']}) |")
+    tmap = manifest.get("tensor_type_map")
+    if tmap and "layer_types" in tmap:
+        out.append(f"| ContribDynamic map | `{tmap['file']}` (layer types {tmap['layer_types']}) |")
+    elif tmap:
+        n = len(tmap["lines"])
+        out.append(f"| tensor type overrides | `{tmap['file']}` ({n} pattern{'' if n == 1 else 's'}) |")
     if manifest.get("fallbacks"):
         out.append(f"| shape fallbacks | {len(manifest['fallbacks'])} tensors (see quant-manifest.json) |")
     out.append("")

@@ -27,6 +27,8 @@ def test_model_card_reads_every_number_from_the_artifacts():
     assert "`imatrix.gguf` sha256 abababab" in card and "tensor-types.txt" in card and "1 tensors" in card
     assert "| toy_suite | 600 | 87.50% | 1.35 |" in card
     assert "## Scores" not in release.model_card(MANIFEST, META)
+    overrides = {**MANIFEST, "tensor_type_map": {"file": "tensor-types.txt", "lines": [r"blk\.0\.attn_q\.weight=q8_0"]}}
+    assert "| tensor type overrides | `tensor-types.txt` (1 pattern) |" in release.model_card(overrides, META)
 
 
 def test_modelfile_for_a_raw_completion_model(tmp_path):
