@@ -10,8 +10,8 @@ agreement) as JSON and writes it to OUT_DIR/nvfp4-manifest.json.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -54,10 +54,14 @@ def main() -> None:
     from moeprune.quant import nvfp4
     from moeprune.toy import world
 
-    out = Path(sys.argv[1])
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="where the quant, its manifest and (if built) the random model go")
+    ap.add_argument("model_dir", type=Path, nargs="?", default=None, help="default: the shipped toy model")
+    args = ap.parse_args()
+    out = args.out
     out.mkdir(parents=True, exist_ok=True)
     toy = Path(__file__).resolve().parents[1] / "moeprune" / "toy" / "model"
-    model_dir = Path(sys.argv[2]) if len(sys.argv) > 2 else toy if (toy / "config.json").is_file() else None
+    model_dir = args.model_dir or (toy if (toy / "config.json").is_file() else None)
     if model_dir is None:
         model_dir = random_gemma4(out / "random_gemma4")
     corpus = {c: [t.prompt + t.answer for t in world.make_tasks(c, 64, "calib", 0)] for c in world.CLASSES}

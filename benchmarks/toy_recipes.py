@@ -78,7 +78,7 @@ def completion_profile(model: Path, out: Path, tok, full: Profile, n: int) -> Pr
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("\n".join(lines) + "\n")
         overrides.append(f"calibration.classes.{c}=[{{kind:text,path:{path.resolve()}}}]")
-    ctx = pipeline_profile(model, out, overrides)
+    ctx = pipeline_profile(model, out, [f"calibration.samples_per_class={n}", *overrides])  # the same n tasks
     stats = {k: (full[k] - ctx[k]).clamp(min=0) for k in ADDITIVE}  # clamp: float rounding only
     tokens = {c: full.tokens[c] - ctx.tokens[c] for c in full.classes}
     return Profile(full.classes, full.layers, full.num_experts, stats, tokens, {"source": "completion"})

@@ -71,7 +71,8 @@ def main() -> None:
                     times.append(moeprune(
                         ["-m", "hparams_search=toy_recipe", *fixed, f"logger={logger}", f"hydra.sweeper.n_trials={n}",
                          # fresh recipes per sweep, so none finds another's drop maps cached
-                         f"hydra.sweeper.sampler.seed={100 * seed + 10 * r + n}", "hydra.sweeper.enqueue_default=false",
+                         f"hydra.sweeper.sampler.seed={10_000 * seed + 100 * r + n}",  # distinct for every sweep
+                         "hydra.sweeper.enqueue_default=false",
                          f"hydra.sweeper.study_name={name}", f"hydra.sweeper.storage=sqlite:///{tmp}/{name}.db",
                          f"hydra.sweep.dir={tmp}/{name}"], tmp, cache))
                 walls[n] = min(times)

@@ -128,6 +128,7 @@ def register_resolvers() -> None:
     """`${moeprune_gpus:}` -> the visible devices; `${moeprune_n_gpus:1}` -> their count, or the
     fallback when there is none (the joblib preset's n_jobs)."""
     if not OmegaConf.has_resolver("moeprune_gpus"):
-        OmegaConf.register_new_resolver("moeprune_gpus", lambda: visible_devices())
+        # a ListConfig, not a list: `--cfg hydra --resolve` stores resolved values in the config
+        OmegaConf.register_new_resolver("moeprune_gpus", lambda: OmegaConf.create(visible_devices()))
     if not OmegaConf.has_resolver("moeprune_n_gpus"):
         OmegaConf.register_new_resolver("moeprune_n_gpus", lambda fallback=1: len(visible_devices()) or int(fallback))

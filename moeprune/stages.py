@@ -199,6 +199,13 @@ def _recipe_fits(cfg: DictConfig) -> None:
     dropmap.class_weight_vector(list(cfg.calibration.classes), cfg.class_weights)
 
 
+def _quant_can_run(cfg: DictConfig) -> None:
+    if cfg.quant_tier.kind == "nvfp4":  # CUDA + modelopt: known before any profile or surgery
+        from moeprune.quant import nvfp4
+
+        nvfp4.require_gpu()
+
+
 def _uniform_keep(cfg: DictConfig) -> None:
     if cfg.keep.mode != "uniform":  # before the profile: surgery would refuse the map at the end
         raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
@@ -228,7 +235,8 @@ STAGES = [
     Stage("prune", run_prune, ("prune",), inputs=("dropmap",), external=_model_input,
           enabled=lambda c: c.stages.prune, preflight=_uniform_keep),
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
-    Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on),
+    Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on,
+          preflight=_quant_can_run),
     Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=2,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate,

@@ -5,8 +5,9 @@ FP32 global scale), 16-bit activations; exported as a Hugging Face checkpoint vL
 modelopt's NVFP4 block quantizer needs CUDA tensors, so on a machine without a GPU this tier stops
 with an error saying so before loading anything. After the export we reload it: every packed weight
 is dequantized with modelopt's own NVFP4QTensor, the per-expert tensors are fused back into
-transformers' layout, and the rebuilt model's logits are compared with modelopt's fake-quantized model
-(they must agree) and with the 16-bit model (the quantization error, recorded in the manifest).
+transformers' layout, and the rebuilt model is checked against modelopt's fake-quantized one (the
+first and last layers' Linear weights: `max_rel_diff_vs_fakequant_linear_weights`, which the GPU test
+holds under 1e-2) and against the 16-bit model (the quantization error); both go in the manifest.
 """
 
 from __future__ import annotations

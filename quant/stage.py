@@ -73,7 +73,7 @@ def quantize(cfg: DictConfig, model_dir: Path, profile_dir: Path | None, out_dir
     elif tier.kind == "nvfp4":
         from moeprune.quant import nvfp4
 
-        nvfp4.require_gpu()  # before reading anything: on CPU this tier stops here with the reason
+        nvfp4.require_gpu()  # also the run's preflight: a direct caller stops here with the reason
         manifest = nvfp4.produce(model_dir, out_dir, corpus_texts(cfg, model_dir), tier.calib_samples,
                                  max(t.max_tokens for t in cfg.calibration.tiers.values()))
         manifest["tier"] = _plain(tier)

@@ -43,3 +43,13 @@ def test_nvfp4_export_reloads_on_gpu(tmp_path):
     assert m["reload"]["max_rel_diff_vs_fakequant_linear_weights"] < 1e-2  # the export holds modelopt's weights
     assert 0.02 < m["reload"]["weight_rel_err"]["max"] < 0.2  # 4-bit rounding, not garbage
     assert m["bits_per_weight"] < 8
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
+def test_a_run_asking_for_nvfp4_stops_before_the_profile(tiny_gemma4, tmp_path):
+    from test_pipeline import SMALL, moeprune
+
+    proc = moeprune([f"model.path={tiny_gemma4}", *SMALL, "quant_tier=nvfp4a16"], tmp_path / "cache", tmp_path / "run",
+                    check=False)
+    assert proc.returncode == 2 and "nvfp4a16 needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*/*")), "nothing was built"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 
 import moeprune.cli  # noqa: F401  (registers schema, resolvers and the sweeper plugin)
 from moeprune import gpu_slots
@@ -122,3 +123,12 @@ def test_slurm_preset_extends_the_submitit_schema():
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.gpus_per_node == 1 and launcher.partition == "gpu"
     assert launcher.submitit_folder.endswith(".submitit/%j")  # a field only the plugin's schema has
+
+
+def test_joblib_gpus_preset_resolves_whole(tmp_path):
+    """`--cfg hydra --resolve` stores the resolved device list in the config: it must be a ListConfig."""
+    proc = moeprune(["hparams_search=toy_recipe", "hydra/launcher=joblib_gpus", "--cfg", "hydra", "--resolve"],
+                    tmp_path, tmp_path / "cache", extra_env={"CUDA_VISIBLE_DEVICES": "2,3"})
+    hydra_cfg = OmegaConf.create(proc.stdout)
+    assert list(hydra_cfg.hydra.callbacks.gpu_slots.devices) == ["2", "3"]
+    assert hydra_cfg.hydra.launcher.n_jobs == 2 and hydra_cfg.hydra.callbacks.gpu_slots.slots == 2
