@@ -16,17 +16,25 @@ _LANG_TAGS = {
 }
 
 
-def extract_code(text: str, language: str = "python", defines: str | None = None) -> tuple[str, bool]:
+def defines_function(name: str) -> re.Pattern:
+    """A line that defines function `name` itself (not `name_helper`)."""
+    return re.compile(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", re.M)
+
+
+ANY_FUNCTION = re.compile(r"^\s*(?:async\s+)?def\s+\w+\s*\(", re.M)
+
+
+def extract_code(text: str, language: str = "python", defines: re.Pattern | None = None) -> tuple[str, bool]:
     """The program in a completion: the last fenced block tagged with the language, else the last
-    untagged block, else the text itself. With `defines` (e.g. "def add"), the last such block that
-    contains it wins, so a solution followed by an "example usage" block is still the one scored. A
-    fence left open by truncation counts up to the end. Returns (code, whether it came from a fence)."""
+    untagged block, else the text itself. With `defines` (a pattern such as defines_function("add")),
+    the last block it matches wins, so a solution followed by an "example usage" block is still the
+    one scored. A fence left open by truncation counts up to the end. Returns (code, fenced)."""
     blocks = [(tag.lower(), body) for tag, body in _FENCE.findall(text)]
     tagged = [b for t, b in blocks if t in _LANG_TAGS.get(language, {language})]
     untagged = [b for t, b in blocks if not t]
     chosen = tagged or untagged or [b for _, b in blocks]
     if defines is not None:
-        chosen = [b for b in chosen if defines in b] or chosen
+        chosen = [b for b in chosen if defines.search(b)] or chosen
     if chosen:
         return chosen[-1], True
     return text, False

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -105,7 +106,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)
+    os.chmod(tmp, (0o777 & ~_UMASK) | (tmp.stat().st_mode & stat.S_ISGID))  # keep a shared cache's group bit
     try:
         yield tmp
         if final.exists():

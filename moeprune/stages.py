@@ -195,6 +195,9 @@ def _recipe_fits(cfg: DictConfig) -> None:
         keep, _, _ = dropmap.keep_bounds(cfg.keep, E, top_k)
         if cfg.keep.mode == "uniform":
             adapter.validate_keep(model_config, keep)
+        elif adapter.expert_groups(model_config, keep) is not None:
+            raise MoePruneError(f"keep.mode={cfg.keep.mode} cannot follow group-limited routing "
+                                f"({adapter.name}): expected keep.mode=uniform, whose maps are chosen legal group by group")
     config.build(cfg.strategy)
     dropmap.class_weight_vector(list(cfg.calibration.classes), cfg.class_weights)
 
@@ -206,7 +209,11 @@ def _quant_can_run(cfg: DictConfig) -> None:
         nvfp4.require_gpu()
 
 
-def _uniform_keep(cfg: DictConfig) -> None:
+def _prune_fits(cfg: DictConfig) -> None:
+    from moeprune.prune.surgery import MTP_HEADS
+
+    if cfg.prune.mtp_heads not in MTP_HEADS:
+        raise MoePruneError(f"prune.mtp_heads={cfg.prune.mtp_heads!r}: expected one of {list(MTP_HEADS)}")
     if cfg.keep.mode != "uniform":  # before the profile: surgery would refuse the map at the end
         raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
                             "cannot hold: expected evaluate.virtual=true (score it by router masking), "
@@ -228,28 +235,28 @@ _EVAL_KEYS = ("bench", "backend", "model.dtype", "model.device", "evaluate.empty
 STAGES = [
     Stage("profile", run_profile, ("model.path", "model.revision", "model.dtype", "calibration",
                                    "profile.neuron_energy", "profile.on_nonfinite"),
-          external=_profile_inputs, version=2, enabled=lambda c: c.stages.profile),
+          external=_profile_inputs, version=3, enabled=lambda c: c.stages.profile),
     Stage("dropmap", run_dropmap, ("strategy", "class_weights", "floor_clamp", "keep"),
-          inputs=("profile",), external=_dropmap_inputs, version=2, enabled=lambda c: c.stages.dropmap,
+          inputs=("profile",), external=_dropmap_inputs, version=3, enabled=lambda c: c.stages.dropmap,
           preflight=_recipe_fits),
     Stage("prune", run_prune, ("prune",), inputs=("dropmap",), external=_model_input,
-          enabled=lambda c: c.stages.prune, preflight=_uniform_keep),
+          enabled=lambda c: c.stages.prune, preflight=_prune_fits),
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on,
           preflight=_quant_can_run),
-    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=2,
+    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=3,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
-    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=2, enabled=lambda c: c.stages.evaluate,
+    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=3, enabled=lambda c: c.stages.evaluate,
           preflight=_bench_loads),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
-          version=2, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
+          version=3, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
           preflight=_bench_loads),
 ]
 
 # evaluate.virtual=true: the same "evaluate" stage, scoring the drop map on the base model.
 EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, _EVAL_KEYS, inputs=("dropmap",), external=_model_input,
-                         version=2, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
-VALIDATE = Stage("validate", run_validate, ("bench",), version=1)
+                         version=3, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
+VALIDATE = Stage("validate", run_validate, ("bench",), version=2)
 
 
 def stages_for(cfg: DictConfig) -> list[Stage]:

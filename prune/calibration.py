@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,7 +108,8 @@ def check_data_dir(cfg: DictConfig) -> None:
     if cfg.get("data_dir") is not None:
         return
     raw = OmegaConf.to_container(cfg.classes, resolve=False)
-    users = [cls for cls, sources in raw.items() for src in sources or [] if "data_dir" in str(src.get("path", ""))]
+    uses = re.compile(r"\$\{\s*calibration\.data_dir\s*\}")
+    users = [cls for cls, sources in raw.items() for src in sources or [] if uses.search(str(src.get("path", "")))]
     if users:
         raise MoePruneError(f"calibration={cfg.get('name')} reads its files from calibration.data_dir, which is not "
                             f"set: expected calibration.data_dir=<the dir holding the files of {sorted(set(users))}>")

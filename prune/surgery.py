@@ -95,11 +95,17 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
           alpha: float, num_layers: int | None, mtp_heads: str = "keep") -> Plan:
     plan = Plan()
     per_expert_seen: dict[str, set[int]] = {}
-    fp8_scales = _fp8_scales(adapter, sources) if alpha != 1.0 else set()
+
+    def in_head(name: str, role) -> bool:  # a multi-token-prediction head, outside the decoder stack
+        return (num_layers is not None and role.layer is not None and role.layer >= num_layers
+                or name.startswith(adapter.mtp_prefixes))
+
+    # the head is copied as it is (or dropped): its shared FFN is not the model's to upweight
+    fp8_scales = _fp8_scales(adapter, sources, in_head) if alpha != 1.0 else set()
     for t in sorted(sources.values(), key=lambda t: (str(t.file), t.start)):
         role = adapter.role(t.name)
         outside = num_layers is not None and role.layer is not None and role.layer >= num_layers
-        if mtp_heads == "drop" and (outside or t.name.startswith(adapter.mtp_prefixes)):
+        if mtp_heads == "drop" and in_head(t.name, role):
             plan.mtp_dropped.append(t.name)
         elif t.name in fp8_scales:  # W = codes x scale: scaling the scale upweights W exactly
             plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
@@ -121,7 +127,7 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
             if role.expert in ids:
                 plan.tensors.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
                                               t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
-        elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE:
+        elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE and not in_head(t.name, role):
             plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
             plan.scaled += 1
         else:
@@ -134,12 +140,13 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
     return plan
 
 
-def _fp8_scales(adapter, sources: dict[str, SourceTensor]) -> set[str]:
+def _fp8_scales(adapter, sources: dict[str, SourceTensor], in_head) -> set[str]:
     """The scale tensors of shared-FFN down projections stored in 8-bit float: DeepSeek-V3's block
     `weight_scale_inv` or compressed-tensors' `weight_scale`, both multiplied into the codes."""
     out = set()
     for t in sources.values():
-        if adapter.role(t.name).kind != "shared_down" or t.dtype in _SCALABLE:
+        role = adapter.role(t.name)
+        if role.kind != "shared_down" or t.dtype in _SCALABLE or in_head(t.name, role):
             continue
         scale = next((n for n in (t.name + "_scale_inv", t.name + "_scale") if n in sources), None)
         if scale is None or sources[scale].dtype not in _SCALABLE:

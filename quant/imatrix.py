@@ -48,7 +48,8 @@ def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int,
 
     The text must hold two chunks of `ctx` tokens. llama-imatrix checks that itself but exits before
     its logger flushes, so the reason is often lost: count first and say it here."""
-    n = token_count(f16_gguf, Path(text_file).read_text())
+    text = Path(text_file).read_text()
+    n = token_count(f16_gguf, text[:-1] if text.endswith("\n") else text)  # -f drops the file's last newline
     if n < 2 * ctx:
         raise MoePruneError(f"the imatrix text {text_file} tokenizes to {n} tokens; llama-imatrix needs at least "
                             f"{2 * ctx} (two chunks of imatrix_ctx={ctx}): expected more calibration samples "

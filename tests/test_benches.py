@@ -30,6 +30,7 @@ def fixture_bench(name: str, fixture: str, *overrides: str):
 HE_ADD = "Sure:\n```python\ndef add(x: int, y: int):\n    return x + y\n```\nThis adds."
 LCB_STDIN = "```python\nn = int(input())\nfor _ in range(n):\n    a, b = map(int, input().split())\n    print(a + b)\n```"
 LCB_FUNC = "```python\nclass Solution:\n    def maxPlusK(self, nums: List[int], k: int) -> int:\n        return max(nums) + k\n```"  # the starter code as given: `List` comes from the harness prelude
+VARIANT = "\nA variant:\n```python\ndef add_many(*xs):\n    return sum(xs)\n```"  # `def add` must not match it
 USAGE = "\nExample usage:\n```python\nprint({call})\n```"  # chat replies often end with one: never the solution
 
 # bench, fixture, sample index, a right reply, a wrong reply
@@ -37,6 +38,7 @@ CASES = [
     ("humanevalplus", "humanevalplus.jsonl", 1, HE_ADD, HE_ADD.replace("x + y", "x - y")),
     ("humanevalplus", "humanevalplus.jsonl", 1, HE_ADD + USAGE.format(call="add(2, 3)"),
      HE_ADD.replace("x + y", "x - y") + USAGE.format(call="add(2, 3)")),
+    ("humanevalplus", "humanevalplus.jsonl", 1, HE_ADD + VARIANT, HE_ADD.replace("x + y", "x - y") + VARIANT),
     ("mbpp", "mbpp_sanitized.jsonl", 2, "```python\ndef square_perimeter(a):\n    return 4 * a\n```",
      "```python\ndef square_perimeter(a):\n    return a * a\n```"),
     ("mbpp", "mbpp_sanitized.jsonl", 2,

@@ -42,3 +42,14 @@ def test_reference_v7_needs_data_dir_and_every_file(tiny_gemma4, tmp_path):
     out = moeprune([*args, f"calibration.data_dir={data}"], tmp_path / "cache", tmp_path / "run2", check=False)
     assert out.returncode == 2 and f"{data}/targeted_gpqa.jsonl" in out.stderr
     assert not (tmp_path / "cache" / "profile").exists() or not any((tmp_path / "cache" / "profile").iterdir())
+
+
+def test_only_the_interpolation_needs_data_dir_not_a_path_that_says_data_dir(tmp_path):
+    from omegaconf import OmegaConf
+
+    from moeprune.prune.calibration import calibration_files
+
+    own = tmp_path / "my_data_dir" / "code.jsonl"
+    cfg = OmegaConf.create({"name": "mine", "data_dir": None, "classes": {"generic_code": [{"kind": "jsonl",
+                                                                                             "path": str(own)}]}})
+    assert calibration_files(cfg) == {"calibration.generic_code[0]": own}

@@ -66,5 +66,7 @@ def test_deepseek_run_builds_a_legal_map_and_prunes_it(tmp_path):
     config = json.loads((dirs["prune"] / "model" / "config.json").read_text())
     assert config["n_routed_experts"] == 12 and config["n_group"] == summary["groups"]["groups_kept"]
 
-    out = moeprune([*args, "keep.mode=budget", "stage=dropmap"], tmp_path / "cache", tmp_path / "run2", check=False)
+    out = moeprune([*args, "keep.mode=budget", "evaluate.virtual=true", "stage=all"], tmp_path / "cache2", tmp_path / "run2",
+                   check=False)
     assert out.returncode == 2 and "keep.mode=budget cannot follow group-limited routing" in out.stderr
+    assert not (tmp_path / "cache2").exists() or not any((tmp_path / "cache2").glob("*/*")), "refused before the profile"

@@ -100,6 +100,7 @@ def test_dropping_nothing_reproduces_base_logits_exactly(tiny_gemma4, tmp_path):
     ("keep.mode=budget", "keeps different counts per layer, which a checkpoint cannot hold"),
     ("keep.baseline_map=/tmp", "keep.baseline_map=/tmp is a directory: expected a baseline drop map JSON"),
     ("calibration.classes.generic_math=[{kind: jsonl}]", "calibration.classes.generic_math[0]: kind jsonl needs a path"),
+    ("prune.mtp_heads=drp", "prune.mtp_heads='drp': expected one of ['keep', 'drop']"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, override, message):
     cache = tmp_path / "cache"

@@ -237,3 +237,14 @@ def test_tensor_type_overrides_reach_the_file_and_win_over_the_cd_rule(toolchain
     assert lines[0] == r"blk\.0\.ffn_down_exps\.weight=q8_0" and r"blk\.0\.ffn_down_exps\.weight=q3_k" in lines
     assert m["tensor_types"]["blk.0.ffn_down_exps.weight"] == "Q8_0"
     assert m["tensor_types"]["blk.0.ffn_gate_up_exps.weight"] == "Q3_K"  # the rest of layer 0 follows the rule
+
+
+def test_the_imatrix_length_check_counts_what_llama_imatrix_reads(toolchain, ladder, tmp_path):
+    """-f drops the file's last newline: at the boundary the text has one token less than it seems."""
+    from moeprune.quant import imatrix
+
+    f16_out, m = ladder["f16"]
+    text = tmp_path / "edge.txt"
+    text.write_text("a" * 14 + "\n")  # BOS + 14 tokens = 15 read, one short of two chunks of 8
+    with pytest.raises(MoePruneError, match=r"tokenizes to 15 tokens; llama-imatrix needs at least 16"):
+        imatrix.compute(toolchain, f16_out / m["file"], text, tmp_path / "im" / "imatrix.gguf", ctx=8)

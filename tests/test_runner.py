@@ -42,3 +42,16 @@ def test_every_evaluating_stage_keys_on_the_empty_answer_threshold():
     evaluating = [s for s in STAGES if s.name.startswith("evaluate")] + [EVALUATE_VIRTUAL]
     assert len(evaluating) == 4
     assert all("evaluate.empty_threshold" in s.config_keys for s in evaluating)
+
+
+def test_artifact_dirs_keep_a_shared_cache_dirs_group_bit(tmp_path):
+    import stat
+
+    from moeprune import artifacts
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)  # setgid: new entries belong to the directory's group
+    with artifacts.atomic_dir(shared / "artifact") as tmp:
+        (tmp / "x").write_text("1")
+    assert (shared / "artifact").stat().st_mode & stat.S_ISGID

@@ -341,6 +341,8 @@ def with_mtp_head(sources, tmp_path, family, extra):
     mtp = {f"{extra}.experts.{i}.down_proj.weight": torch.randn(32, 16) for i in range(e)}
     mtp[f"{extra}.gate.weight"] = torch.randn(e, 32)
     mtp[extra.rsplit(".", 1)[0] + ".eh_proj.weight"] = torch.randn(32, 64)
+    shared = "shared_expert" if family == "qwen3_5_moe" else "shared_experts"
+    mtp[f"{extra}.{shared}.down_proj.weight"] = torch.randn(32, 24)
     save_file({**state, **mtp}, src / "model.safetensors", metadata={"format": "pt"})
     drop = {layer: [2, 6, 10, 14][:2] if family == "qwen3_5_moe" else [0, 4, 8, 12] for layer in
             ([0, 1] if family == "qwen3_5_moe" else [1, 2])}
@@ -353,12 +355,22 @@ def test_mtp_head_experts_are_copied_unpruned_and_the_model_still_loads(sources,
     with caplog.at_level("WARNING", logger="moeprune"):
         prune_checkpoint(src, tmp_path / "out", drop)
     assert "copied unpruned" in caplog.text and "prune.mtp_heads=drop" in caplog.text
-    experts = sorted(n for n in mtp if not n.endswith("eh_proj.weight"))
+    experts = sorted(n for n in mtp if ".experts." in n or n.endswith("gate.weight"))
     assert json.loads((tmp_path / "out" / METADATA_FILE).read_text())["unpruned_expert_tensors"] == experts
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
         for name, t in mtp.items():
             assert torch.equal(f.get_tensor(name), t)
     load_family(family, tmp_path / "out")
+
+
+@pytest.mark.parametrize("family,extra", MTP_CASES)
+def test_a_kept_mtp_head_is_copied_as_it_is_even_under_a_shared_ffn_upweight(sources, tmp_path, family, extra):
+    src, mtp, drop = with_mtp_head(sources, tmp_path, family, extra)
+    info = prune_checkpoint(src, tmp_path / "out", drop, shared_ffn_alpha=2.0)
+    assert info["shared_ffn_tensors_scaled"] == 2  # the two MoE layers of the model, not the head's
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as f:
+        for name, t in mtp.items():
+            assert torch.equal(f.get_tensor(name), t), name
 
 
 @pytest.mark.parametrize("family,extra", MTP_CASES)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from moeprune.evaluate import sandbox
 from moeprune.evaluate.benches.base import Bench, fence
-from moeprune.evaluate.scoring import extract_code
+from moeprune.evaluate.scoring import defines_function, extract_code
 from moeprune.evaluate.types import Sample, Verdict
 
 
@@ -39,10 +39,11 @@ class HumanEval(Bench):
 
     def program(self, sample: Sample, completion: str) -> tuple[str, bool]:
         x = sample.extra
-        code, fenced = extract_code(completion, "python", defines=f"def {x['entry_point']}")
+        entry = defines_function(x["entry_point"])
+        code, fenced = extract_code(completion, "python", defines=entry)
         # A body-only reply continues the prompt's signature; a full function redefines the stub,
         # whose docstring alone is a valid body.
-        joined = x["prompt"] + ("\n" + code if f"def {x['entry_point']}" in code else code)
+        joined = x["prompt"] + ("\n" + code if entry.search(code) else code)
         return f"{joined}\n\n{x['test']}\n\ncheck({x['entry_point']})\n", fenced
 
     def score(self, sample: Sample, completion: str) -> Verdict:
@@ -50,7 +51,7 @@ class HumanEval(Bench):
             return Verdict(False, "", "empty")
         program, _ = self.program(sample, completion)
         res = sandbox.run_program(program, "python", limits=self.limits)
-        code = extract_code(completion, "python", defines=f"def {sample.extra['entry_point']}")[0]
+        code = extract_code(completion, "python", defines=defines_function(sample.extra["entry_point"]))[0]
         return Verdict(res.passed, code, "" if res.passed else res.why())
 
     def canonical(self, sample: Sample) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import re
 import zlib
 
 from moeprune.errors import MoePruneError
@@ -33,6 +34,7 @@ _MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy"
             "itertools", "functools", "operator", "io", "sys", "json", "builtins", "typing")
 _PRELUDE = ("".join(f"from {m} import *\n" for m in _MODULES) + "".join(f"import {m}\n" for m in _MODULES)
             + "sys.setrecursionlimit(50000)\n")
+_SOLUTION = re.compile(r"^class\s+Solution\b", re.M)  # the functional problems' entry class
 _FUNCTIONAL_HARNESS = """
 
 import json as _json, sys as _sys
@@ -110,7 +112,7 @@ class LiveCodeBench(Bench):
     def score(self, sample: Sample, completion: str) -> Verdict:
         if not completion.strip():
             return Verdict(False, "", "empty")
-        code, _ = extract_code(completion, "python", defines="class Solution" if sample.extra["func_name"] else None)
+        code, _ = extract_code(completion, "python", defines=_SOLUTION if sample.extra["func_name"] else None)
         for i, test in enumerate(sample.extra["tests"]):
             functional = test.get("testtype") == "functional"
             program = _PRELUDE + code + (_FUNCTIONAL_HARNESS.format(func=sample.extra["func_name"]) if functional else "")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from moeprune.evaluate import sandbox
 from moeprune.evaluate.benches.base import Bench, fence
-from moeprune.evaluate.scoring import extract_code
+from moeprune.evaluate.scoring import ANY_FUNCTION, extract_code
 from moeprune.evaluate.types import Sample, Verdict
 
 
@@ -34,7 +34,7 @@ class MBPP(Bench):
     def score(self, sample: Sample, completion: str) -> Verdict:
         if not completion.strip():
             return Verdict(False, "", "empty")
-        code, _ = extract_code(completion, "python", defines="def ")
+        code, _ = extract_code(completion, "python", defines=ANY_FUNCTION)
         program = "\n\n".join([sample.extra["setup"], code, *sample.extra["tests"]]) + "\n"
         res = sandbox.run_program(program, "python", limits=self.limits)
         return Verdict(res.passed, code, "" if res.passed else res.why())
