@@ -55,3 +55,25 @@ def test_artifact_dirs_keep_a_shared_cache_dirs_group_bit(tmp_path):
     with artifacts.atomic_dir(shared / "artifact") as tmp:
         (tmp / "x").write_text("1")
     assert (shared / "artifact").stat().st_mode & stat.S_ISGID
+
+
+def test_a_second_builder_waits_for_the_lock_holder(tmp_path):
+    """The runner's per-artifact lock across processes: the second one waits, and says so."""
+    import subprocess
+    import sys
+    import time
+
+    from moeprune import artifacts
+
+    lock = tmp_path / "locks" / "profile-abc.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\nfrom moeprune.artifacts import build_lock\n"
+        f"with build_lock({str(lock)!r}) as waited:\n    print(waited, flush=True)\n    time.sleep(1.0)\n")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "False"  # it took the free lock
+    t0 = time.monotonic()
+    with artifacts.build_lock(lock) as waited:
+        assert waited and time.monotonic() - t0 > 0.3
+    holder.wait(timeout=10)
+    with artifacts.build_lock(lock) as waited:
+        assert not waited

@@ -110,7 +110,9 @@ def test_joblib_runs_two_trials_in_parallel_each_on_its_own_device(sweep_model, 
     logs = {n: "".join(p.read_text() for p in r["dir"].glob("*.log")) for n, r in records.items()}
     for n, s in zip(records, slots):  # the job's own log says which device it got
         assert f"CUDA_VISIBLE_DEVICES={s['CUDA_VISIBLE_DEVICES']}" in logs[n]
-    assert sum("profile        waited for another process" in log for log in logs.values()) == 1
+    # whether the second job arrives while the first still builds (and logs that it waited) depends
+    # on start-up skew; that the profile is built once does not (test_runner holds the lock itself)
+    assert sum("profile        waited for another process" in log for log in logs.values()) <= 1
     profiles = {json.loads((r["dir"] / "run.json").read_text())["stages"]["profile"]["cached"] for r in records.values()}
     assert profiles == {True, False}, "one job built the profile, the other reused it"
 
