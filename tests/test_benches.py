@@ -133,6 +133,12 @@ MULTIPL_E_REPLIES = {
              "x + y", "x - y"),
     "js": ("```javascript\nfunction add(x, y){\n  return x + y;\n}\n```", "x + y", "x - y"),
 }
+MULTIPL_E_USAGE = {  # a trailing example that calls the function: never the block to score
+    "rust": "\nUsage:\n```rust\nfn main() {\n    println!(\"{}\", add(1, 2));\n}\n```",
+    "java": ("\nUsage:\n```java\nclass Main { public static void main(String[] a) "
+             "{ System.out.println(Problem.add(1, 2)); } }\n```"),
+    "js": "\nUsage:\n```javascript\nconsole.log(add(1, 2));\n```",
+}
 
 
 @pytest.mark.parametrize("lang", ["rust", "java", "js"])
@@ -144,6 +150,9 @@ def test_multipl_e_compiles_and_runs_each_language(lang):
     reply, good, bad = MULTIPL_E_REPLIES[lang]
     assert bench.score(sample, reply).passed, bench.score(sample, reply)
     assert not bench.score(sample, reply.replace(good, bad)).passed
+    with_usage = reply + MULTIPL_E_USAGE[lang]
+    assert bench.score(sample, with_usage).passed, bench.score(sample, with_usage)
+    assert not bench.score(sample, with_usage.replace(good, bad)).passed
     assert not bench.score(sample, "").passed
     assert "does not define" in bench.score(sample, "```\nprint(1)\n```").detail
 

@@ -35,6 +35,16 @@ def _function_name(signature: str) -> str:
     return names[0]
 
 
+def definition_of(prompt: str) -> re.Pattern:
+    """The prompt function's definition line as a reply restates it: the word before the name (`fn`,
+    `function`, a Java return type) then the name and `(`; a call such as `println!("{}", add(1, 2))`
+    in a usage example does not match."""
+    signature = [ln for ln in prompt.rstrip().splitlines() if ln.strip()][-1]
+    name = _function_name(signature)
+    before = signature[:signature.index(name)].split()
+    return re.compile(rf"{re.escape(before[-1]) if before else ''}\s*\b{re.escape(name)}\s*\(")
+
+
 def completion_from_reply(code: str, prompt: str, stop_tokens: list[str]) -> str | None:
     """The part of a reply's code that continues the prompt (None when it never defines the function)."""
     signature = [ln for ln in prompt.rstrip().splitlines() if ln.strip()][-1]
@@ -105,7 +115,7 @@ class MultiPLE(Bench):
         if not completion.strip():
             return Verdict(False, "", "empty")
         lang, x = sample.category, sample.extra
-        code, _ = extract_code(completion, lang)
+        code, _ = extract_code(completion, lang, defines=definition_of(x["prompt"]))
         body = completion_from_reply(code, x["prompt"], x["stop_tokens"])
         if body is None:
             return Verdict(False, code, "the reply does not define the prompt's function")
