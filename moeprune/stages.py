@@ -195,9 +195,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
         keep, _, _ = dropmap.keep_bounds(cfg.keep, E, top_k)
         if cfg.keep.mode == "uniform":
             adapter.validate_keep(model_config, keep)
-        elif adapter.expert_groups(model_config, keep) is not None:
-            raise MoePruneError(f"keep.mode={cfg.keep.mode} cannot follow group-limited routing "
-                                f"({adapter.name}): expected keep.mode=uniform, whose maps are chosen legal group by group")
+        dropmap.check_mode_fits_groups(cfg.keep.mode, adapter.expert_groups(model_config, keep))
     config.build(cfg.strategy)
     dropmap.class_weight_vector(list(cfg.calibration.classes), cfg.class_weights)
 
@@ -210,10 +208,9 @@ def _quant_can_run(cfg: DictConfig) -> None:
 
 
 def _prune_fits(cfg: DictConfig) -> None:
-    from moeprune.prune.surgery import MTP_HEADS
+    from moeprune.prune.surgery import check_mtp_heads
 
-    if cfg.prune.mtp_heads not in MTP_HEADS:
-        raise MoePruneError(f"prune.mtp_heads={cfg.prune.mtp_heads!r}: expected one of {list(MTP_HEADS)}")
+    check_mtp_heads(cfg.prune.mtp_heads)
     if cfg.keep.mode != "uniform":  # before the profile: surgery would refuse the map at the end
         raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
                             "cannot hold: expected evaluate.virtual=true (score it by router masking), "

@@ -116,16 +116,14 @@ def check_data_dir(cfg: DictConfig) -> None:
 
 
 def calibration_files(cfg: DictConfig) -> dict[str, Path]:
-    """The local files a corpus reads, for the stage's cache key (an edited corpus re-profiles)."""
-    check_data_dir(cfg)
+    """The local files a corpus reads, for the stage's cache key (an edited corpus re-profiles).
+    The sources are checked here, before any hashing, as the profile stage will read them."""
     files = {}
-    for cls, sources in cfg.classes.items():
-        for i, src in enumerate(sources or []):
-            kind, path = src.get("kind", "jsonl"), src.get("path", "")
-            if kind in ("jsonl", "text") and not path:
-                raise MoePruneError(f"calibration.classes.{cls}[{i}]: kind {kind} needs a path")
-            if kind in ("jsonl", "text") or (kind == "datasets" and path and Path(path).expanduser().exists()):
-                files[f"calibration.{cls}[{i}]"] = Path(path).expanduser()
+    for cls, sources in sources_of(cfg, tiers_of(cfg)).items():
+        for i, src in enumerate(sources):
+            path = Path(src.path).expanduser()
+            if src.kind in ("jsonl", "text") or (src.kind == "datasets" and path.exists()):
+                files[f"calibration.{cls}[{i}]"] = path
     return files
 
 

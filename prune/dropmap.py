@@ -4,7 +4,8 @@ build() follows the reference recipe: strategy scores -> protection set (protect
 class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties broken by the
 baseline map (its dropped experts go first) and then by expert id (the lower id goes first).
 Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
-the map is legal (selection.select_grouped). The JSON schema is the reference tools' own ({"<layer>": [ids]}), so maps move both ways.
+the map is legal (selection.select_grouped). The JSON schema is the reference tools' own
+({"<layer>": [ids]}), so maps move both ways.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def keep_bounds(keep_cfg: DictConfig, num_experts: int, top_k: int) -> tuple[int
         raise MoePruneError(f"cannot keep {what}: expected top_k ({top_k}) <= min <= keep <= max <= "
                             f"num_experts ({num_experts})")
     return T, lo, hi
+
+
+def check_mode_fits_groups(mode: str, groups) -> None:
+    """Group-limited routing (the adapter's expert_groups) takes uniform maps only."""
+    if groups is not None and mode != "uniform":
+        raise MoePruneError(f"keep.mode={mode} cannot follow group-limited routing (n_group={groups[0]}): expected "
+                            "keep.mode=uniform, whose maps are chosen legal group by group")
 
 
 def class_weight_vector(classes: list[str], cfg: DictConfig) -> np.ndarray:
@@ -167,9 +175,7 @@ def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list
     protections = [protect(l, scores.agg, scores.per_class, weights, strategy.protect_top, strategy.protect_class_top,
                            floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l]) for l in range(L)]
     grouping = None
-    if groups is not None and cfg.keep.mode == "budget":
-        raise MoePruneError(f"keep.mode=budget cannot follow group-limited routing (n_group={groups[0]}): expected "
-                            "keep.mode=uniform, whose maps are chosen legal group by group")
+    check_mode_fits_groups(cfg.keep.mode, groups)
     if groups is not None:
         dropped, grouping = select_grouped(scores.agg, protections, bases, *groups)
     elif cfg.keep.mode == "budget":

@@ -82,6 +82,11 @@ def _check_paths(src: Path, out: Path) -> None:
 MTP_HEADS = ("keep", "drop")
 
 
+def check_mtp_heads(value: str) -> None:
+    if value not in MTP_HEADS:
+        raise MoePruneError(f"prune.mtp_heads={value!r}: expected one of {list(MTP_HEADS)}")
+
+
 @dataclass
 class Plan:
     tensors: list[OutTensor] = field(default_factory=list)  # the output, in source order
@@ -104,13 +109,13 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
     fp8_scales = _fp8_scales(adapter, sources, in_head) if alpha != 1.0 else set()
     for t in sorted(sources.values(), key=lambda t: (str(t.file), t.start)):
         role = adapter.role(t.name)
-        outside = num_layers is not None and role.layer is not None and role.layer >= num_layers
-        if mtp_heads == "drop" and in_head(t.name, role):
+        head = in_head(t.name, role)
+        if mtp_heads == "drop" and head:
             plan.mtp_dropped.append(t.name)
         elif t.name in fp8_scales:  # W = codes x scale: scaling the scale upweights W exactly
             plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
             plan.scaled += 1
-        elif outside and role.kind in ("expert_axis", "per_expert") or role.kind == "other" and _expert_like(adapter, t.name):
+        elif head and (role.kind in ("expert_axis", "per_expert") or _expert_like(adapter, t.name)):
             plan.unpruned.append(t.name)
             plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
         elif role.kind == "expert_axis":
@@ -127,7 +132,7 @@ def _plan(adapter, sources: dict[str, SourceTensor], keep: dict[int, list[int]],
             if role.expert in ids:
                 plan.tensors.append(OutTensor(role.rename.format(expert=ids.index(role.expert)), t.dtype, t.shape,
                                               t.nbytes, pieces=[(t.file, t.start, t.nbytes)]))
-        elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE and not in_head(t.name, role):
+        elif role.kind == "shared_down" and alpha != 1.0 and t.dtype in _SCALABLE and not head:
             plan.tensors.append(OutTensor(t.name, t.dtype, t.shape, t.nbytes, compute=_scaled(t, alpha)))
             plan.scaled += 1
         else:
@@ -189,8 +194,7 @@ def _scaled(t: SourceTensor, alpha: float):
 def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], shared_ffn_alpha: float = 1.0,
                      max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None, mtp_heads: str = "keep") -> dict:
     """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done."""
-    if mtp_heads not in MTP_HEADS:
-        raise MoePruneError(f"prune.mtp_heads={mtp_heads!r}: expected one of {list(MTP_HEADS)}")
+    check_mtp_heads(mtp_heads)
     src, out = Path(src).resolve(), Path(out).resolve()
     _check_paths(src, out)
     config = artifacts.read_json(src / "config.json")

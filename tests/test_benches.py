@@ -10,8 +10,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import moeprune.cli  # noqa: F401  (registers the schema)
+from moeprune.config import build
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import build, sandbox
+from moeprune.evaluate import sandbox
 from moeprune.evaluate.runner import validate_bench
 
 FIX = Path(__file__).resolve().parent / "fixtures"

@@ -50,6 +50,6 @@ def test_only_the_interpolation_needs_data_dir_not_a_path_that_says_data_dir(tmp
     from moeprune.prune.calibration import calibration_files
 
     own = tmp_path / "my_data_dir" / "code.jsonl"
-    cfg = OmegaConf.create({"name": "mine", "data_dir": None, "classes": {"generic_code": [{"kind": "jsonl",
-                                                                                             "path": str(own)}]}})
+    cfg = OmegaConf.create({"name": "mine", "data_dir": None, "tiers": {"short": {}},
+                            "classes": {"generic_code": [{"kind": "jsonl", "path": str(own)}]}})
     assert calibration_files(cfg) == {"calibration.generic_code[0]": own}

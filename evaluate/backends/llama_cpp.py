@@ -19,7 +19,7 @@ from pathlib import Path
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.backends.openai import OpenAIBackend
+from moeprune.evaluate.backends.openai import OpenAIBackend, request_identity
 from moeprune.evaluate.types import Completion
 
 log = logging.getLogger("moeprune")
@@ -58,10 +58,8 @@ class LlamaCppBackend:
         self._client: OpenAIBackend | None = None
 
     def identity(self) -> dict:
-        # the request knobs as the inner openai client would key them (no server yet: a dummy root)
-        requests = OpenAIBackend(base_url="http://127.0.0.1:0/v1", model="-", **self.openai_knobs).request_identity()
         return {"backend": "llama_cpp", "gguf": artifacts.hash_path(self.gguf), "server_args": self.server_args,
-                **requests}
+                **request_identity(**self.openai_knobs)}
 
     def _start(self, thinking_budget: int | None) -> OpenAIBackend:
         if self._client is not None and self._budget == thinking_budget:

@@ -21,6 +21,16 @@ from moeprune.evaluate.types import Completion
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
 
 
+def request_identity(enable_thinking: bool = False, thinking_budget_field: str | None = None,
+                     extra_body: dict | None = None, reasoning_start: str | None = None,
+                     reasoning_end: str | None = None, **_transport_knobs) -> dict:
+    """What shapes each request's output besides the server and model (part of the generation cache
+    key); concurrency, retries and timeouts do not."""
+    return {"enable_thinking": enable_thinking, "extra_body": dict(extra_body or {}),
+            "reasoning": (reasoning_start, reasoning_end) if reasoning_end else None,
+            "thinking_budget_field": thinking_budget_field}
+
+
 class OpenAIBackend:
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 5, timeout_s: float = 1800.0, enable_thinking: bool = False,
@@ -40,6 +50,8 @@ class OpenAIBackend:
         self.enable_thinking, self.thinking_budget_field = enable_thinking, thinking_budget_field
         self.extra_body = dict(extra_body or {})
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
+        self.requests = request_identity(enable_thinking, thinking_budget_field, extra_body, reasoning_start,
+                                         reasoning_end)
 
     @property
     def model(self) -> str:
@@ -54,12 +66,7 @@ class OpenAIBackend:
         return self._model
 
     def identity(self) -> dict:
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model, **self.request_identity()}
-
-    def request_identity(self) -> dict:
-        """What shapes each request's output besides the server and model (the generation cache key)."""
-        return {"enable_thinking": self.enable_thinking, "extra_body": self.extra_body, "reasoning": self.markers,
-                "thinking_budget_field": self.thinking_budget_field}
+        return {"backend": "openai", "base_url": self.base_url, "model": self.model, **self.requests}
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, chat: bool = False,
                  thinking_budget: int | None = None, sampler: dict | None = None) -> list[Completion]:

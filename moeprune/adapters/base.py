@@ -24,6 +24,12 @@ from moeprune.errors import MoePruneError
 # `model.visual.blocks.N.`) never match, so surgery copies them untouched.
 LAYER_RE = re.compile(r"^(?P<prefix>model\.(?:language_model\.)?layers\.)(?P<layer>\d+)\.(?P<rest>.+)$")
 
+# The layout transformers gives the `mlp`-block families (Qwen3-MoE, Qwen3.5/Next, OLMoE,
+# DeepSeek-V3, Mixtral once renamed): fused experts in memory and in state-dict checkpoints, one
+# tensor per expert on the Hub, the router at `mlp.gate`.
+MLP_EXPERT_TENSORS = {"mlp.experts.gate_up_proj": 0, "mlp.experts.down_proj": 0, "mlp.gate.weight": 0}
+MLP_PER_EXPERT = r"mlp\.experts\.(?P<expert>\d+)\..+"
+
 
 @dataclass(frozen=True)
 class TensorRole:

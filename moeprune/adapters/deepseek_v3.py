@@ -27,7 +27,7 @@ weights are computed exactly as before.
 import contextlib
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter, minus_inf_bias
+from moeprune.adapters.base import MLP_EXPERT_TENSORS, MLP_PER_EXPERT, MoEAdapter, minus_inf_bias
 from moeprune.errors import MoePruneError
 
 
@@ -102,13 +102,8 @@ ADAPTERS.register("deepseek_v3")(
     DeepseekV3Adapter(
         name="deepseek_v3",
         model_types=("deepseek_v3",),
-        expert_axis_tensors={
-            "mlp.experts.gate_up_proj": 0,
-            "mlp.experts.down_proj": 0,
-            "mlp.gate.weight": 0,
-            "mlp.gate.e_score_correction_bias": 0,
-        },
-        per_expert_pattern=r"mlp\.experts\.(?P<expert>\d+)\..+",
+        expert_axis_tensors={**MLP_EXPERT_TENSORS, "mlp.gate.e_score_correction_bias": 0},
+        per_expert_pattern=MLP_PER_EXPERT,
         shared_down_tensors=("mlp.shared_experts.down_proj.weight",),
         num_experts_key="n_routed_experts",
         extra_expert_count_keys=("num_local_experts",),

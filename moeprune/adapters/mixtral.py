@@ -7,18 +7,13 @@ saved from a state dict has `mlp.experts.gate_up_proj` / `mlp.experts.down_proj`
 """
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter
+from moeprune.adapters.base import MLP_EXPERT_TENSORS, MoEAdapter
 
 ADAPTERS.register("mixtral")(
     MoEAdapter(
         name="mixtral",
         model_types=("mixtral",),
-        expert_axis_tensors={
-            "block_sparse_moe.gate.weight": 0,
-            "mlp.gate.weight": 0,
-            "mlp.experts.gate_up_proj": 0,
-            "mlp.experts.down_proj": 0,
-        },
+        expert_axis_tensors={**MLP_EXPERT_TENSORS, "block_sparse_moe.gate.weight": 0},  # Hub: block_sparse_moe
         per_expert_pattern=r"(?:block_sparse_moe|mlp)\.experts\.(?P<expert>\d+)\..+",
         num_experts_key="num_local_experts",
         extra_expert_count_keys=("num_experts",),

@@ -7,14 +7,14 @@ one tensor per expert on the Hub (`mlp.experts.N.{gate,up,down}_proj.weight`), f
 """
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter
+from moeprune.adapters.base import MLP_EXPERT_TENSORS, MLP_PER_EXPERT, MoEAdapter
 
 ADAPTERS.register("olmoe")(
     MoEAdapter(
         name="olmoe",
         model_types=("olmoe",),
-        expert_axis_tensors={"mlp.experts.gate_up_proj": 0, "mlp.experts.down_proj": 0, "mlp.gate.weight": 0},
-        per_expert_pattern=r"mlp\.experts\.(?P<expert>\d+)\..+",
+        expert_axis_tensors=MLP_EXPERT_TENSORS,
+        per_expert_pattern=MLP_PER_EXPERT,
         num_experts_key="num_experts",
         extra_expert_count_keys=("num_local_experts",),
         notes="no shared FFN: shared_ffn_alpha must stay 1.0",

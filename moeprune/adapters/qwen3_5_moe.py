@@ -9,14 +9,14 @@ tower `model.visual.*` left untouched); experts are one tensor per expert there 
 """
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter
+from moeprune.adapters.base import MLP_EXPERT_TENSORS, MLP_PER_EXPERT, MoEAdapter
 
 ADAPTERS.register("qwen3_5_moe")(
     MoEAdapter(
         name="qwen3_5_moe",
         model_types=("qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"),
-        expert_axis_tensors={"mlp.experts.gate_up_proj": 0, "mlp.experts.down_proj": 0, "mlp.gate.weight": 0},
-        per_expert_pattern=r"mlp\.experts\.(?P<expert>\d+)\..+",
+        expert_axis_tensors=MLP_EXPERT_TENSORS,
+        per_expert_pattern=MLP_PER_EXPERT,
         shared_down_tensors=("mlp.shared_expert.down_proj.weight",),
         num_experts_key="num_experts",
         extra_expert_count_keys=("num_local_experts",),

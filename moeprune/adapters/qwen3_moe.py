@@ -8,14 +8,14 @@ Layers listed in `mlp_only_layers` (or off `decoder_sparse_step`) are dense and 
 """
 
 from moeprune.adapters import ADAPTERS
-from moeprune.adapters.base import MoEAdapter
+from moeprune.adapters.base import MLP_EXPERT_TENSORS, MLP_PER_EXPERT, MoEAdapter
 
 ADAPTERS.register("qwen3_moe")(
     MoEAdapter(
         name="qwen3_moe",
         model_types=("qwen3_moe",),
-        expert_axis_tensors={"mlp.experts.gate_up_proj": 0, "mlp.experts.down_proj": 0, "mlp.gate.weight": 0},
-        per_expert_pattern=r"mlp\.experts\.(?P<expert>\d+)\..+",
+        expert_axis_tensors=MLP_EXPERT_TENSORS,
+        per_expert_pattern=MLP_PER_EXPERT,
         num_experts_key="num_experts",
         extra_expert_count_keys=("num_local_experts",),
         notes="no shared FFN: shared_ffn_alpha must stay 1.0",
