@@ -50,3 +50,12 @@ def test_unknown_group_option_names_the_choices():
     with pytest.raises(ConfigCompositionException) as e:
         _compose(["strategy=no_such_strategy"])
     assert "no_such_strategy" in str(e.value) and "max" in str(e.value)
+
+
+def test_help_names_the_app_its_groups_and_subcommands():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "moeprune", "--help"], capture_output=True, text=True, check=True).stdout
+    assert out.startswith("moeprune: profile a Mixture-of-Experts model")
+    assert "class_weights: " in out and "coder" in out and "moeprune compare" in out and "moeprune report" in out

@@ -134,7 +134,11 @@ def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
 
     args = [f"model.path={model}", "quant_tier=cd_q4_k_m", "calibration.samples_per_class=8", "bench.n_per_class=2",
             "stages.evaluate_base=false", "keep.experts_per_layer=6"]
-    moeprune(args, tmp_path / "cache", tmp_path / "run1")
+    proc = moeprune(args, tmp_path / "cache", tmp_path / "run1")
+    header = next(ln for ln in proc.stdout.splitlines() if ln.startswith("class"))
+    assert header.split() == ["class", "base", "pruned", "Q4_K_M", "delta"]  # the quantized file's column
+    log = proc.stdout + proc.stderr + (tmp_path / "run1" / "moeprune.log").read_text()
+    assert "evaluate_quant built" in log and "HTTP Request" not in log  # llama-server calls stay out of the log
     dirs = stage_dirs(tmp_path / "run1")
     quant, m = dirs["quant"], artifacts.read_json(dirs["quant"] / "quant-manifest.json")
     meta = artifacts.read_json(quant / "expert_drop_metadata.json")
