@@ -23,9 +23,15 @@ def _model_input(cfg: DictConfig) -> dict[str, Path]:
 
 
 def run_profile(ctx: StageContext) -> dict:
-    from moeprune.prune.profile import run_stage
+    from moeprune.prune.profile_run import profile_checkpoint
 
-    return run_stage(ctx.cfg, model_dir(ctx.cfg), ctx.out_dir)
+    cfg, pc = ctx.cfg, ctx.cfg.profile
+    if pc.mode not in ("whole", "layerwise", "auto"):
+        raise MoePruneError(f"profile.mode={pc.mode!r}: expected whole, layerwise or auto")
+    if pc.on_nonfinite not in ("error", "skip"):
+        raise MoePruneError(f"profile.on_nonfinite={pc.on_nonfinite!r}: expected error or skip")
+    return profile_checkpoint(model_dir(cfg), ctx.out_dir, cfg.calibration, pc, cfg.model.dtype, cfg.model.device,
+                              Path(cfg.paths.cache_dir))
 
 
 def _profile_inputs(cfg: DictConfig) -> dict[str, Path]:

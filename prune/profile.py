@@ -15,12 +15,12 @@ plus `weight_norm` [layers, experts] (||W_up||_F + ||W_down||_F, from the weight
 `profile.neuron_energy`, `neuron_energy` [classes, layers, experts, intermediate]: the sum of squared
 intermediate activations per neuron. A pass is one calibration sequence (prompt [+ continuation]).
 How they are computed: prune/profile_stats.py. Layer by layer from the shards: prune/profile_layerwise.py.
+The profile stage (corpus, mode, save): prune/profile_run.py.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +29,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile_stats import (Accumulator, expert_weight_norms, intermediate_dim, nonfinite_report,
-                                          profiling)
+from moeprune.prune.profile_batches import corpus_meta, corpus_tokens, finish, length_batches, pad_right
+from moeprune.prune.profile_stats import Accumulator, expert_weight_norms, intermediate_dim, profiling
 
-log = logging.getLogger("moeprune")
 PROFILE_FILE = "profile.safetensors"
 META_FILE = "profile.json"
 # the reference tool's JSON names -> ours
@@ -149,48 +148,6 @@ def import_reference(json_path: Path, profile_dir: Path) -> Profile:
 
 
 # ---- the whole-model run -----------------------------------------------------------------------
-def length_batches(passes: list, batch_size: int, batch_tokens: int) -> list[list]:
-    """Passes grouped by tier, sorted longest first, packed into batches of at most `batch_size`
-    passes and `batch_tokens` padded tokens (a pass longer than that budget runs alone)."""
-    batches = []
-    for tier in dict.fromkeys(p.tier for p in passes):
-        todo = sorted((p for p in passes if p.tier == tier), key=lambda p: -len(p.ids))
-        while todo:
-            n = max(1, min(batch_size, batch_tokens // len(todo[0].ids)))
-            batches.append(todo[:n])
-            todo = todo[n:]
-    return batches
-
-
-def pad_right(batch: list, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask, pass of each flattened token or -1). Right padding keeps every
-    token at its own position, so a pass sees exactly what it would see alone (causal attention)."""
-    width = max(len(p.ids) for p in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for i, p in enumerate(batch):
-        ids[i, :len(p.ids)] = torch.tensor(p.ids)
-        mask[i, :len(p.ids)] = 1
-    counted = mask.bool()
-    for i, p in enumerate(batch):  # context-only positions (score_tokens=completion) are not counted
-        counted[i, :getattr(p, "start", 0)] = False
-    seq = torch.where(counted, torch.arange(len(batch))[:, None], -1).reshape(-1)
-    return ids.to(device), mask.to(device), seq.to(device)
-
-
-def finish(acc: Accumulator, classes: list[str], blocks_layers: list[int], on_nonfinite: str) -> dict:
-    """The accumulator's statistics, after the non-finite check the config asks for."""
-    stats = acc.stats()
-    bad = nonfinite_report(stats, classes, blocks_layers)
-    if bad:
-        where = "; ".join(f"{c} layer {layer}: {n} tokens" for c, layer, n in bad)
-        if on_nonfinite != "skip":
-            raise MoePruneError(f"non-finite expert outputs or gates in (class, layer): {where}. Expected finite "
-                                "activations (try model.dtype=float32), or profile.on_nonfinite=skip to exclude them")
-        log.warning("non-finite expert outputs excluded from the statistics in: %s", where)
-    return stats
-
-
 @torch.no_grad()
 def profile_model(model, adapter, corpus: dict[str, list], batch_size: int = 64, batch_tokens: int = 65536,
                   pad_id: int = 0, neuron_energy: bool = False, on_nonfinite: str = "error",
@@ -222,78 +179,6 @@ def profile_model(model, adapter, corpus: dict[str, list], batch_size: int = 64,
     stats = finish(acc, list(corpus), layers, on_nonfinite)
     stats["weight_norm"] = torch.stack([expert_weight_norms(b.experts) for b in blocks])
     return Profile(list(corpus), layers, experts.num_experts, stats, corpus_tokens(corpus), corpus_meta(corpus))
-
-
-def corpus_tokens(corpus: dict[str, list]) -> dict[str, int]:
-    return {c: sum(len(p.ids) for p in passes) for c, passes in corpus.items()}
-
-
-def corpus_meta(corpus: dict[str, list]) -> dict:
-    import hashlib
-
-    h = hashlib.sha256()
-    tiers: dict[str, dict[str, int]] = {}
-    for c, passes in corpus.items():
-        for p in passes:
-            h.update(f"{c}|{p.tier}|{p.weight}|{p.start}|{','.join(map(str, p.ids))}\n".encode())
-            tiers.setdefault(c, {}).setdefault(p.tier, 0)
-            tiers[c][p.tier] += len(p.ids)
-    return {"tokens_per_class_tier": tiers, "passes_per_class": {c: len(v) for c, v in corpus.items()},
-            "corpus_sha256": h.hexdigest()}
-
-
-# ---- the profile stage -------------------------------------------------------------------------
-def run_stage(cfg, model_dir: Path, out_dir: Path) -> dict:
-    """Build the corpus, pick the mode, profile, save. The runner caches the result by content hash."""
-    from moeprune.adapters import adapter_for
-    from moeprune.models import load_model, load_tokenizer, pick_device, read_config
-    from moeprune.prune.calibration import build_corpus, continue_greedy
-
-    pc = cfg.profile
-    if pc.mode not in ("whole", "layerwise", "auto"):
-        raise MoePruneError(f"profile.mode={pc.mode!r}: expected whole, layerwise or auto")
-    if pc.on_nonfinite not in ("error", "skip"):
-        raise MoePruneError(f"profile.on_nonfinite={pc.on_nonfinite!r}: expected error or skip")
-    config = read_config(model_dir)
-    adapter = adapter_for(config)
-    adapter.num_experts(config)  # a family's dense sibling (no expert count) fails here, by name
-    tok = load_tokenizer(model_dir)
-    corpus = build_corpus(cfg.calibration, tok, adapter.text_config(config).get("max_position_embeddings"))
-    device = pick_device(cfg.model.device)
-    mode = pc.mode if pc.mode != "auto" else choose_mode(model_dir, device, pc.device_memory_fraction)
-    cal = cfg.calibration
-    if mode == "whole":
-        model = load_model(model_dir, cfg.model.dtype, cfg.model.device)
-        if cal.generate_tokens:
-            corpus = continue_greedy(model, corpus, cal.generate_tokens, cal.batch_size, tok,
-                                     cal.score_tokens == "completion")
-        profile = profile_model(model, adapter, corpus, cal.batch_size, cal.batch_tokens, tok.pad_token_id,
-                                pc.neuron_energy, pc.on_nonfinite, pc.progress)
-    else:
-        from moeprune.prune.profile_layerwise import profile_layerwise
-
-        if cal.generate_tokens:
-            raise MoePruneError("calibration.generate_tokens needs the whole model on the device: expected "
-                                "generate_tokens=0 with profile.mode=layerwise (or a model that fits)")
-        from moeprune.artifacts import hash_json
-
-        run_key = hash_json([corpus_meta(corpus)["corpus_sha256"], str(model_dir), cfg.model.dtype, pc.neuron_energy])
-        work = Path(pc.work_dir or Path(cfg.paths.cache_dir).expanduser() / "profile_layerwise") / run_key[:16]
-        profile = profile_layerwise(model_dir, adapter, corpus, work, cfg.model.dtype, device, cal.batch_size,
-                                    cal.batch_tokens, tok.pad_token_id, pc.neuron_energy, pc.on_nonfinite,
-                                    pc.hidden_ram_bytes, pc.progress)
-    profile.meta.update(mode=mode, model_dir=str(model_dir), dtype=cfg.model.dtype)
-    profile.save(out_dir)
-    return {"classes": profile.classes, "tokens": sum(profile.tokens.values()), "mode": mode}
-
-
-def choose_mode(model_dir: Path, device: torch.device, fraction: float) -> str:
-    """auto: layer-wise when the checkpoint's weights exceed `fraction` of the device's memory."""
-    if device.type != "cuda":
-        return "whole"
-    size = sum(p.stat().st_size for p in Path(model_dir).glob("*.safetensors"))
-    total = torch.cuda.get_device_properties(device).total_memory
-    return "layerwise" if size > fraction * total else "whole"
 
 
 def main(argv: list[str] | None = None) -> None:

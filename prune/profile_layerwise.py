@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile import Profile, corpus_meta, corpus_tokens, finish, length_batches, pad_right
+from moeprune.prune.profile import Profile
+from moeprune.prune.profile_batches import corpus_meta, corpus_tokens, finish, length_batches, pad_right
 from moeprune.prune.profile_stats import Accumulator, expert_weight_norms, intermediate_dim, profiling
 
 STATE = "state.json"

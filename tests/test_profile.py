@@ -18,7 +18,8 @@ from tiny_moe import FAMILIES  # noqa: E402
 from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.errors import MoePruneError  # noqa: E402
 from moeprune.prune.calibration import Pass  # noqa: E402
-from moeprune.prune.profile import Profile, length_batches, pad_right, profile_model  # noqa: E402
+from moeprune.prune.profile import Profile, profile_model  # noqa: E402
+from moeprune.prune.profile_batches import length_batches, pad_right  # noqa: E402
 from moeprune.prune.profile_stats import STATS, Accumulator, profiling  # noqa: E402
 
 SIMPLE_FAMILIES = [f for f in FAMILIES if not f.endswith("_multimodal")]
