@@ -159,8 +159,9 @@ def test_shipped_checkpoint_shape(shipped):
     assert min(report["evaluation"]["accuracy"].values()) >= 0.95
 
 
-def test_shipped_model_solves_every_class(shipped):
-    from moeprune.toy.train import generation_accuracy
+def test_shipped_model_solves_every_class(shipped, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "tools"))
+    from toy_train import generation_accuracy
 
     model, tok = shipped
     tasks = {c: world.make_tasks(c, 100, "test", seed=7) for c in world.CLASSES}

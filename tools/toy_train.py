@@ -2,7 +2,7 @@
 
 Train (writes a loadable HF checkpoint, or with ``--state-dict-only`` only the weights + a json)::
 
-    python -m moeprune.toy.train --out DIR [--steps N] [--device cuda|cpu] [--batch-size B] [--seed S]
+    python tools/toy_train.py --out DIR [--steps N] [--device cuda|cpu] [--batch-size B] [--seed S]
         [--time-budget SECONDS] [--state-dict-only] [--init STATE.safetensors] [--per-class-forward]
 
 ``--init`` continues from the weights of an earlier ``--state-dict-only`` run (the shipped model
@@ -13,11 +13,11 @@ Finish (build the model from the json's config with the *local* transformers, lo
 strictly, cast to bfloat16, ``save_pretrained`` with the tokenizer and a greedy generation config,
 then measure it and write ``toy_report.json``)::
 
-    python -m moeprune.toy.train --finish STATE.safetensors --out moeprune/toy/model
+    python tools/toy_train.py --finish STATE.safetensors --out moeprune/toy/model
 
 Re-measure a saved checkpoint (rewrites its ``toy_report.json``)::
 
-    python -m moeprune.toy.train --report moeprune/toy/model
+    python tools/toy_train.py --report moeprune/toy/model
 
 The training sequence is ``<bos> prompt answer <eos>`` with the loss on the answer and ``<eos>``
 (``--prompt-loss-weight`` adds a small weight on prompt tokens), a mix of every class, AdamW with
@@ -514,7 +514,7 @@ def train(args) -> dict:
                                                     else platform.processor() or "cpu"),
         "train_wall_s": round(wall, 1), "total_wall_s": round(time.time() - t0, 1),
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "command": "python -m moeprune.toy.train " + " ".join(sys.argv[1:]),
+        "command": "python tools/toy_train.py " + " ".join(sys.argv[1:]),
         "init": str(args.init) if args.init else None, "init_info": init_info,
         "final_test_exact_teacher_forced_bf16": bf16_exact, "log": log,
     }
@@ -649,7 +649,7 @@ def write_report(model_dir: Path, args) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m moeprune.toy.train", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python tools/toy_train.py", description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="output directory")
     ap.add_argument("--finish", type=Path, help="a --state-dict-only safetensors file to finish into --out")
     ap.add_argument("--report", type=Path, help="re-measure this checkpoint dir and rewrite its toy_report.json")
