@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
@@ -13,6 +12,7 @@ from pathlib import Path
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import stats
+from moeprune.evaluate.backends.base import Backend
 from moeprune.evaluate.cache import GenerationCache
 from moeprune.evaluate.types import Completion
 
@@ -20,29 +20,10 @@ log = logging.getLogger("moeprune")
 SAMPLES_FILE, SUMMARY_FILE, VALIDATION_FILE = "samples.jsonl", "summary.json", "validation.json"
 
 
-def identity_of(backend) -> dict | None:
-    """What the backend's generations depend on; None (no caching) for a backend that cannot say."""
-    return backend.identity() if hasattr(backend, "identity") else None
-
-
-def _generate(backend, prompts: list[str], gen: dict) -> list[Completion]:
-    if "chat" in inspect.signature(backend.generate).parameters:
-        return backend.generate(prompts, gen["max_new_tokens"], chat=gen["chat"],
-                                thinking_budget=gen["thinking_budget"], sampler=gen["sampler"])
-    # A raw-completion backend (e.g. the quant stage's llama-cpp-python one): greedy, no chat turn.
-    if gen["chat"] or gen["thinking_budget"] or gen["sampler"].get("temperature", 0) != 0:
-        raise MoePruneError(f"{type(backend).__name__} takes raw prompts with greedy decoding only; this bench "
-                            f"asks for chat={gen['chat']}, thinking_budget={gen['thinking_budget']}, "
-                            f"sampler={gen['sampler']}")
-    return backend.generate(prompts, gen["max_new_tokens"])
-
-
-def generate_all(bench, backend, samples, gen: dict, cache: GenerationCache | None,
+def generate_all(bench, backend: Backend, samples, gen: dict, cache: GenerationCache | None,
                  chunk_size: int) -> tuple[list[Completion], int]:
     """Completions for every sample, reusing cached ones; each finished chunk is cached at once."""
-    identity = identity_of(backend)
-    if identity is None:
-        cache = None
+    identity = backend.identity()
     keys = [GenerationCache.key(identity, gen, s.prompt) for s in samples]
     done = cache.get_many(keys) if cache else {}
     reused = sum(1 for k in keys if k in done)
@@ -52,7 +33,8 @@ def generate_all(bench, backend, samples, gen: dict, cache: GenerationCache | No
         log.info("%s: %d/%d completions reused from the generation cache", bench.name, reused, len(samples))
     for start in range(0, len(todo), chunk_size):
         idx = todo[start:start + chunk_size]
-        comps = _generate(backend, [samples[i].prompt for i in idx], gen)
+        comps = backend.generate([samples[i].prompt for i in idx], gen["max_new_tokens"], chat=gen["chat"],
+                                 thinking_budget=gen["thinking_budget"], sampler=gen["sampler"])
         if len(comps) != len(idx):
             raise MoePruneError(f"backend returned {len(comps)} completions for {len(idx)} prompts")
         new = {keys[i]: c for i, c in zip(idx, comps)}
@@ -63,14 +45,14 @@ def generate_all(bench, backend, samples, gen: dict, cache: GenerationCache | No
     return [done[k] for k in keys], reused
 
 
-def run_bench(bench, backend, out_dir: Path, max_new_tokens: int | None = None, cache_path: Path | None = None,
+def run_bench(bench, backend: Backend, out_dir: Path, max_new_tokens: int | None = None, cache_path: Path | None = None,
               empty_threshold: float = 0.05, chunk_size: int | None = None) -> dict:
     samples = bench.samples()
     if not samples:
         raise MoePruneError(f"bench {bench.name}: no problems selected (check bench.n, bench.filter, bench.task_ids)")
     gen = {"max_new_tokens": max_new_tokens or bench.max_new_tokens, "chat": bench.chat,
            "thinking_budget": bench.thinking_budget, "sampler": bench.sampler}
-    chunk = chunk_size or getattr(backend, "batch_size", None) or 4 * getattr(backend, "concurrency", 16)
+    chunk = chunk_size or backend.chunk_size
     cache = GenerationCache(cache_path) if cache_path else None
     try:
         completions, reused = generate_all(bench, backend, samples, gen, cache, chunk)
@@ -84,7 +66,7 @@ def run_bench(bench, backend, out_dir: Path, max_new_tokens: int | None = None, 
              "tokens": c.tokens, "finish_reason": c.finish_reason}
             for s, c, v in zip(samples, completions, verdicts)]
     canonical = {s.id: s.extra["canonical"] for s in samples if "canonical" in s.extra}
-    identity = identity_of(backend) or {"backend": type(backend).__name__}
+    identity = backend.identity()
     summary = summarize(bench, rows, gen, identity, canonical, empty_threshold)
     summary["generation_cache"] = {"reused": reused, "generated": len(samples) - reused}
     out_dir = Path(out_dir)

@@ -110,6 +110,7 @@ def _plain(node):
 def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None) -> dict:
     """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning."""
     from moeprune.config import build
+    from moeprune.evaluate.backends.base import Backend
     from moeprune.evaluate.runner import run_bench
 
     cfg = ctx.cfg
@@ -121,12 +122,14 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None)
                                 f"expected backend=hf, got {cfg.backend.name!r}")
         runtime["drop_map"] = drop_map
     backend = build(cfg.backend, **runtime)
+    if not isinstance(backend, Backend):
+        raise MoePruneError(f"backend={cfg.backend.name}: {cfg.backend._target_} builds a {type(backend).__name__}, "
+                            f"expected a Backend (chunk_size, generate, identity, close: evaluate/backends/base.py)")
     cache = Path(cfg.paths.cache_dir).expanduser() / "generations.sqlite" if cfg.evaluate.resume else None
     try:
         summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache, cfg.evaluate.empty_threshold)
     finally:
-        if hasattr(backend, "close"):
-            backend.close()
+        backend.close()
     keys = ("bench", "n", "score", "stderr", "per_category", "empty_rate", "flags")
     return {**{k: summary[k] for k in keys}, **_model_size(Path(model_path), drop_map)}
 

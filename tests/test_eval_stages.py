@@ -102,3 +102,19 @@ def test_virtual_refuses_a_shared_ffn_upweight_it_cannot_apply(tiny_gemma4, tmp_
                    tmp_path / "cache", tmp_path / "run")
     assert out.returncode == 2 and "prune.shared_ffn_alpha=1.2" in out.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
+def test_a_backend_target_that_is_not_a_backend_is_refused_by_name(tiny_gemma4, tmp_path, monkeypatch):
+    import pytest
+    from hydra import compose, initialize_config_module
+
+    import moeprune.cli  # noqa: F401  (registers the schema)
+    from moeprune.errors import MoePruneError
+    from moeprune.runner import StageContext
+    from moeprune.stages import run_evaluate_base
+
+    monkeypatch.setenv("MOEPRUNE_CACHE", str(tmp_path / "cache"))
+    with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
+        cfg = compose(config_name="run", overrides=[f"model.path={tiny_gemma4}", "backend._target_=builtins.dict"])
+    with pytest.raises(MoePruneError, match=r"backend=hf: builtins.dict builds a dict, expected a Backend"):
+        run_evaluate_base(StageContext(cfg, tmp_path / "out", {}))

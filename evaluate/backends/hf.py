@@ -20,6 +20,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.evaluate.backends.base import Backend
 from moeprune.evaluate.reasoning import split_reasoning
 from moeprune.evaluate.types import Completion
 from moeprune.models import load_model, load_tokenizer, read_config
@@ -49,7 +50,7 @@ class ThinkingBudget(LogitsProcessor):
         return scores
 
 
-class HFBackend:
+class HFBackend(Backend):
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto", batch_size: int = 128,
                  drop_map: dict[int, list[int]] | None = None, model=None, tokenizer=None,
                  reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
@@ -59,7 +60,7 @@ class HFBackend:
         self.model_dir = Path(model_dir)
         self.model = model if model is not None else load_model(self.model_dir, dtype, device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
-        self.batch_size = batch_size
+        self.batch_size = self.chunk_size = batch_size
         self.drop_map = {int(k): list(v) for k, v in (drop_map or {}).items()}
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
         self.enable_thinking = enable_thinking
@@ -70,6 +71,9 @@ class HFBackend:
         return {"backend": "hf", "model": artifacts.hash_path(self.model_dir), "dtype": self.dtype,
                 "drop_map": artifacts.hash_json(sorted(self.drop_map.items())) if self.drop_map else None,
                 "reasoning": self.markers, "enable_thinking": self.enable_thinking}
+
+    def close(self) -> None:
+        self.model = self.tokenizer = None  # the weights go with the last reference (a run may hold two models)
 
     def _routing(self):
         if not self.drop_map:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.evaluate.backends.base import Backend
 from moeprune.evaluate.backends.openai import OpenAIBackend, request_identity
 from moeprune.evaluate.types import Completion
 
@@ -46,11 +47,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(Backend):
     def __init__(self, model_dir: Path, gguf: str | None = None, concurrency: int = 2, server_args: list | None = None,
                  startup_timeout_s: float = 300.0, **openai_knobs):
         self.gguf = find_gguf(model_dir, gguf)
         self.concurrency, self.server_args = concurrency, [str(a) for a in (server_args or [])]
+        self.chunk_size = 4 * concurrency  # enough prompts per chunk to keep every server slot busy
         self.startup_timeout_s = startup_timeout_s
         self.openai_knobs = {k: v for k, v in openai_knobs.items() if k not in ("base_url", "model", "name")}
         self._server: subprocess.Popen | None = None

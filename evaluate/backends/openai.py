@@ -15,6 +15,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from moeprune.errors import MoePruneError
+from moeprune.evaluate.backends.base import Backend
 from moeprune.evaluate.reasoning import split_reasoning
 from moeprune.evaluate.types import Completion
 
@@ -31,7 +32,7 @@ def request_identity(enable_thinking: bool = False, thinking_budget_field: str |
             "thinking_budget_field": thinking_budget_field}
 
 
-class OpenAIBackend:
+class OpenAIBackend(Backend):
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 5, timeout_s: float = 1800.0, enable_thinking: bool = False,
                  thinking_budget_field: str | None = None, extra_body: dict | None = None,
@@ -44,6 +45,7 @@ class OpenAIBackend:
         if concurrency <= 0:
             raise MoePruneError(f"backend.concurrency={concurrency}: expected a positive number of requests in flight")
         self.base_url, self.concurrency, self.max_retries = base_url, concurrency, max_retries
+        self.chunk_size = 4 * concurrency  # enough prompts per chunk to keep every request slot busy
         self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused",
                              max_retries=max_retries, timeout=timeout_s)
         self._model = model
@@ -67,6 +69,9 @@ class OpenAIBackend:
 
     def identity(self) -> dict:
         return {"backend": "openai", "base_url": self.base_url, "model": self.model, **self.requests}
+
+    def close(self) -> None:
+        self.client.close()
 
     def generate(self, prompts: list[str], max_new_tokens: int, *, chat: bool = False,
                  thinking_budget: int | None = None, sampler: dict | None = None) -> list[Completion]:
