@@ -89,6 +89,9 @@ class StrategyConfig:  # docs/recipes.md defines every knob
     outlier_mode: str = "median"  # keep | median | drop | zero: what replaces an outlier cell
     outlier_threshold: Optional[float] = None  # |wnorm| above this is an outlier (non-finite always is)
     seed: int = 0  # strategy=random
+    # how equal scores rank and sort: stable (the reference's: by expert id, as numpy's stable
+    # argsort; the published recipes) | min (ties share the lowest rank; the baseline map breaks them)
+    rank_ties: str = "min"
 
 
 @dataclass
@@ -115,7 +118,7 @@ class KeepConfig:
     mode: str = "uniform"  # uniform: that count in every layer | budget: that count x layers, spread by score
     min_per_layer: Optional[int] = None  # budget bounds; null = top_k
     max_per_layer: Optional[int] = None  # null = num_experts
-    baseline_map: Optional[str] = None  # an earlier drop map: breaks ties at the boundary, overlap reported
+    baseline_map: Optional[str] = None  # an earlier drop map: overlap reported; breaks ties under rank_ties=min
     drop_map: Optional[str] = None  # use this map (e.g. from the reference tools) instead of building one
 
 

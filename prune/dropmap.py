@@ -2,7 +2,8 @@
 
 build() follows the reference recipe: strategy scores -> protection set (protect_top, each
 class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties broken by the
-baseline map (its dropped experts go first) and then by expert id (the lower id goes first).
+strategy's rank_ties rule (prune/selection.py: the reference's stable sort by expert id, or the
+baseline map's dropped experts first and then the lower id).
 Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
 the map is legal (selection.select_grouped). The JSON schema is the reference tools' own
 ({"<layer>": [ids]}), so maps move both ways.
@@ -172,16 +173,18 @@ def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list
     elif cfg.floor_clamp.profile is not None:
         raise MoePruneError("floor_clamp.profile is set but no floor count: set floor_clamp.map, top, band or band_ratio")
 
+    ties = strategy.rank_ties
     protections = [protect(l, scores.agg, scores.per_class, weights, strategy.protect_top, strategy.protect_class_top,
-                           floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l]) for l in range(L)]
+                           floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l], ties)
+                   for l in range(L)]
     grouping = None
     check_mode_fits_groups(cfg.keep.mode, groups)
     if groups is not None:
-        dropped, grouping = select_grouped(scores.agg, protections, bases, *groups)
+        dropped, grouping = select_grouped(scores.agg, protections, bases, *groups, ties=ties)
     elif cfg.keep.mode == "budget":
-        dropped = select_budget(scores.agg, protections, bases, keep, lo, hi)
+        dropped = select_budget(scores.agg, protections, bases, keep, lo, hi, ties)
     else:
-        dropped = select_uniform(scores.agg, protections, bases, keep)
+        dropped = select_uniform(scores.agg, protections, bases, keep, ties)
     summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
                        floor_n, keep)
     summary["groups"] = grouping

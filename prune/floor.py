@@ -106,9 +106,11 @@ def floor_counts(cfg: DictConfig, layers: list[int], keep: int, scores: np.ndarr
         if signal is None:  # the map's counts, else the mean pooled score of each layer's top-`keep` experts
             signal = counts.astype(np.float64) if counts is not None else np.sort(scores, axis=1)[:, -keep:].mean(1)
         span = signal.max() - signal.min()
-        # rint rounds half to even, as Python's round does; equal signals give every layer the middle.
-        rel = (signal - signal.min()) / span if span > 0 else np.full(len(layers), 0.5)
-        counts = np.clip(np.rint(lo + (hi - lo) * rel), lo, hi).astype(np.int64)
+        # rint rounds half to even, as Python's round does; the product before the division, as the
+        # reference computes it (the other order can round a value to the other side of .5);
+        # equal signals give every layer the middle.
+        scaled = lo + (hi - lo) * (signal - signal.min()) / span if span > 0 else np.full(len(layers), (lo + hi) / 2)
+        counts = np.clip(np.rint(scaled), lo, hi).astype(np.int64)
     too_big = [(layer, int(n)) for layer, n in zip(layers, counts) if n > keep]
     if too_big:
         raise MoePruneError(f"floor_clamp: floors {too_big} (layer, floor) exceed the keep count {keep}: "

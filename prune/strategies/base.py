@@ -21,21 +21,28 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from moeprune.errors import MoePruneError
+from moeprune.prune.selection import RANK_TIES
 
 OUTLIER_MODES = ("keep", "median", "drop", "zero")
 
 
-def rank_normalize(s: np.ndarray) -> np.ndarray:
-    """Percentile rank along the last axis in [0, 1]: (number of strictly smaller cells) / (E - 1).
+def rank_normalize(s: np.ndarray, ties: str = "min") -> np.ndarray:
+    """Percentile rank along the last axis in [0, 1]: rank / (E - 1). Invariant to any strictly
+    increasing rescaling.
 
-    Equal values share the lowest rank. (The reference ranks by a stable argsort, which gives tied
-    cells — typically the many experts a class never routes to — ranks that grow with their id: an
-    arbitrary bonus for high ids. Sharing the rank sends them all to 0 and leaves the tie to the
-    baseline map and the id rule at selection.) Invariant to any strictly increasing rescaling.
+    ties="min": equal values share the lowest rank, (number of strictly smaller cells) / (E - 1).
+    ties="stable" (the reference's): the position in a stable ascending sort, so tied cells —
+    typically the many experts a class never routes to, all at 0 — get ranks that grow with their
+    id (an arbitrary bonus for high ids, which the published maps carry).
     """
     rows = s.reshape(-1, s.shape[-1])
-    ranks = np.stack([np.searchsorted(np.sort(r), r, side="left") for r in rows]) if rows.size else rows
-    return ranks.reshape(s.shape).astype(np.float64) / max(s.shape[-1] - 1, 1)
+    ranks = np.empty(rows.shape, dtype=np.float64)
+    for i, r in enumerate(rows):
+        if ties == "stable":
+            ranks[i, np.argsort(r, kind="stable")] = np.arange(len(r))
+        else:
+            ranks[i] = np.searchsorted(np.sort(r), r, side="left")
+    return ranks.reshape(s.shape) / max(s.shape[-1] - 1, 1)
 
 
 def mean_normalize(s: np.ndarray) -> np.ndarray:
@@ -47,6 +54,10 @@ def mean_normalize(s: np.ndarray) -> np.ndarray:
 
 
 NORMALIZERS = {"rank": rank_normalize, "mean": mean_normalize, "none": lambda s: s}
+
+
+def normalize(s: np.ndarray, how: str, ties: str) -> np.ndarray:
+    return rank_normalize(s, ties) if how == "rank" else NORMALIZERS[how](s)
 
 
 @dataclass
@@ -111,7 +122,8 @@ class Strategy:
 
     def __init__(self, name: str, normalize: str = "rank", alpha: float = 2.0, score: str = "legacy",
                  breadth_bonus: float = 0.0, protect_top: int = 0, protect_class_top: int = 0,
-                 outlier_mode: str = "median", outlier_threshold: float | None = None, seed: int = 0):
+                 outlier_mode: str = "median", outlier_threshold: float | None = None, seed: int = 0,
+                 rank_ties: str = "min"):
         def bad(knob, value, expected):
             return MoePruneError(f"strategy={name}: strategy.{knob}={value!r}: expected {expected}")
 
@@ -135,9 +147,13 @@ class Strategy:
             raise bad("outlier_mode", outlier_mode, f"one of {', '.join(OUTLIER_MODES)}")
         if outlier_threshold is not None and not outlier_threshold > 0:
             raise bad("outlier_threshold", outlier_threshold, "null or a number > 0")
+        if rank_ties not in RANK_TIES:
+            raise bad("rank_ties", rank_ties, "stable (the reference's: ties ranked by expert id) or min "
+                                              "(ties share the lowest rank)")
         self.name, self.normalize, self.alpha, self.score = name, normalize, alpha, score
         self.breadth_bonus, self.protect_top, self.protect_class_top = breadth_bonus, protect_top, protect_class_top
         self.outlier_mode, self.outlier_threshold, self.seed = outlier_mode, outlier_threshold, seed
+        self.rank_ties = rank_ties
 
     def reference_needs(self) -> tuple[str, ...]:
         """What `reference_score` reads: wnorm only when alpha > 0 (so a profile without it, such as
@@ -172,7 +188,7 @@ class ClassAggregate(Strategy):
     def scores(self, stats, weights, classes):
         s, outliers = treat_outliers(self.reference_score(stats), self.outlier_signal(stats), self.outlier_mode,
                                      self.outlier_threshold, classes)
-        s = NORMALIZERS[self.normalize](s)
+        s = normalize(s, self.normalize, self.rank_ties)
         # A dropped outlier is "no support" for its class: -inf before ranking; 0 on the other scales.
         s = np.where(np.isneginf(s), 0.0, s)
         agg = self.combine(s, weights)
@@ -197,4 +213,4 @@ class PooledCriterion(Strategy):
         per_class = self.per_class(stats)
         if not np.isfinite(per_class).all():
             raise MoePruneError(f"strategy={self.name}: the profile has non-finite statistics: expected finite values")
-        return Scores(NORMALIZERS[self.normalize](self.pooled(stats, weights)), per_class)
+        return Scores(normalize(self.pooled(stats, weights), self.normalize, self.rank_ties), per_class)
