@@ -62,8 +62,10 @@ def run_dropmap(ctx: StageContext) -> dict:
             "outliers_treated": s["outliers"]["treated"], "mean_overlap_with_baseline": overlap}
 
 
-_DROPMAP_FILES = {"floor_clamp.profile": "floor profile artifact dir", "floor_clamp.map": "floor map JSON",
-                  "keep.baseline_map": "baseline drop map JSON", "keep.drop_map": "drop map JSON"}
+_DROPMAP_FILES = {"floor_clamp.profile": ("floor profile artifact dir", "to rank the floor by the run's own profile"),
+                  "floor_clamp.map": ("floor map JSON", "to run without it"),
+                  "keep.baseline_map": ("baseline drop map JSON", "to run without it"),
+                  "keep.drop_map": ("drop map JSON", "to build the map from the recipe")}
 
 
 def _dropmap_inputs(cfg: DictConfig) -> dict[str, Path]:
@@ -72,13 +74,13 @@ def _dropmap_inputs(cfg: DictConfig) -> dict[str, Path]:
     from omegaconf import OmegaConf
 
     out = {}
-    for key, what in _DROPMAP_FILES.items():
+    for key, (what, without) in _DROPMAP_FILES.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         if not Path(value).exists():
             raise MoePruneError(f"{key}={value}: not found; expected a {what} (pass {key}=PATH, or {key}=null "
-                                f"to run without it)")
+                                f"{without})")
         is_dir = what.endswith("dir")
         if Path(value).is_dir() != is_dir:
             hint = f" (a dropmap artifact holds {Path(value) / 'drop_map.json'})" if key.startswith("keep.") else ""

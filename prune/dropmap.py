@@ -132,8 +132,9 @@ def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tup
         return profile.classes, stats
     try:
         other = Profile.load(Path(cfg.floor_clamp.profile))
-    except FileNotFoundError as e:
-        raise MoePruneError(f"floor_clamp.profile={cfg.floor_clamp.profile}: not a profile artifact dir ({e})") from None
+    except MoePruneError as e:
+        raise MoePruneError(f"floor_clamp.profile={cfg.floor_clamp.profile}: {e} (floor_clamp.profile=null ranks the "
+                            f"floor by the run's own profile)") from None
     if other.layers != profile.layers or other.num_experts != profile.num_experts:
         raise MoePruneError(f"floor_clamp.profile: layers {other.layers} x {other.num_experts} experts, expected the "
                             f"run's {profile.layers} x {profile.num_experts}")
@@ -152,7 +153,10 @@ def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list
         raise MoePruneError(f"strategy={strategy.name} produced non-finite keep scores: check the profile and knobs")
     baseline = None
     if cfg.keep.baseline_map is not None:
-        baseline = read_map(cfg.keep.baseline_map, profile.layers, E, top_k, uniform=False)
+        try:
+            baseline = read_map(cfg.keep.baseline_map, profile.layers, E, top_k, uniform=False)
+        except MoePruneError as e:
+            raise MoePruneError(f"keep.baseline_map: {e} (keep.baseline_map=null runs without it)") from None
     bases = [set(baseline[layer]) if baseline else set() for layer in profile.layers]
     if cfg.keep.drop_map is not None:  # a map made elsewhere (e.g. the reference tools): used as is, and scored
         uniform = cfg.keep.mode == "uniform"

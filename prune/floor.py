@@ -58,7 +58,8 @@ def read_floor_map(path: str, layers: list[int]) -> tuple[np.ndarray, np.ndarray
     try:
         obj = artifacts.read_json(path)
     except FileNotFoundError:
-        raise MoePruneError(f"floor map not found: {path}") from None
+        raise MoePruneError(f"floor map not found: {path}: expected the floor map JSON that floor_clamp.map names "
+                            f"(floor_clamp.map=null runs without it)") from None
     except ValueError as e:
         raise MoePruneError(f"floor map {path} is not valid JSON: {e}") from None
     if isinstance(obj, dict) and "floor_per_layer" in obj:

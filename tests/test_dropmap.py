@@ -417,3 +417,12 @@ def test_a_count_only_profile_drives_alpha_zero_and_names_what_is_missing_otherw
         with tempfile.TemporaryDirectory() as d:
             p.save(Path(d))
             dropmap.build(make_profile(1), recipe(floor={"profile": d, "top": 2}), 2)
+
+
+def test_a_missing_floor_map_profile_or_baseline_names_the_override_that_drops_it():
+    cases = [({"floor": {"map": "/no/floor.json"}}, "floor_clamp.map=null runs without it"),
+             ({"floor": {"profile": "/no/floor_profile", "top": 2}}, "floor_clamp.profile=null ranks the floor"),
+             ({"keep": {"baseline_map": "/no/base.json"}}, "keep.baseline_map=null runs without it")]
+    for knobs, hint in cases:
+        with pytest.raises(MoePruneError, match=hint):
+            dropmap.build(make_profile(0), recipe(**knobs), 2)

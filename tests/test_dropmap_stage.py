@@ -71,9 +71,18 @@ def test_baseline_map_overlap_is_reported_and_hashed_into_the_key(tiny_run, tmp_
 
 @pytest.mark.parametrize("overrides, message", [
     (["keep.baseline_map=BASE"], "duplicate expert ids [1]"),
-    (["recipe=v6_coder"], "floor_clamp.map=v4_layer_floor_map.json: not found; expected a floor map JSON"),
+    (["recipe=v6_coder"], "floor_clamp.profile=expert_neuron_v4: not found; expected a floor profile artifact dir "
+                          "(pass floor_clamp.profile=PATH, or floor_clamp.profile=null to rank the floor by the run's "
+                          "own profile)"),
+    (["recipe=v6_coder", "floor_clamp.profile=null"], "floor_clamp.map=v4_layer_floor_map.json: not found; expected "
+                                                      "a floor map JSON (pass floor_clamp.map=PATH, or "
+                                                      "floor_clamp.map=null to run without it)"),
     (["recipe=v7_coder", "floor_clamp.map=null"], "floor_clamp.profile=expert_neuron_base_v7: not found"),
-    (["recipe=v6_coder", "floor_clamp.map=null", "keep.baseline_map=null"], "cannot keep 98 experts per layer"),
+    # a group switched off after a recipe wins: the next missing file is the recipe's baseline map
+    (["recipe=v6_coder", "floor_clamp=none"], "keep.baseline_map=teacher_force_98e_p16_clean.json: not found; "
+                                              "expected a baseline drop map JSON (pass keep.baseline_map=PATH, or "
+                                              "keep.baseline_map=null to run without it)"),
+    (["recipe=v6_coder", "floor_clamp=none", "keep.baseline_map=null"], "cannot keep 98 experts per layer"),
     (["recipe=toy_v6_coder", "class_weights=lcb_only"], "unknown classes ['targeted_humaneval'"),
     (["keep.experts_per_layer=1"], "top_k (2)"),
 ])
