@@ -65,6 +65,9 @@ class CalibrationConfig:
 
 @dataclass
 class ProfileConfig:
+    # a profile artifact dir to use instead of profiling the model (`python -m moeprune.prune.profile
+    # import` makes one from the reference's JSON); stage=dropmap then needs no model (docs/recipes.md)
+    path: Optional[str] = None
     # auto: layerwise when the weights exceed device_memory_fraction of the GPU, else whole (CPU: whole)
     mode: str = "auto"  # auto | whole | layerwise (one decoder layer on the device at a time)
     neuron_energy: bool = False  # also sum squared intermediate activations per (expert, neuron)

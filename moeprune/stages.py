@@ -26,6 +26,10 @@ def run_profile(ctx: StageContext) -> dict:
     from moeprune.prune.profile_run import profile_checkpoint
 
     cfg, pc = ctx.cfg, ctx.cfg.profile
+    if pc.path is not None:  # a profile made elsewhere (the reference's JSON, imported): copied as the artifact
+        profile = given_profile(cfg)
+        profile.save(ctx.out_dir)
+        return {"classes": profile.classes, "imported_from": str(pc.path)}
     if pc.mode not in ("whole", "layerwise", "auto"):
         raise MoePruneError(f"profile.mode={pc.mode!r}: expected whole, layerwise or auto")
     if pc.on_nonfinite not in ("error", "skip"):
@@ -34,9 +38,24 @@ def run_profile(ctx: StageContext) -> dict:
                               Path(cfg.paths.cache_dir))
 
 
+def given_profile(cfg: DictConfig):
+    """The profile named by profile.path, or None when the run profiles the model itself."""
+    from moeprune.prune.profile import Profile
+
+    if cfg.profile.path is None:
+        return None
+    try:
+        return Profile.load(Path(cfg.profile.path))
+    except MoePruneError as e:
+        raise MoePruneError(f"profile.path={cfg.profile.path}: {e} (`python -m moeprune.prune.profile import "
+                            f"IN.json DIR` makes one from the reference's JSON)") from None
+
+
 def _profile_inputs(cfg: DictConfig) -> dict[str, Path]:
     from moeprune.prune.calibration import calibration_files
 
+    if cfg.profile.path is not None:
+        return {"profile": Path(cfg.profile.path)}
     return {**_model_input(cfg), **calibration_files(cfg.calibration)}
 
 
@@ -46,6 +65,11 @@ def run_dropmap(ctx: StageContext) -> dict:
     from moeprune.prune.profile import Profile
 
     cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
+    if cfg.profile.path is not None:  # the map from the profile alone; the model's own checks come at prune time
+        top_k = recorded_top_k(cfg, profile)
+        result = dropmap.build(profile, cfg, top_k)
+        dropmap.validate(result.as_json(), profile.layers, profile.num_experts, top_k, cfg.keep.mode == "uniform")
+        return _write_dropmap(ctx, result, profile)
     config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
     keep = dropmap.keep_count(cfg.keep, profile.num_experts)
@@ -55,6 +79,22 @@ def run_dropmap(ctx: StageContext) -> dict:
     checked = dropmap.validate(result.as_json(), profile.layers, profile.num_experts, adapter.top_k(config),
                                uniform=cfg.keep.mode == "uniform")
     adapter.validate_drop_map(config, checked, physical=cfg.keep.mode == "uniform")  # architecture rules (groups...)
+    return _write_dropmap(ctx, result, profile)
+
+
+def recorded_top_k(cfg: DictConfig, profile) -> int:
+    """A given profile's top_k (the reference JSON does not record one: the import takes --top-k)."""
+    if profile.meta.get("top_k") is None:
+        raise MoePruneError(f"profile.path={cfg.profile.path} records no top_k, which a drop map without the model "
+                            "needs: expected it imported with `python -m moeprune.prune.profile import --top-k K "
+                            "IN.json DIR` (Gemma 4 26B-A4B: 8)")
+    return int(profile.meta["top_k"])
+
+
+def _write_dropmap(ctx: StageContext, result, profile) -> dict:
+    from moeprune.prune import dropmap
+
+    cfg = ctx.cfg
     dropmap.write(ctx.out_dir, result, title=f"{cfg.strategy.name} / {cfg.class_weights.name} / {cfg.floor_clamp.name}")
     s = result.summary
     overlap = s["baseline"]["mean_overlap"] if s["baseline"] else None
@@ -199,6 +239,13 @@ def _recipe_fits(cfg: DictConfig) -> None:
     from moeprune.prune import dropmap
 
     _dropmap_inputs(cfg)  # the recipe's files exist and are what each knob expects
+    given = given_profile(cfg)
+    if given is not None:  # no model needed: its classes, experts and top_k are the profile's
+        if cfg.keep.drop_map is None:
+            dropmap.keep_bounds(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
+        config.build(cfg.strategy)
+        dropmap.class_weight_vector(given.classes, cfg.class_weights)
+        return
     if cfg.keep.drop_map is None:
         model_config = read_config(model_dir(cfg))
         adapter = adapter_for(model_config)

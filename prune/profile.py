@@ -34,8 +34,6 @@ from moeprune.prune.profile_stats import Accumulator, expert_weight_norms, inter
 
 PROFILE_FILE = "profile.safetensors"
 META_FILE = "profile.json"
-# the reference tool's JSON names -> ours
-REFERENCE_NAMES = {"wnorm": "wnorm", "rnorm": "rnorm", "wsum": "wsum", "tc": "count", "cc": "hits"}
 
 
 @dataclass
@@ -76,76 +74,6 @@ class Profile:
                                 f"expected {META_FILE} + {PROFILE_FILE} as the profile stage writes them") from None
         return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta)
 
-    # ---- the reference tool's JSON ------------------------------------------------------------
-    def to_reference(self) -> dict:
-        """{class: {layer: {expert: {wnorm, rnorm, wsum, tc, cc}}}}, keys as strings (docs/profiling.md)."""
-        def cell(ci, li, e):
-            return {ref: float(self.stats[ours][ci, li, e]) for ref, ours in REFERENCE_NAMES.items()}
-
-        return {c: {str(layer): {str(e): cell(ci, li, e) for e in range(self.num_experts)}
-                    for li, layer in enumerate(self.layers)}
-                for ci, c in enumerate(self.classes)}
-
-    @classmethod
-    def from_reference(cls, data: dict) -> "Profile":
-        """A profile from the reference tool's JSON: its five statistics; the others stay absent."""
-        if not isinstance(data, dict) or not data:
-            raise MoePruneError("reference profile: expected {class: {layer: {expert: {wnorm, rnorm, wsum, tc, cc}}}}")
-        classes = list(data)
-        layers = sorted({_int(k, f"class {c!r}: layer key") for c in classes for k in _dict(data[c], c)})
-        experts = sorted({_int(e, f"class {c!r}: expert key") for c in classes for layer in data[c].values()
-                          for e in _dict(layer, c)})
-        if experts != list(range(len(experts))):
-            raise MoePruneError(f"reference profile: expert ids {experts[:5]}...: expected 0..E-1")
-        out = {ours: torch.zeros(len(classes), len(layers), len(experts), dtype=torch.float64)
-               for ours in REFERENCE_NAMES.values()}
-        for ci, c in enumerate(classes):
-            for layer, row in data[c].items():
-                li = layers.index(int(layer))
-                for e, cell in row.items():
-                    missing = set(REFERENCE_NAMES) - set(cell) if isinstance(cell, dict) else set(REFERENCE_NAMES)
-                    if missing:
-                        raise MoePruneError(f"reference profile {c}/{layer}/{e}: missing {sorted(missing)}")
-                    for ref, ours in REFERENCE_NAMES.items():
-                        value = cell[ref]
-                        if isinstance(value, bool) or not isinstance(value, (int, float)):
-                            raise MoePruneError(f"reference profile {c}/{layer}/{e}: {ref}={value!r}: expected a number")
-                        out[ours][ci, li, int(e)] = float(value)
-        # the reference JSON does not record tokens (count sums top_k slots per token)
-        return cls(classes, layers, len(experts), out, {c: 0 for c in classes}, {"source": "reference-json"})
-
-
-def _int(key, what: str) -> int:
-    try:
-        return int(key)
-    except (TypeError, ValueError):
-        raise MoePruneError(f"reference profile {what} {key!r}: expected an integer id") from None
-
-
-def _dict(x, where: str) -> dict:
-    if not isinstance(x, dict):
-        raise MoePruneError(f"reference profile class {where!r}: expected an object keyed by layer / expert id")
-    return x
-
-
-
-
-def export_reference(profile_dir: Path, json_path: Path) -> None:
-    from moeprune.artifacts import write_json
-
-    write_json(Path(json_path), Profile.load(profile_dir).to_reference())
-
-
-def import_reference(json_path: Path, profile_dir: Path) -> Profile:
-    try:
-        data = json.loads(Path(json_path).read_text())
-    except (OSError, ValueError) as e:
-        raise MoePruneError(f"{json_path}: not a readable JSON file ({e})") from None
-    profile = Profile.from_reference(data)
-    Path(profile_dir).mkdir(parents=True, exist_ok=True)
-    profile.save(profile_dir)
-    return profile
-
 
 # ---- the whole-model run -----------------------------------------------------------------------
 @torch.no_grad()
@@ -182,17 +110,26 @@ def profile_model(model, adapter, corpus: dict[str, list], batch_size: int = 64,
 
 
 def main(argv: list[str] | None = None) -> None:
-    """python -m moeprune.prune.profile export PROFILE_DIR OUT.json | import IN.json PROFILE_DIR"""
+    """python -m moeprune.prune.profile export PROFILE_DIR OUT.json | import [--top-k K] IN.json PROFILE_DIR"""
     import argparse
 
+    from moeprune.prune.reference_json import export_reference, import_reference
+
     ap = argparse.ArgumentParser(prog="python -m moeprune.prune.profile",
-                                 description="convert between moeprune profiles and the reference tool's JSON")
+                                 description="convert between moeprune profiles and the reference tool's JSON "
+                                             "(expert_neuron_*.json)")
     ap.add_argument("action", choices=("export", "import"))
     ap.add_argument("src", type=Path)
     ap.add_argument("dst", type=Path)
+    ap.add_argument("--top-k", type=int, default=None,
+                    help="import: the model's routed experts per token, recorded so that `moeprune stage=dropmap "
+                         "profile.path=DST` needs no model (the reference JSON does not say it)")
     args = ap.parse_args(argv)
     try:
-        export_reference(args.src, args.dst) if args.action == "export" else import_reference(args.src, args.dst)
+        if args.action == "export":
+            export_reference(args.src, args.dst)
+        else:
+            import_reference(args.src, args.dst, args.top_k)
     except MoePruneError as e:
         raise SystemExit(f"error: {e}") from None
 

@@ -393,11 +393,13 @@ def test_missing_map_file():
 
 
 def test_a_profile_imported_from_the_reference_json_drives_the_reference_strategies():
+    from moeprune.prune.reference_json import from_reference
+
     rng = np.random.default_rng(0)
-    ref = {c: {str(layer): {str(e): {"wnorm": float(rng.gamma(1, 50)), "rnorm": 1.0, "wsum": 0.5,
-                                     "tc": float(rng.integers(1, 99)), "cc": 3.0} for e in range(12)}
-               for layer in (0, 2, 4)} for c in ("c0", "c1", "c2")}
-    p = Profile.from_reference(ref)  # five statistics: no gate_sum / contrib_sum
+    ref = {"categories": {c: {str(layer): [{"id": e, "wnorm": float(rng.gamma(1, 50)), "rnorm": 1.0, "wsum": 0.5,
+                                            "tc": int(rng.integers(1, 99)), "cc": 3} for e in range(12)]
+                              for layer in (0, 2, 4)} for c in ("c0", "c1", "c2")}}
+    p = from_reference(ref)  # five statistics: no gate_sum / contrib_sum
     r = dropmap.build(p, recipe(protect_top=2, keep={"experts_per_layer": 9}), 2)
     assert all(len(d) == 3 for d in r.dropped)
     with pytest.raises(MoePruneError, match=r"profile lacks statistics \['gate_sum'\]"):

@@ -212,34 +212,46 @@ def test_non_moe_model_is_refused():
 
 
 def test_reference_json_round_trip_and_bad_input(tmp_path):
-    from moeprune.prune.profile import export_reference, import_reference, main
+    from moeprune.prune.profile import main
+    from moeprune.prune.reference_json import export_reference, import_reference
 
     model, adapter = model_for("mixtral")
     prof = profile_model(model, adapter, random_corpus(96))
     prof.save(tmp_path)
     export_reference(tmp_path, tmp_path / "ref.json")
     data = json.loads((tmp_path / "ref.json").read_text())
-    assert set(data) == {"a", "b"} and set(data["a"]) == {"0", "1"}
-    assert set(data["a"]["1"]["7"]) == {"wnorm", "rnorm", "wsum", "tc", "cc"}
-    back = import_reference(tmp_path / "ref.json", tmp_path / "imported")
+    # the reference's own layout: metadata + categories, one row per expert in id order
+    assert data["metadata"]["categories"] == ["a", "b"] and data["metadata"]["num_experts"] == prof.num_experts
+    assert set(data["categories"]["a"]) == {"0", "1"}
+    assert set(data["categories"]["a"]["1"][7]) == {"id", "wnorm", "rnorm", "wsum", "tc", "cc"}
+    assert data["categories"]["a"]["1"][7]["id"] == 7 and isinstance(data["categories"]["a"]["1"][7]["tc"], int)
+    back = import_reference(tmp_path / "ref.json", tmp_path / "imported", top_k=2)
     for ours in ("wnorm", "rnorm", "wsum", "count", "hits"):
         torch.testing.assert_close(back[ours], prof[ours], rtol=1e-12, atol=0)
-    assert Profile.load(tmp_path / "imported").classes == ["a", "b"]
-    del data["a"]["0"]["2"]["cc"]
+    loaded = Profile.load(tmp_path / "imported")
+    assert loaded.classes == ["a", "b"] and loaded.meta["top_k"] == 2
+    del data["categories"]["a"]["0"][2]["tc"]
     (tmp_path / "bad.json").write_text(json.dumps(data))
-    with pytest.raises(MoePruneError, match=r"a/0/2: missing \['cc'\]"):
+    with pytest.raises(MoePruneError, match=r"a/0/2: missing \['tc'\]"):
         import_reference(tmp_path / "bad.json", tmp_path / "x")
     (tmp_path / "notjson.json").write_text("{oops")
     with pytest.raises(MoePruneError, match="not a readable JSON"):
         import_reference(tmp_path / "notjson.json", tmp_path / "y")
     # the same through the command line
     main(["export", str(tmp_path / "imported"), str(tmp_path / "again.json")])
-    assert json.loads((tmp_path / "again.json").read_text())["a"]["1"]["7"]["tc"] == data["a"]["1"]["7"]["tc"]
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["categories"]["a"]["1"][7]["tc"] == data["categories"]["a"]["1"][7]["tc"]
+    assert again["metadata"]["top_k"] == 2
     with pytest.raises(SystemExit, match="error: .*not a readable JSON"):
         main(["import", str(tmp_path / "notjson.json"), str(tmp_path / "z")])
-    for bad, message in (({"a": {"layer0": {"0": {}}}}, "layer key 'layer0': expected an integer id"),
-                         ({"a": {"0": {"0": dict.fromkeys(("wnorm", "rnorm", "wsum", "tc", "cc"))}}},
-                          r"a/0/0: wnorm=None: expected a number")):
+    row = {"id": 0, "wnorm": 1.0, "tc": 3}
+    for bad, message in (({"a": {"0": [row]}}, "expected {\"metadata\""),
+                         ({"categories": {"a": {"layer0": [row]}}}, "layer key 'layer0': expected an integer id"),
+                         ({"categories": {"a": {"0": [{**row, "wnorm": None}]}}}, r"a/0/0: wnorm=None: expected a number"),
+                         ({"categories": {"a": {"0": [row, {**row}]}}}, r"a/0: expert ids \[0, 0\]...: expected each of 0..1 once"),
+                         ({"categories": {"a": {"0": [row]}, "b": {"1": [row]}}}, "class 'b' has layers"),
+                         ({"metadata": {"categories": ["a", "c"]}, "categories": {"a": {"0": [row]}}},
+                          "metadata.categories")):
         (tmp_path / "b2.json").write_text(json.dumps(bad))
         with pytest.raises(MoePruneError, match=message):
             import_reference(tmp_path / "b2.json", tmp_path / "w")
