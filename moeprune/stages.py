@@ -273,6 +273,19 @@ def _prune_fits(cfg: DictConfig) -> None:
         raise MoePruneError(f"keep.mode={cfg.keep.mode} keeps different counts per layer, which a checkpoint "
                             "cannot hold: expected evaluate.virtual=true (score it by router masking), "
                             "stage=dropmap, or keep.mode=uniform")
+    given = given_profile(cfg)
+    if given is not None:  # the dropmap stage skipped the model's checks: the surgery needs them
+        from moeprune.adapters import adapter_for
+        from moeprune.prune import dropmap
+
+        model_config = read_config(model_dir(cfg))
+        adapter = adapter_for(model_config)
+        if adapter.num_experts(model_config) != given.num_experts:
+            raise MoePruneError(f"profile.path={cfg.profile.path} has {given.num_experts} experts per layer, the model "
+                                f"{cfg.model.path} {adapter.num_experts(model_config)}: expected the profile of "
+                                "this model (or stage=dropmap, which needs no model)")
+        if cfg.keep.drop_map is None:
+            adapter.validate_keep(model_config, dropmap.keep_count(cfg.keep, given.num_experts))
 
 
 def _bench_loads(cfg: DictConfig) -> None:

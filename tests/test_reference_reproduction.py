@@ -132,3 +132,22 @@ def test_a_given_profile_without_top_k_or_a_missing_one_stops_before_any_stage(t
         with pytest.raises(MoePruneError, match=message):
             Runner(_compose([*base, f"profile.path={given}"]), STAGES, tmp_path).run("dropmap")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_given_profile_headed_for_surgery_is_checked_against_the_model_before_any_stage(tiny_gemma4, tmp_path):
+    import pytest
+
+    from moeprune.errors import MoePruneError
+    from moeprune.prune.reference_json import import_reference
+    from moeprune.runner import Runner
+    from moeprune.stages import STAGES
+    from test_dropmap_stage import _compose
+
+    (tmp_path / "p.json").write_text(json.dumps(reference_json(fake_stats(np.random.default_rng(0), list(V7_CLASSES)))))
+    import_reference(tmp_path / "p.json", tmp_path / "prof", top_k=8)
+    cfg = _compose(["recipe=v7_coderx", "floor_clamp=none", "keep.baseline_map=null", f"model.path={tiny_gemma4}",
+                    f"profile.path={tmp_path / 'prof'}", f"paths.output_dir={tmp_path}",
+                    f"paths.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(MoePruneError, match=r"has 128 experts per layer, the model .* 8: expected the profile"):
+        Runner(cfg, STAGES, tmp_path).run("prune")
+    assert not (tmp_path / "cache").exists()
