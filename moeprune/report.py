@@ -11,10 +11,12 @@ def _mb(n) -> str:
 
 def score_columns(results: dict) -> list[tuple[str, dict]]:
     """(header, evaluate result) per evaluated model: base and pruned (empty when not run), then the
-    quantized file (headed by its type) when it was evaluated."""
+    quantized file when it was evaluated, headed by its llama.cpp type (Q4_K_M) or, for a tier with
+    none (nvfp4a16), its tier name."""
     cols = [("base", results.get("evaluate_base") or {}), ("pruned", results.get("evaluate") or {})]
     if results.get("evaluate_quant"):
-        cols.append(((results.get("quant") or {}).get("type", "quant"), results["evaluate_quant"]))
+        quant = results.get("quant") or {}
+        cols.append((quant.get("type") or quant.get("tier") or "quant", results["evaluate_quant"]))
     return cols
 
 

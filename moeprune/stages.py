@@ -149,8 +149,9 @@ def _plain(node):
     return OmegaConf.to_container(node, resolve=True)
 
 
-def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None) -> dict:
-    """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning."""
+def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None, model=None) -> dict:
+    """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning;
+    model = an already loaded model for the hf backend (the NVFP4 reload)."""
     from moeprune.config import build
     from moeprune.evaluate.backends.base import Backend
     from moeprune.evaluate.runner import run_bench
@@ -163,7 +164,10 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None)
             raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                                 f"expected backend=hf, got {cfg.backend.name!r}")
         runtime["drop_map"] = drop_map
-    backend = build(cfg.backend, **runtime)
+    if model is None:
+        backend = build(cfg.backend, **runtime)
+    else:  # an object, not a config value: passed to the constructor Hydra prepared
+        backend = build(cfg.backend, _partial_=True, **runtime)(model=model)
     if not isinstance(backend, Backend):
         raise MoePruneError(f"backend={cfg.backend.name}: {cfg.backend._target_} builds a {type(backend).__name__}, "
                             f"expected a Backend (chunk_size, generate, identity, close: evaluate/backends/base.py)")
@@ -225,9 +229,10 @@ def run_quant(ctx: StageContext) -> dict:
 def run_evaluate_quant(ctx: StageContext) -> dict:
     import dataclasses
 
-    from moeprune.quant.stage import gguf_eval_cfg, scored_card
+    from moeprune.quant.stage import eval_setup, scored_card
 
-    metrics = _evaluate(dataclasses.replace(ctx, cfg=gguf_eval_cfg(ctx.cfg, ctx.inputs["quant"])), ctx.inputs["quant"])
+    cfg, path, runtime = eval_setup(ctx.cfg, ctx.inputs["quant"])
+    metrics = _evaluate(dataclasses.replace(ctx, cfg=cfg), path, **runtime)
     return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
 
 
@@ -317,7 +322,7 @@ STAGES = [
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=3, enabled=lambda c: c.stages.evaluate,
           preflight=_bench_loads),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
-          version=3, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind == "gguf",
+          version=3, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind in ("gguf", "nvfp4"),
           preflight=_bench_loads),
 ]
 

@@ -8,6 +8,9 @@ is dequantized with modelopt's own NVFP4QTensor, the per-expert tensors are fuse
 transformers' layout, and the rebuilt model is checked against modelopt's fake-quantized one (the
 first and last layers' Linear weights: `max_rel_diff_vs_fakequant_linear_weights`, which the GPU test
 holds under 1e-2) and against the 16-bit model (the quantization error); both go in the manifest.
+
+The same reload is what `evaluate_quant` scores: W4A16 keeps activations in 16 bits, so a model whose
+weights are the dequantized 4-bit values computes the products an NVFP4A16 kernel computes.
 """
 
 from __future__ import annotations
@@ -84,9 +87,8 @@ def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sample
     torch.cuda.empty_cache()
 
     export = out_dir / EXPORT_DIR
-    reloaded, quantized = reload(export)
+    reloaded, quantized = reload(export, "cuda")
     weight_err = _weight_errors(model_dir, reloaded, quantized)
-    reloaded = reloaded.to("cuda").eval()
     with torch.no_grad():
         re_logits = reloaded(**probe).logits.float()
     mask = probe["attention_mask"].bool()
@@ -145,17 +147,18 @@ def _max_rel_diff(model, reference: dict[str, torch.Tensor]) -> float:
 
 
 def _weight_errors(model_dir: Path, model, quantized: set[str]) -> dict:
-    """||W_reloaded - W_16bit|| / ||W_16bit|| over the quantized tensors: 4-bit rounding error, ~0.1."""
-    from safetensors.torch import load_file
+    """||W_reloaded - W_16bit|| / ||W_16bit|| over the quantized tensors: 4-bit rounding error, ~0.1.
+    One 16-bit tensor at a time, on the reloaded model's device (a full-size checkpoint is tens of GB)."""
+    from safetensors import safe_open
 
-    orig = {}
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        orig.update(load_file(str(f)))
     state = model.state_dict()
     errs = {}
-    for name in sorted(quantized):
-        w = orig[name].float()
-        errs[name] = float((state[name].float() - w).norm() / w.norm())
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for name in sorted(quantized & set(st.keys())):
+                got = state[name].float()
+                w = st.get_tensor(name).to(got.device).float()
+                errs[name] = float((got - w).norm() / w.norm())
     if not errs:
         return {}
     worst = max(errs, key=errs.get)
@@ -163,17 +166,22 @@ def _weight_errors(model_dir: Path, model, quantized: set[str]) -> dict:
     return {"median": vals[len(vals) // 2], "max": errs[worst], "worst_tensor": worst}
 
 
-def reload(export_dir: Path):
-    """The exported checkpoint as a plain transformers model (bf16), NVFP4 weights dequantized by
-    modelopt; returns (model, names of the model's tensors that were stored in NVFP4)."""
+def reload(export_dir: Path, device: str | torch.device = "cpu"):
+    """The exported checkpoint as a plain transformers model (bf16, eval mode, on `device`), NVFP4
+    weights dequantized by modelopt; returns (model, names of the model's tensors that were stored
+    in NVFP4). Unpacking and model construction happen on `device`: on CUDA a full-size export
+    dequantizes in seconds, and the model's random initialisation (overwritten by the load) is not
+    paid for on the CPU."""
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    export_dir = Path(export_dir)
+    export_dir, device = Path(export_dir), torch.device(device)
+    if not list(export_dir.glob("*.safetensors")):
+        raise MoePruneError(f"{export_dir} holds no *.safetensors: expected an NVFP4A16 export (quant_tier=nvfp4a16)")
     raw = {}
     for f in sorted(export_dir.glob("*.safetensors")):
-        raw.update(load_file(str(f)))
+        raw.update(load_file(str(f), device=str(device)))
     state, experts, quantized = {}, {}, set()
     for name, t in raw.items():
         if name.endswith((".weight_scale", ".weight_scale_2", ".input_scale")):
@@ -197,11 +205,14 @@ def reload(export_dir: Path):
         ids = sorted(per)
         state[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([per[e]["gate_proj"], per[e]["up_proj"]]) for e in ids])
         state[f"{prefix}.down_proj"] = torch.stack([per[e]["down_proj"] for e in ids])
+    del raw, experts
     config = AutoConfig.from_pretrained(export_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    del state
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
     if missing or unexpected:
@@ -209,4 +220,8 @@ def reload(export_dir: Path):
                             f"unexpected {unexpected[:5]}")
     if hasattr(model, "tie_weights"):
         model.tie_weights()
-    return model, quantized
+    if (export_dir / "generation_config.json").is_file():  # EOS ids etc. as the source model had them
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(export_dir)
+    return model.eval(), quantized

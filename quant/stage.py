@@ -2,7 +2,8 @@
 
 quant: the pruned checkpoint + `quant_tier` -> a GGUF (llama.cpp) or an NVFP4A16 checkpoint, with
 its manifest, imatrix, tensor-type map and release files (model card, Ollama Modelfile).
-evaluate_quant: the bench run THROUGH the quantized file (llama.cpp), not the HF model.
+evaluate_quant: the bench run THROUGH the quantized file, not the HF model: a GGUF through llama.cpp,
+an NVFP4A16 export dequantized into a transformers model on the `hf` backend.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def quantize(cfg: DictConfig, model_dir: Path, profile_dir: Path | None, out_dir
     if (model_dir / DROP_METADATA).is_file():
         shutil.copyfile(model_dir / DROP_METADATA, out_dir / DROP_METADATA)
     release.write(out_dir, manifest, model_dir, num_ctx=manifest["context_length"])
-    return {"file": manifest.get("file"), "type": manifest.get("type"), "size_bytes": manifest["size_bytes"],
+    return {"file": manifest.get("file"), "type": manifest.get("type"), "tier": tier.name,
+            "size_bytes": manifest["size_bytes"],
             "bits_per_weight": manifest["bits_per_weight"], "imatrix": bool(manifest.get("imatrix")),
             "fallbacks": len(manifest.get("fallbacks") or {})}
 
@@ -96,22 +98,49 @@ def _plain(tier) -> dict:
     return OmegaConf.to_container(tier, resolve=True)
 
 
-def gguf_eval_cfg(cfg: DictConfig, quant_dir: Path) -> DictConfig:
-    """The run config with a backend that runs the quant's GGUF: the configured one when it is
-    llama_cpp, else the llama_cpp preset (llama-server from the toolchain, through the openai client)."""
+def eval_setup(cfg: DictConfig, quant_dir: Path) -> tuple[DictConfig, Path, dict]:
+    """How evaluate_quant runs this quant: (run config with the backend that runs it, the path it
+    scores, extra backend arguments). A GGUF goes through llama.cpp (`gguf_eval_cfg`); an NVFP4A16
+    export is dequantized into a transformers model and scored on the `hf` backend (W4A16 keeps
+    activations in 16 bits, so the dequantized weights compute the same products)."""
+    manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
+    if manifest.get("tier", {}).get("kind") != "nvfp4":
+        return gguf_eval_cfg(cfg, quant_dir), Path(quant_dir), {}
+    from moeprune.models import pick_device
+    from moeprune.quant import nvfp4
+
+    export = Path(quant_dir) / manifest["file"]
+    out = _with_backend(cfg, "hf")
+    with open_dict(out):
+        out.model.dtype = "bfloat16"  # what the reload holds: the dequantized weights, 16-bit activations
+    model, _ = nvfp4.reload(export, pick_device(cfg.model.device))
+    return out, export, {"model": model}
+
+
+def _with_backend(cfg: DictConfig, name: str) -> DictConfig:
+    """The run config with the configured backend when it is `name`, else conf/backend/<name>.yaml
+    (keeping the configured max_new_tokens)."""
     from omegaconf import OmegaConf
 
     from moeprune.config import BackendConfig
 
+    out = cfg.copy()
+    if cfg.backend.name != name:
+        preset = Path(__file__).resolve().parents[1] / "conf" / "backend" / f"{name}.yaml"
+        with open_dict(out):
+            out.backend = OmegaConf.merge(OmegaConf.structured(BackendConfig), OmegaConf.load(preset),
+                                          {"max_new_tokens": cfg.backend.max_new_tokens})
+    return out
+
+
+def gguf_eval_cfg(cfg: DictConfig, quant_dir: Path) -> DictConfig:
+    """The run config with a backend that runs the quant's GGUF: the configured one when it is
+    llama_cpp, else the llama_cpp preset (llama-server from the toolchain, through the openai client)."""
     manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
     if not str(manifest.get("file", "")).endswith(".gguf"):
         raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
-    out = cfg.copy()
+    out = _with_backend(cfg, "llama_cpp")
     with open_dict(out):
-        if cfg.backend.name != "llama_cpp":
-            preset = Path(__file__).resolve().parents[1] / "conf" / "backend" / "llama_cpp.yaml"
-            out.backend = OmegaConf.merge(OmegaConf.structured(BackendConfig), OmegaConf.load(preset),
-                                          {"max_new_tokens": cfg.backend.max_new_tokens})
         out.backend.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
     return out
 

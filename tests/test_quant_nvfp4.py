@@ -1,13 +1,126 @@
-"""NVFP4A16: a clear stop without a GPU; on a CUDA machine, quantize + export + reload a tiny Gemma 4."""
+"""NVFP4A16: a clear stop without a GPU; the export's reload and its evaluation on any machine, from a
+synthetic export written from the format's definition; on a CUDA machine, quantize + export + reload
+a tiny Gemma 4 and score the toy model's NVFP4 tier through the CLI."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from moeprune.errors import MoePruneError
+
+# E2M1 (NVFP4's element format): sign bit 3, magnitude codes 0-7.
+E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+SCALE_2 = 2.0 ** -6  # a power of two: the expected values are exact in every order of multiplication
+
+
+def _nvfp4(rows: int, cols: int, gen: torch.Generator):
+    """A random NVFP4 tensor as modelopt's exporter stores it (two E2M1 codes a byte, element 2k in the
+    low nibble; one F8_E4M3 scale per 16 elements of a row; one F32 scale for the tensor) and the
+    dense values it stands for."""
+    codes = torch.randint(0, 16, (rows, cols), generator=gen)
+    packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+    scale = (0.25 + 2 * torch.rand(rows, cols // 16, generator=gen)).to(torch.float8_e4m3fn)
+    values = torch.tensor([(-1.0 if c >= 8 else 1.0) * E2M1[c % 8] for c in range(16)])
+    dense = values[codes] * scale.float().repeat_interleave(16, dim=1) * SCALE_2
+    return {"": packed, "_scale": scale, "_scale_2": torch.tensor(SCALE_2)}, dense.to(torch.bfloat16)
+
+
+def write_synthetic_export(src: Path, out: Path, seed: int = 0) -> dict[str, torch.Tensor]:
+    """An NVFP4A16 export of `src` in modelopt's layout: every routed expert unfused into
+    experts.N.{gate,up,down}_proj and, like every attention projection, stored in NVFP4; the rest in
+    bf16. Returns the dense bf16 state the export stands for, in transformers' fused layout."""
+    from safetensors.torch import load_file, save_file
+
+    gen = torch.Generator().manual_seed(seed)
+    src_state = load_file(str(src / "model.safetensors"))
+    stored, dense = {}, {}
+    for name, t in src_state.items():
+        if name.endswith("experts.gate_up_proj") or name.endswith("experts.down_proj"):
+            prefix, proj = name.rsplit(".", 1)
+            per_expert = []
+            for e in range(t.shape[0]):
+                parts = []
+                halves = [("gate_proj", t.shape[1] // 2), ("up_proj", t.shape[1] // 2)] if proj == "gate_up_proj" \
+                    else [("down_proj", t.shape[1])]
+                for sub, rows in halves:
+                    tensors, values = _nvfp4(rows, t.shape[2], gen)
+                    stored.update({f"{prefix}.{e}.{sub}.weight{k}": v for k, v in tensors.items()})
+                    parts.append(values)
+                per_expert.append(torch.cat(parts))
+            dense[name] = torch.stack(per_expert)
+        elif "self_attn" in name and name.endswith("_proj.weight"):
+            tensors, dense[name] = _nvfp4(*t.shape, gen)
+            stored.update({f"{name}{k}": v for k, v in tensors.items()})
+        else:
+            stored[name] = dense[name] = t.to(torch.bfloat16)
+    out.mkdir(parents=True)
+    save_file(stored, str(out / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "modelopt", "quant_algo": "W4A16_NVFP4", "group_size": 16,
+                                  "ignore": ["lm_head", "model.layers.*.router*"]}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            shutil.copy2(f, out / f.name)
+    return dense
+
+
+def test_a_synthetic_nvfp4_export_reloads_to_exactly_the_values_its_format_defines(tiny_gemma4, tmp_path):
+    pytest.importorskip("modelopt", reason="pip install -e '.[nvfp4]' (nvidia-modelopt) to test the reload")
+    from moeprune.quant import nvfp4
+
+    dense = write_synthetic_export(tiny_gemma4, tmp_path / "export")
+    model, quantized = nvfp4.reload(tmp_path / "export")
+    state = model.state_dict()
+    assert quantized == {k for k in dense if "experts." in k or "self_attn" in k and k.endswith("_proj.weight")}
+    assert len(quantized) == 2 * 2 + 2 * 4  # two expert tensors and four attention projections per layer
+    for name, want in dense.items():
+        assert state[name].dtype == torch.bfloat16 and torch.equal(state[name], want), name
+    assert not model.training
+
+
+def test_evaluate_quant_scores_an_nvfp4_export_as_its_dequantized_weights(tiny_gemma4, tmp_path):
+    """The stage reloads the export and runs the bench on the hf backend: its completions are those of a
+    plain bf16 checkpoint of the same weights, and the run table heads the column with the tier."""
+    pytest.importorskip("modelopt", reason="pip install -e '.[nvfp4]' (nvidia-modelopt) to test the reload")
+    from safetensors.torch import save_file
+    from test_quant_tiers import compose_run
+
+    from moeprune import artifacts, stages
+    from moeprune.evaluate.runner import read_jsonl
+    from moeprune.report import results_table
+    from moeprune.runner import StageContext
+
+    quant = tmp_path / "quant"
+    dense = write_synthetic_export(tiny_gemma4, quant / "model")
+    artifacts.write_json(quant / "quant-manifest.json", {
+        "file": "model", "tier": {"name": "nvfp4a16", "kind": "nvfp4"}, "size_bytes": 1, "bits_per_weight": 4.5,
+        "parameters": 1})
+    plain = tmp_path / "plain"  # the same weights as an ordinary bf16 checkpoint
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(plain / "model.safetensors"))
+    for f in tiny_gemma4.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy2(f, plain / f.name)
+    small = ["bench.n_per_class=2", "backend.batch_size=16", "backend.max_new_tokens=8", "evaluate.resume=false",
+             "model.device=cpu"]
+    cfg = compose_run(f"model.path={plain}", "quant_tier=nvfp4a16", "model.dtype=bfloat16", *small)
+    (tmp_path / "q").mkdir()
+    (tmp_path / "p").mkdir()
+    got = stages.run_evaluate_quant(StageContext(cfg, tmp_path / "q", {"quant": quant}))
+    want = stages.run_evaluate_base(StageContext(cfg, tmp_path / "p", {}))
+    assert got["n"] == want["n"] == 12 and got["score"] == want["score"]
+    assert [r["completion"] for r in read_jsonl(tmp_path / "q" / "samples.jsonl")] == \
+        [r["completion"] for r in read_jsonl(tmp_path / "p" / "samples.jsonl")]
+    assert got["tier"] == "nvfp4a16" and "## Scores" in (tmp_path / "q" / "README.md").read_text()
+    table = results_table({"evaluate_base": want, "evaluate": want, "quant": {"type": None, "tier": "nvfp4a16"},
+                           "evaluate_quant": got})
+    assert table.splitlines()[0].split() == ["class", "base", "pruned", "nvfp4a16", "delta"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
@@ -53,3 +166,25 @@ def test_a_run_asking_for_nvfp4_stops_before_the_profile(tiny_gemma4, tmp_path):
                     check=False)
     assert proc.returncode == 2 and "nvfp4a16 needs a CUDA GPU" in proc.stderr
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").glob("*/*")), "nothing was built"
+
+
+NVFP4_TOLERANCE = 0.05  # NVFP4A16 vs the pruned bf16 model on the toy suite, absolute (5 points)
+
+
+@pytest.mark.gpu
+def test_the_cli_scores_the_toy_models_nvfp4_tier_within_tolerance_of_pruned_bf16(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    import importlib.util
+
+    assert importlib.util.find_spec("modelopt"), "pip install -e '.[nvfp4]' (nvidia-modelopt) to test NVFP4A16"
+    from test_pipeline import moeprune
+
+    proc = moeprune(["quant_tier=nvfp4a16", "bench.n_per_class=20"], tmp_path / "cache", tmp_path / "run")
+    assert "evaluate_quant skipped" not in proc.stdout + proc.stderr
+    header = next(line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("class "))
+    assert header.split() == ["class", "base", "pruned", "nvfp4a16", "delta"]
+    stages = json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+    pruned, quant = stages["evaluate"], stages["evaluate_quant"]
+    assert quant["n"] == pruned["n"] == 120 and quant["tier"] == "nvfp4a16"
+    assert abs(quant["score"] - pruned["score"]) <= NVFP4_TOLERANCE, (quant["score"], pruned["score"])
