@@ -87,7 +87,7 @@ hwm = lambda: int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").re
 src, out, drop, shard = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
 before = hwm()
 t = time.perf_counter()
-info = prune_checkpoint(src, out, {int(k): v for k, v in drop.items()}, shared_ffn_alpha=1.2, max_shard_bytes=shard)
+info = prune_checkpoint(src, out, drop, shared_ffn_alpha=1.2, max_shard_bytes=shard)
 print(json.dumps({"seconds": time.perf_counter() - t, "rss_before": before, "peak_rss": hwm(), **info}))
 """
 

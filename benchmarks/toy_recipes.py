@@ -34,6 +34,7 @@ from moeprune.evaluate.benches.toy_suite import ToySuite
 from moeprune.evaluate.runner import run_bench
 from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import dropmap
+from moeprune.prune.drop_map import DropMap
 from moeprune.prune.profile import Profile
 from moeprune.runner import Runner
 from moeprune.stages import STAGES
@@ -114,7 +115,7 @@ def main() -> None:
     print(f"profiles ready in {time.perf_counter() - t0:.0f} s; completion share of each class's profiled tokens: "
           + ", ".join(f"{c} {100 * s:.0f}%" for c, s in share.items()))
 
-    def evaluate(name: str, drop_map: dict | None) -> dict:
+    def evaluate(name: str, drop_map: DropMap | None) -> dict:
         backend = HFBackend(model_dir, drop_map=drop_map, model=model, tokenizer=tok, batch_size=256)
         return run_bench(ToySuite(n_per_class=args.n), backend, out / "eval" / name)
 
@@ -124,9 +125,11 @@ def main() -> None:
             if pname == "completion" and rname in ("max-uniform", TARGETED):
                 overrides = [*overrides, "strategy.alpha=0"]  # no wnorm in a completion profile
             key = f"{rname} @ {pname}"
-            maps[key] = dropmap.build(profile, compose_cfg(model_dir, out, overrides), top_k).as_json()
+            cfg = compose_cfg(model_dir, out, overrides)
+            recipe = dropmap.Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep)
+            maps[key] = dropmap.build(profile, recipe, top_k).as_json()
             results[key] = evaluate(key.replace(" @ ", "@").replace("+", "_"),
-                                    {int(k): v for k, v in maps[key].items()})
+                                    DropMap.parse(maps[key], num_experts=profile.num_experts, top_k=top_k))
             print(f"{key}: {results[key]['score']:.3f}", flush=True)
 
     report, checks = [], {}

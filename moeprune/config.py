@@ -303,17 +303,20 @@ def register() -> None:
 
 
 def build(node, **runtime):
-    """hydra.utils.instantiate for a strategy / bench / backend / logger node; a MoePruneError from
-    its constructor is raised as itself (Hydra wraps it in an InstantiationException, which would
-    reach the user as a traceback instead of `moeprune: error: ...`)."""
+    """hydra.utils.instantiate for a strategy / bench / backend / logger node, called with the
+    `runtime` values; a MoePruneError is raised as itself (Hydra wraps one from a nested node in an
+    InstantiationException, which would reach the user as a traceback, not `moeprune: error: ...`)."""
     import hydra
     from hydra.errors import InstantiationException
 
     from moeprune.errors import MoePruneError
 
     try:
-        return hydra.utils.instantiate(node, _convert_="all", **runtime)
+        # runtime values (a model dir, a DropMap) go to the constructor as they are: through
+        # instantiate's kwargs they would be merged into the node and come out as plain dicts
+        factory = hydra.utils.instantiate(node, _convert_="all", _partial_=True)
     except InstantiationException as e:
         if isinstance(e.__cause__, MoePruneError):
             raise e.__cause__ from None
         raise
+    return factory(**runtime)

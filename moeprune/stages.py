@@ -62,23 +62,22 @@ def _profile_inputs(cfg: DictConfig) -> dict[str, Path]:
 def run_dropmap(ctx: StageContext) -> dict:
     from moeprune.adapters import adapter_for
     from moeprune.prune import dropmap
+    from moeprune.prune.drop_map import DropMap
     from moeprune.prune.profile import Profile
 
     cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
     if cfg.profile.path is not None:  # the map from the profile alone; the model's own checks come at prune time
         top_k = recorded_top_k(cfg, profile)
-        result = dropmap.build(profile, cfg, top_k)
-        dropmap.validate(result.as_json(), profile.layers, profile.num_experts, top_k, cfg.keep.mode == "uniform")
+        result = dropmap.build(profile, _recipe(cfg), top_k)
+        DropMap.parse(result.as_json(), num_experts=profile.num_experts, top_k=top_k, layers=profile.layers,
+                      physical=cfg.keep.mode == "uniform")
         return _write_dropmap(ctx, result, profile)
     config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
-    keep = dropmap.keep_count(cfg.keep, profile.num_experts)
-    if cfg.keep.mode == "uniform" and cfg.keep.drop_map is None:
-        adapter.validate_keep(config, keep)
-    result = dropmap.build(profile, cfg, adapter.top_k(config), adapter.expert_groups(config, keep))
-    checked = dropmap.validate(result.as_json(), profile.layers, profile.num_experts, adapter.top_k(config),
-                               uniform=cfg.keep.mode == "uniform")
-    adapter.validate_drop_map(config, checked, physical=cfg.keep.mode == "uniform")  # architecture rules (groups...)
+    groups = None if cfg.keep.drop_map is not None else dropmap.fit_keep_to_model(cfg.keep, adapter, config)
+    result = dropmap.build(profile, _recipe(cfg), adapter.top_k(config), groups)
+    # the one check against the model: layers, ids, top_k, one count (uniform), routing rules (groups...)
+    DropMap.for_model(result.as_json(), adapter, config, physical=cfg.keep.mode == "uniform", layers=profile.layers)
     return _write_dropmap(ctx, result, profile)
 
 
@@ -100,6 +99,24 @@ def _write_dropmap(ctx: StageContext, result, profile) -> dict:
     overlap = s["baseline"]["mean_overlap"] if s["baseline"] else None
     return {"keep_per_layer": s["keep_per_layer"], "num_experts": profile.num_experts, "kept_total": s["kept_total"],
             "outliers_treated": s["outliers"]["treated"], "mean_overlap_with_baseline": overlap}
+
+
+def _recipe(cfg: DictConfig):
+    from moeprune.prune.dropmap import Recipe
+
+    return Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep)
+
+
+def _drop_map(ctx: StageContext, model_path: Path, physical: bool):
+    """The dropmap stage's map, checked against the model it is applied to."""
+    from moeprune.adapters import adapter_for
+    from moeprune.prune.dropmap import DROP_MAP_FILE
+    from moeprune.prune.drop_map import DropMap
+
+    config = read_config(model_path)
+    adapter = adapter_for(config)
+    return DropMap.read(ctx.inputs["dropmap"] / DROP_MAP_FILE,
+                        lambda m: DropMap.for_model(m, adapter, config, physical=physical))
 
 
 _DROPMAP_FILES = {"floor_clamp.profile": ("floor profile artifact dir", "to rank the floor by the run's own profile"),
@@ -130,26 +147,19 @@ def _dropmap_inputs(cfg: DictConfig) -> dict[str, Path]:
 
 
 def run_prune(ctx: StageContext) -> dict:
-    from moeprune.prune import dropmap
     from moeprune.prune.surgery import prune_checkpoint
 
-    drop_map = {int(k): v for k, v in dropmap.load(ctx.inputs["dropmap"] / dropmap.DROP_MAP_FILE).items()}
     src = model_dir(ctx.cfg)
+    drop_map = _drop_map(ctx, src, physical=True)
     out = ctx.out_dir / "model"
     info = prune_checkpoint(src, out, drop_map, ctx.cfg.prune.shared_ffn_alpha, ctx.cfg.prune.max_shard_bytes,
-                            recipe={k: _plain(ctx.cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")},
+                            recipe=_recipe(ctx.cfg).settings,
                             mtp_heads=ctx.cfg.prune.mtp_heads)
     size = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     return {**info, "size_bytes": size}
 
 
-def _plain(node):
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(node, resolve=True)
-
-
-def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None, model=None) -> dict:
+def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) -> dict:
     """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning;
     model = an already loaded model for the hf backend (the NVFP4 reload)."""
     from moeprune.config import build
@@ -164,10 +174,9 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None,
             raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                                 f"expected backend=hf, got {cfg.backend.name!r}")
         runtime["drop_map"] = drop_map
-    if model is None:
-        backend = build(cfg.backend, **runtime)
-    else:  # an object, not a config value: passed to the constructor Hydra prepared
-        backend = build(cfg.backend, _partial_=True, **runtime)(model=model)
+    if model is not None:
+        runtime["model"] = model
+    backend = build(cfg.backend, **runtime)
     if not isinstance(backend, Backend):
         raise MoePruneError(f"backend={cfg.backend.name}: {cfg.backend._target_} builds a {type(backend).__name__}, "
                             f"expected a Backend (chunk_size, generate, identity, close: evaluate/backends/base.py)")
@@ -180,7 +189,7 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map: dict | None = None,
     return {**{k: summary[k] for k in keys}, **_model_size(Path(model_path), drop_map)}
 
 
-def _model_size(path: Path, drop_map: dict | None) -> dict:
+def _model_size(path: Path, drop_map) -> dict:
     """Experts per layer and checkpoint bytes for the results table (virtual: nothing written)."""
     from moeprune.adapters import adapter_for
 
@@ -189,7 +198,7 @@ def _model_size(path: Path, drop_map: dict | None) -> dict:
     config = read_config(path)
     experts = adapter_for(config).num_experts(config)
     if drop_map:
-        kept = sorted({experts - len(v) for v in drop_map.values()})
+        kept = drop_map.kept_counts()
         return {"size_bytes": None, "num_experts": kept[0] if len(kept) == 1 else f"{kept[0]}-{kept[-1]}"}
     return {"size_bytes": sum(p.stat().st_size for p in path.glob("*.safetensors")), "num_experts": experts}
 
@@ -203,10 +212,7 @@ def run_evaluate(ctx: StageContext) -> dict:
 
 
 def run_evaluate_virtual(ctx: StageContext) -> dict:
-    from moeprune.prune import dropmap
-
-    drop_map = {int(k): v for k, v in dropmap.load(ctx.inputs["dropmap"] / dropmap.DROP_MAP_FILE).items()}
-    return _evaluate(ctx, model_dir(ctx.cfg), drop_map)
+    return _evaluate(ctx, model_dir(ctx.cfg), _drop_map(ctx, model_dir(ctx.cfg), physical=False))
 
 
 def run_validate(ctx: StageContext) -> dict:
@@ -239,7 +245,6 @@ def run_evaluate_quant(ctx: StageContext) -> dict:
 def _recipe_fits(cfg: DictConfig) -> None:
     """The recipe's own mistakes (a knob, a class name, a keep count the model cannot take) are
     known from the config and the model's config.json: say them before the profile is computed."""
-    from moeprune import config
     from moeprune.adapters import adapter_for
     from moeprune.prune import dropmap
 
@@ -247,20 +252,14 @@ def _recipe_fits(cfg: DictConfig) -> None:
     given = given_profile(cfg)
     if given is not None:  # no model needed: its classes, experts and top_k are the profile's
         if cfg.keep.drop_map is None:
-            dropmap.keep_bounds(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
-        config.build(cfg.strategy)
-        dropmap.class_weight_vector(given.classes, cfg.class_weights)
+            dropmap.keep_rule(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
+        dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
         return
     if cfg.keep.drop_map is None:
         model_config = read_config(model_dir(cfg))
-        adapter = adapter_for(model_config)
-        E, top_k = adapter.num_experts(model_config), adapter.top_k(model_config)
-        keep, _, _ = dropmap.keep_bounds(cfg.keep, E, top_k)
-        if cfg.keep.mode == "uniform":
-            adapter.validate_keep(model_config, keep)
-        dropmap.check_mode_fits_groups(cfg.keep.mode, adapter.expert_groups(model_config, keep))
-    config.build(cfg.strategy)
-    dropmap.class_weight_vector(list(cfg.calibration.classes), cfg.class_weights)
+        dropmap.fit_keep_to_model(cfg.keep, adapter_for(model_config), model_config)
+    recipe = _recipe(cfg)
+    dropmap.class_weight_vector(list(cfg.calibration.classes), recipe.class_weights)
 
 
 def _quant_can_run(cfg: DictConfig) -> None:
@@ -290,7 +289,7 @@ def _prune_fits(cfg: DictConfig) -> None:
                                 f"{cfg.model.path} {adapter.num_experts(model_config)}: expected the profile of "
                                 "this model (or stage=dropmap, which needs no model)")
         if cfg.keep.drop_map is None:
-            adapter.validate_keep(model_config, dropmap.keep_count(cfg.keep, given.num_experts))
+            dropmap.fit_keep_to_model(cfg.keep, adapter, model_config)
 
 
 def _bench_loads(cfg: DictConfig) -> None:

@@ -5,14 +5,14 @@ class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties b
 strategy's rank_ties rule (prune/selection.py: the reference's stable sort by expert id, or the
 baseline map's dropped experts first and then the lower id).
 Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
-the map is legal (selection.select_grouped). The JSON schema is the reference tools' own
-({"<layer>": [ids]}), so maps move both ways.
+the map is legal (selection.select_grouped). The map itself and its one validator: prune/drop_map.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
@@ -21,6 +21,7 @@ from moeprune import artifacts
 from moeprune import config
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
+from moeprune.prune.drop_map import DropMap
 from moeprune.prune.selection import Protection, protect, select_budget, select_grouped, select_uniform
 from moeprune.prune.profile import Profile
 
@@ -31,17 +32,25 @@ TOY_WEIGHT_PRESETS = ("uniform", "five_class", "coder", "toy_lcb_only")
 
 
 # ---- recipe inputs ------------------------------------------------------------------------------
-def keep_count(keep_cfg: DictConfig, num_experts: int) -> int:
+@dataclass(frozen=True)
+class KeepRule:
+    """How many experts each MoE layer keeps: `per_layer` (uniform), or `per_layer` x layers spread
+    by score with every layer within [lo, hi] (budget)."""
+
+    mode: str  # uniform | budget
+    per_layer: int
+    lo: int
+    hi: int
+
+
+def keep_rule(keep_cfg: DictConfig, num_experts: int, top_k: int) -> KeepRule:
+    """The keep node resolved against a model's expert count and top_k (the only place it is)."""
     if keep_cfg.experts_per_layer is not None:
-        return int(keep_cfg.experts_per_layer)
-    if not 0.0 <= keep_cfg.drop_fraction < 1.0:
+        T = int(keep_cfg.experts_per_layer)
+    elif not 0.0 <= keep_cfg.drop_fraction < 1.0:
         raise MoePruneError(f"keep.drop_fraction={keep_cfg.drop_fraction}: expected 0 <= fraction < 1")
-    return num_experts - int(round(num_experts * keep_cfg.drop_fraction))
-
-
-def keep_bounds(keep_cfg: DictConfig, num_experts: int, top_k: int) -> tuple[int, int, int]:
-    """(nominal keep per layer T, min, max); uniform mode has min = max = T."""
-    T = keep_count(keep_cfg, num_experts)
+    else:
+        T = num_experts - int(round(num_experts * keep_cfg.drop_fraction))
     if keep_cfg.mode == "uniform":
         if keep_cfg.min_per_layer is not None or keep_cfg.max_per_layer is not None:
             raise MoePruneError("keep.min_per_layer / keep.max_per_layer apply to keep.mode=budget only")
@@ -55,7 +64,18 @@ def keep_bounds(keep_cfg: DictConfig, num_experts: int, top_k: int) -> tuple[int
         what = f"{T} experts per layer" if lo == hi else f"{T} experts per layer on average within [{lo}, {hi}]"
         raise MoePruneError(f"cannot keep {what}: expected top_k ({top_k}) <= min <= keep <= max <= "
                             f"num_experts ({num_experts})")
-    return T, lo, hi
+    return KeepRule(str(keep_cfg.mode), T, lo, hi)
+
+
+def fit_keep_to_model(keep_cfg: DictConfig, adapter, config_dict: dict) -> tuple[int, list] | None:
+    """Refuse a keep rule the architecture cannot run with; returns its group-limited routing
+    rule (adapter.expert_groups), if any, for build()."""
+    rule = keep_rule(keep_cfg, adapter.num_experts(config_dict), adapter.top_k(config_dict))
+    if rule.mode == "uniform":
+        adapter.validate_keep(config_dict, rule.per_layer)
+    groups = adapter.expert_groups(config_dict, rule.per_layer)
+    check_mode_fits_groups(rule.mode, groups)
+    return groups
 
 
 def check_mode_fits_groups(mode: str, groups) -> None:
@@ -65,7 +85,8 @@ def check_mode_fits_groups(mode: str, groups) -> None:
                             "keep.mode=uniform, whose maps are chosen legal group by group")
 
 
-def class_weight_vector(classes: list[str], cfg: DictConfig) -> np.ndarray:
+def class_weight_vector(classes: list[str], class_weights: DictConfig) -> np.ndarray:
+    cfg = class_weights
     unknown = sorted(set(cfg.weights) - set(classes))
     if unknown:
         hint = ""
@@ -110,8 +131,25 @@ def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile
 
 
 # ---- the recipe ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Recipe:
+    """What build() reads: the built strategy and the class_weights, floor_clamp and keep nodes."""
+
+    strategy: Any  # a prune.strategies Strategy
+    class_weights: DictConfig
+    floor_clamp: DictConfig
+    keep: DictConfig
+    settings: dict  # the four nodes as plain data: the summary's record of the recipe
+
+    @classmethod
+    def of(cls, strategy: DictConfig, class_weights: DictConfig, floor_clamp: DictConfig, keep: DictConfig) -> "Recipe":
+        nodes = {"strategy": strategy, "class_weights": class_weights, "floor_clamp": floor_clamp, "keep": keep}
+        return cls(config.build(strategy), class_weights, floor_clamp, keep,
+                   {k: OmegaConf.to_container(v, resolve=True) for k, v in nodes.items()})
+
+
 @dataclass
-class DropMap:
+class BuildResult:
     layers: list[int]
     num_experts: int
     dropped: list[list[int]]  # per MoE layer, sorted
@@ -123,17 +161,13 @@ class DropMap:
         return {str(layer): d for layer, d in zip(self.layers, self.dropped)}
 
 
-def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
-
-
-def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
-    if cfg.floor_clamp.profile is None:
+def _floor_profile(floor_clamp: DictConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
+    if floor_clamp.profile is None:
         return profile.classes, stats
     try:
-        other = Profile.load(Path(cfg.floor_clamp.profile))
+        other = Profile.load(Path(floor_clamp.profile))
     except MoePruneError as e:
-        raise MoePruneError(f"floor_clamp.profile={cfg.floor_clamp.profile}: {e} (floor_clamp.profile=null ranks the "
+        raise MoePruneError(f"floor_clamp.profile={floor_clamp.profile}: {e} (floor_clamp.profile=null ranks the "
                             f"floor by the run's own profile)") from None
     if other.layers != profile.layers or other.num_experts != profile.num_experts:
         raise MoePruneError(f"floor_clamp.profile: layers {other.layers} x {other.num_experts} experts, expected the "
@@ -141,62 +175,66 @@ def _floor_profile(cfg: DictConfig, profile: Profile, stats: dict, needs) -> tup
     return other.classes, check_profile(other, needs, "floor profile")
 
 
-def build(profile: Profile, cfg: DictConfig, top_k: int, groups: tuple[int, list[tuple[int, int]]] | None = None) -> DropMap:
-    """The drop map for `profile` under the recipe in cfg.strategy/class_weights/floor_clamp/keep.
-    `groups` (n_group, legal shapes) is the adapter's group-limited routing rule, if any."""
-    strategy = config.build(cfg.strategy)
+def build(profile: Profile, recipe: Recipe, top_k: int, groups: tuple[int, list[tuple[int, int]]] | None = None) -> BuildResult:
+    """The drop map for `profile` under `recipe`. `groups` (n_group, legal shapes) is the adapter's
+    group-limited routing rule, if any."""
+    strategy, keep_cfg = recipe.strategy, recipe.keep
     stats = check_profile(profile, strategy.needs)
     L, E = len(profile.layers), profile.num_experts
-    weights = class_weight_vector(profile.classes, cfg.class_weights)
+    weights = class_weight_vector(profile.classes, recipe.class_weights)
     scores = strategy.scores(stats, weights, profile.classes)
     if not np.isfinite(scores.agg).all():
         raise MoePruneError(f"strategy={strategy.name} produced non-finite keep scores: check the profile and knobs")
     baseline = None
-    if cfg.keep.baseline_map is not None:
+    if keep_cfg.baseline_map is not None:
         try:
-            baseline = read_map(cfg.keep.baseline_map, profile.layers, E, top_k, uniform=False)
+            baseline = _read_map(keep_cfg.baseline_map, profile, top_k, physical=False)
         except MoePruneError as e:
             raise MoePruneError(f"keep.baseline_map: {e} (keep.baseline_map=null runs without it)") from None
     bases = [set(baseline[layer]) if baseline else set() for layer in profile.layers]
-    if cfg.keep.drop_map is not None:  # a map made elsewhere (e.g. the reference tools): used as is, and scored
-        uniform = cfg.keep.mode == "uniform"
-        imported = read_map(cfg.keep.drop_map, profile.layers, E, top_k, uniform)
+    if keep_cfg.drop_map is not None:  # a map made elsewhere (e.g. the reference tools): used as is, and scored
+        imported = _read_map(keep_cfg.drop_map, profile, top_k, physical=keep_cfg.mode == "uniform")
         dropped = [imported[layer] for layer in profile.layers]
         protections = [Protection(set(), {}) for _ in range(L)]
-        summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
+        summary = _summary(profile, recipe, weights, scores, protections, dropped, bases if baseline else None,
                            None, E - len(dropped[0]))
-        return DropMap(profile.layers, E, dropped, scores.agg, [set() for _ in range(L)],
-                       {"imported_from": str(cfg.keep.drop_map), **summary})
-    keep, lo, hi = keep_bounds(cfg.keep, E, top_k)
+        return BuildResult(profile.layers, E, dropped, scores.agg, [set() for _ in range(L)],
+                           {"imported_from": str(keep_cfg.drop_map), **summary})
+    rule = keep_rule(keep_cfg, E, top_k)
 
     floor_scores = floor_n = None
-    if floor.is_active(cfg.floor_clamp):
-        classes, fstats = _floor_profile(cfg, profile, stats, strategy.reference_needs())
+    if floor.is_active(recipe.floor_clamp):
+        classes, fstats = _floor_profile(recipe.floor_clamp, profile, stats, strategy.reference_needs())
         floor_scores = floor.floor_scores(fstats, strategy, classes)
-        floor_n = floor.floor_counts(cfg.floor_clamp, profile.layers, keep, floor_scores)
-    elif cfg.floor_clamp.profile is not None:
+        floor_n = floor.floor_counts(recipe.floor_clamp, profile.layers, rule.per_layer, floor_scores)
+    elif recipe.floor_clamp.profile is not None:
         raise MoePruneError("floor_clamp.profile is set but no floor count: set floor_clamp.map, top, band or band_ratio")
 
     ties = strategy.rank_ties
     protections = [protect(l, scores.agg, scores.per_class, weights, strategy.protect_top, strategy.protect_class_top,
-                           floor_scores, 0 if floor_n is None else int(floor_n[l]), hi, bases[l], ties)
+                           floor_scores, 0 if floor_n is None else int(floor_n[l]), rule.hi, bases[l], ties)
                    for l in range(L)]
     grouping = None
-    check_mode_fits_groups(cfg.keep.mode, groups)
+    check_mode_fits_groups(rule.mode, groups)
     if groups is not None:
         dropped, grouping = select_grouped(scores.agg, protections, bases, *groups, ties=ties)
-    elif cfg.keep.mode == "budget":
-        dropped = select_budget(scores.agg, protections, bases, keep, lo, hi, ties)
+    elif rule.mode == "budget":
+        dropped = select_budget(scores.agg, protections, bases, rule.per_layer, rule.lo, rule.hi, ties)
     else:
-        dropped = select_uniform(scores.agg, protections, bases, keep, ties)
-    summary = _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases if baseline else None,
-                       floor_n, keep)
+        dropped = select_uniform(scores.agg, protections, bases, rule.per_layer, ties)
+    summary = _summary(profile, recipe, weights, scores, protections, dropped, bases if baseline else None,
+                       floor_n, rule.per_layer)
     summary["groups"] = grouping
-    return DropMap(profile.layers, E, dropped, scores.agg, [p.experts for p in protections], summary)
+    return BuildResult(profile.layers, E, dropped, scores.agg, [p.experts for p in protections], summary)
 
 
-def _summary(profile, cfg, strategy, weights, scores, protections, dropped, bases, floor_n, keep) -> dict:
-    layers, E = profile.layers, profile.num_experts
+def _read_map(path, profile: Profile, top_k: int, physical: bool) -> DropMap:
+    return DropMap.read(path, lambda m: DropMap.parse(m, num_experts=profile.num_experts, top_k=top_k,
+                                                      layers=profile.layers, physical=physical))
+
+
+def _summary(profile, recipe: Recipe, weights, scores, protections, dropped, bases, floor_n, keep) -> dict:
+    layers, E, strategy, mode = profile.layers, profile.num_experts, recipe.strategy, recipe.keep.mode
     treated = scores.outliers if strategy.outlier_mode != "keep" else []
     outliers_per_layer = np.bincount([o.layer for o in treated], minlength=len(layers))
     per_layer = {}
@@ -218,23 +256,23 @@ def _summary(profile, cfg, strategy, weights, scores, protections, dropped, base
     overlaps = [v["overlap_with_baseline"] for v in per_layer.values()]
     return {
         "num_experts": E,
-        "keep_mode": cfg.keep.mode,
-        "keep_per_layer": keep if cfg.keep.mode == "uniform" else {k: v["kept"] for k, v in per_layer.items()},
+        "keep_mode": mode,
+        "keep_per_layer": keep if mode == "uniform" else {k: v["kept"] for k, v in per_layer.items()},
         "kept_total": sum(v["kept"] for v in per_layer.values()),
         "classes": profile.classes,
         "class_weights": dict(zip(profile.classes, weights.tolist())),
-        "recipe": {k: _plain(cfg[k]) for k in ("strategy", "class_weights", "floor_clamp", "keep")},
+        "recipe": recipe.settings,
         "outliers": {"mode": strategy.outlier_mode, "threshold": strategy.outlier_threshold,
                      "treated": len(treated),
                      "found": len(scores.outliers), "cells": [o.as_dict(layers) for o in scores.outliers[:100]]},
         "baseline": None if bases is None else {
-            "path": str(cfg.keep.baseline_map), "mean_overlap": float(np.mean(overlaps)),
+            "path": str(recipe.keep.baseline_map), "mean_overlap": float(np.mean(overlaps)),
             "min_overlap": min(overlaps), "max_overlap": max(overlaps)},
         "layers": per_layer,
     }
 
 
-def write(out_dir: Path, result: DropMap, title: str = "") -> None:
+def write(out_dir: Path, result: BuildResult, title: str = "") -> None:
     """drop_map.json, summary.json and the keep heatmap (inside a stage's temp dir: all or nothing)."""
     from moeprune.prune.heatmap import save_keep_heatmap
 
@@ -242,56 +280,3 @@ def write(out_dir: Path, result: DropMap, title: str = "") -> None:
     artifacts.write_json(out_dir / DROP_MAP_FILE, result.as_json())
     artifacts.write_json(out_dir / SUMMARY_FILE, result.summary)
     save_keep_heatmap(out_dir / HEATMAP_FILE, result.agg, result.dropped, result.protected, result.layers, title)
-
-
-# ---- map files ----------------------------------------------------------------------------------
-def validate(drop_map, layers: list[int], num_experts: int, top_k: int, uniform: bool = True) -> dict[int, list[int]]:
-    """Check a drop map against a model: one entry per MoE layer, distinct ids in 0..E-1, at least
-    top_k kept, and (uniform) the same count kept in every layer. Returns it with int keys."""
-    if not isinstance(drop_map, dict):
-        raise MoePruneError(f"drop map must be a JSON object {{layer: [expert ids]}}, got {type(drop_map).__name__}")
-    out = {}
-    for key, ids in drop_map.items():
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise MoePruneError(f"drop map key {key!r} is not a layer index") from None
-        if layer not in layers:
-            raise MoePruneError(f"drop map names layer {layer}, but the model's MoE layers are {layers}")
-        if layer in out:
-            raise MoePruneError(f"drop map names layer {layer} twice")
-        if not isinstance(ids, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
-            raise MoePruneError(f"drop map layer {layer}: expected a list of integer expert ids")
-        if len(set(ids)) != len(ids):
-            raise MoePruneError(f"drop map layer {layer}: duplicate expert ids {sorted(i for i in set(ids) if ids.count(i) > 1)}")
-        bad = [i for i in ids if not 0 <= i < num_experts]
-        if bad:
-            raise MoePruneError(f"drop map layer {layer}: expert ids {bad} out of range 0..{num_experts - 1}")
-        if num_experts - len(ids) < top_k:
-            raise MoePruneError(f"drop map layer {layer} keeps {num_experts - len(ids)} experts, fewer than top_k={top_k}")
-        out[layer] = sorted(ids)
-    if sorted(out) != sorted(layers):
-        raise MoePruneError(f"drop map covers {len(out)} layers {sorted(out)}, expected the model's {len(layers)} MoE "
-                            f"layers {layers}")
-    kept = {num_experts - len(v) for v in out.values()}
-    if uniform and len(kept) > 1:
-        raise MoePruneError(f"drop map keeps different expert counts per layer {sorted(kept)}: a pruned checkpoint "
-                            f"needs one count (budget maps are for virtual pruning)")
-    return out
-
-
-def load(path: Path) -> dict:
-    try:
-        return artifacts.read_json(path)
-    except FileNotFoundError:
-        raise MoePruneError(f"drop map not found: {path}") from None
-    except ValueError as e:
-        raise MoePruneError(f"drop map {path} is not valid JSON: {e}") from None
-
-
-def read_map(path, layers: list[int], num_experts: int, top_k: int, uniform: bool = True) -> dict[int, list[int]]:
-    drop_map = load(Path(path))
-    try:
-        return validate(drop_map, layers, num_experts, top_k, uniform)
-    except MoePruneError as e:
-        raise MoePruneError(f"{path}: {e}") from None

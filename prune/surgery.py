@@ -33,6 +33,7 @@ from safetensors import safe_open
 from moeprune import artifacts
 from moeprune.adapters import adapter_for
 from moeprune.errors import MoePruneError
+from moeprune.prune.drop_map import DropMap
 from moeprune.prune.shards import OutTensor, SourceTensor, plan_shards, read_header, write_shard
 
 log = logging.getLogger("moeprune")
@@ -191,9 +192,10 @@ def _scaled(t: SourceTensor, alpha: float):
     return compute
 
 
-def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], shared_ffn_alpha: float = 1.0,
+def prune_checkpoint(src: Path, out: Path, drop_map: DropMap | dict, shared_ffn_alpha: float = 1.0,
                      max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None, mtp_heads: str = "keep") -> dict:
-    """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done."""
+    """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done.
+    `drop_map`: a DropMap, or a plain {layer: [ids]} checked here as one."""
     check_mtp_heads(mtp_heads)
     src, out = Path(src).resolve(), Path(out).resolve()
     _check_paths(src, out)
@@ -201,8 +203,11 @@ def prune_checkpoint(src: Path, out: Path, drop_map: dict[int, list[int]], share
     adapter = adapter_for(config)
     if (src / SHARED_MARKER).exists() and shared_ffn_alpha != 1.0:
         raise MoePruneError(f"{src} already has its shared FFN upweighted ({SHARED_MARKER}): refusing to apply it twice")
-    drop_map = {int(k): sorted(int(i) for i in v) for k, v in drop_map.items()}
-    adapter.validate_drop_map(config, drop_map, physical=True)
+    if not isinstance(drop_map, DropMap):
+        drop_map = DropMap.for_model(drop_map, adapter, config, physical=True)
+    elif not drop_map.physical:
+        raise MoePruneError(f"the drop map keeps {drop_map.kept_counts()} experts per layer and was checked for "
+                            f"virtual pruning: expected one checked for a checkpoint (one count in every layer)")
     E = adapter.num_experts(config)
     keep = {layer: [e for e in range(E) if e not in set(d)] for layer, d in drop_map.items()}
     keep_n = E - len(next(iter(drop_map.values()), []))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig, open_dict
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
+from moeprune.prune.drop_map import DropMap
 from moeprune.quant import release, tiers
 
 DROP_METADATA = "expert_drop_metadata.json"
@@ -22,10 +23,12 @@ MAX_EVAL_CTX = 4096  # KV cache for evaluation; the model's own context when sma
 
 
 def _keep_lists(model_dir: Path) -> dict[int, list[int]]:
+    """The experts each layer kept, from the metadata surgery wrote (the map it applied)."""
     meta = Path(model_dir) / DROP_METADATA
     if not meta.is_file():
         return {}
-    return {int(k): v for k, v in artifacts.read_json(meta).get("keep", {}).items()}
+    data = artifacts.read_json(meta)
+    return DropMap.parse(data["dropped"], num_experts=data["num_experts_before"], top_k=0).kept()
 
 
 def _context_length(model_dir: Path) -> int:

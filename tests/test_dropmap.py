@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig, StrategyConfig
 from moeprune.errors import MoePruneError
 from moeprune.prune import dropmap
+from moeprune.prune.drop_map import DropMap
 from moeprune.prune.profile import Profile
 
 STATS = ("count", "gate_sum", "contrib_sum", "wnorm")
@@ -40,13 +41,17 @@ def make_profile(seed: int, C: int = 3, L: int = 3, E: int = 12, ties: bool = Fa
 
 
 def recipe(strategy="max", weights=None, floor=None, keep=None, **knobs):
-    return OmegaConf.create({
-        "strategy": OmegaConf.structured(StrategyConfig(
+    return dropmap.Recipe.of(
+        OmegaConf.structured(StrategyConfig(
             _target_=f"moeprune.prune.strategies.{strategy}.{TARGET[strategy]}", name=strategy, **knobs)),
-        "class_weights": OmegaConf.structured(ClassWeightsConfig(name="test", weights=weights or {})),
-        "floor_clamp": OmegaConf.structured(FloorClampConfig(name="test", **(floor or {}))),
-        "keep": OmegaConf.structured(KeepConfig(**(keep or {}))),
-    })
+        OmegaConf.structured(ClassWeightsConfig(name="test", weights=weights or {})),
+        OmegaConf.structured(FloorClampConfig(name="test", **(floor or {}))),
+        OmegaConf.structured(KeepConfig(**(keep or {}))))
+
+
+def read_map(path, layers, num_experts, top_k):
+    return DropMap.read(path, lambda m: DropMap.parse(m, num_experts=num_experts, top_k=top_k, layers=layers,
+                                                      physical=True))
 
 
 def kept(result) -> list[set[int]]:
@@ -202,9 +207,9 @@ def test_budget_mode_spends_exactly_the_budget_within_bounds(seed, keep, lo, hi,
             for m, d in enumerate(r.dropped):
                 if d and counts[m] < hi:
                     assert lowest >= r.agg[m][d].max()
-    dropmap.validate(r.as_json(), p.layers, p.num_experts, 2, uniform=False)
+    DropMap.parse(r.as_json(), num_experts=p.num_experts, top_k=2, layers=p.layers, physical=False)
     with pytest.raises(MoePruneError, match="different expert counts") if len(set(counts)) > 1 else nullcontext():
-        dropmap.validate(r.as_json(), p.layers, p.num_experts, 2)
+        DropMap.parse(r.as_json(), num_experts=p.num_experts, top_k=2, layers=p.layers, physical=True)
 
 
 def test_budget_mode_moves_experts_to_the_layer_that_scores_higher():
@@ -342,14 +347,14 @@ def test_map_round_trips_with_the_reference_schema(tmp_path):
     # the reference tools write {"<layer>": [dropped ids]}, keys as strings, ids ascending
     reference = {"0": [1, 4, 7], "2": [0, 5, 11], "4": [2, 3, 9]}
     (tmp_path / "ref.json").write_text(json.dumps(reference))
-    read = dropmap.read_map(tmp_path / "ref.json", [0, 2, 4], 12, 2)
+    read = read_map(tmp_path / "ref.json", [0, 2, 4], 12, 2)
     assert read == {0: [1, 4, 7], 2: [0, 5, 11], 4: [2, 3, 9]}
 
     r = dropmap.build(make_profile(3), recipe(keep={"experts_per_layer": 9}), 2)
     dropmap.write(tmp_path / "out", r)
     ours = json.loads((tmp_path / "out" / dropmap.DROP_MAP_FILE).read_text())
     assert list(ours) == ["0", "2", "4"] and all(v == sorted(v) and len(v) == 3 for v in ours.values())
-    assert {str(k): v for k, v in dropmap.read_map(tmp_path / "out" / dropmap.DROP_MAP_FILE, [0, 2, 4], 12, 2).items()} == ours
+    assert {str(k): v for k, v in read_map(tmp_path / "out" / dropmap.DROP_MAP_FILE, [0, 2, 4], 12, 2).items()} == ours
     # a map read from the reference and written back is byte-for-byte the reference's content
     from moeprune import artifacts
 
@@ -379,7 +384,7 @@ def test_bad_map_files_are_refused_and_nothing_is_written(tmp_path, content, mes
     path = tmp_path / "base.json"
     path.write_text(content)
     with pytest.raises(MoePruneError) as e:
-        dropmap.read_map(path, [0, 2, 4], 12, 2)
+        read_map(path, [0, 2, 4], 12, 2)
     assert message in str(e.value) and str(path) in str(e.value)
     # as a recipe's baseline map: the build fails before anything exists to write
     with pytest.raises(MoePruneError, match="base.json"):
@@ -389,7 +394,7 @@ def test_bad_map_files_are_refused_and_nothing_is_written(tmp_path, content, mes
 
 def test_missing_map_file():
     with pytest.raises(MoePruneError, match="drop map not found: /no/such.json"):
-        dropmap.read_map("/no/such.json", [0], 12, 2)
+        read_map("/no/such.json", [0], 12, 2)
 
 
 def test_a_profile_imported_from_the_reference_json_drives_the_reference_strategies():

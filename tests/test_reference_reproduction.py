@@ -109,9 +109,12 @@ def test_v7_coderx_rederives_the_reference_map_from_its_json_files_without_a_mod
     cfg = _compose(["recipe=v7_coderx", f"floor_clamp.profile={tmp_path / 'expert_neuron_base_v7'}",
                     f"floor_clamp.map={tmp_path / 'v4_layer_floor_map_v7.json'}", "keep.baseline_map=null"])
     profile = Profile.load(tmp_path / "profile_v7")
-    assert dropmap.build(profile, cfg, 8).as_json() == expected
+    def recipe():
+        return dropmap.Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep)
+
+    assert dropmap.build(profile, recipe(), 8).as_json() == expected
     cfg.strategy.rank_ties = "min"
-    assert dropmap.build(profile, cfg, 8).as_json() != expected
+    assert dropmap.build(profile, recipe(), 8).as_json() != expected
 
 
 def test_a_given_profile_without_top_k_or_a_missing_one_stops_before_any_stage(tmp_path):

@@ -295,10 +295,10 @@ def test_not_enough_free_space_is_refused_before_writing(sources, tmp_path, monk
 
 
 @pytest.mark.parametrize("drop,match", [
-    ({0: [1, 5], 1: [0]}, "same number of dropped experts"),
-    ({0: [1, 8], 1: [0, 7]}, r"out of range: expected 0\.\.7"),
-    ({0: [1, 1], 1: [0, 7]}, "listed twice"),
-    ({0: list(range(7)), 1: list(range(7))}, r"top_k \(2\) <= keep"),
+    ({0: [1, 5], 1: [0]}, "different expert counts per layer"),
+    ({0: [1, 8], 1: [0, 7]}, r"expert ids \[8\] out of range 0\.\.7"),
+    ({0: [1, 1], 1: [0, 7]}, r"duplicate expert ids \[1\]"),
+    ({0: list(range(7)), 1: list(range(7))}, "keeps 1 experts, fewer than top_k=2"),
     ({0: [1, 2], 1: [3, 4], 5: [1, 2]}, r"layers \[5\] that have no experts"),
     ({0: [1, 2]}, r"MoE layers \[1\] have no drop map entry"),
 ])

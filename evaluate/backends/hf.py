@@ -52,7 +52,7 @@ class ThinkingBudget(LogitsProcessor):
 
 class HFBackend(Backend):
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto", batch_size: int = 128,
-                 drop_map: dict[int, list[int]] | None = None, model=None, tokenizer=None,
+                 drop_map=None, model=None, tokenizer=None,
                  reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
                  **_other_backends_knobs):
         if batch_size <= 0:
@@ -61,7 +61,7 @@ class HFBackend(Backend):
         self.model = model if model is not None else load_model(self.model_dir, dtype, device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size = self.chunk_size = batch_size
-        self.drop_map = {int(k): list(v) for k, v in (drop_map or {}).items()}
+        self.drop_map = drop_map  # virtual pruning: a DropMap (moeprune.prune.drop_map), or None
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
         self.enable_thinking = enable_thinking
         self.dtype = dtype

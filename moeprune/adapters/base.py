@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
+from moeprune.prune.drop_map import DropMap
 
 # Decoder layers of the text model only: `model.layers.N.` or, in multimodal wrappers,
 # `model.language_model.layers.N.`. Vision towers (`model.vision_tower.encoder.layers.N.`,
@@ -126,29 +127,9 @@ class MoEAdapter:
                 f"cannot keep {keep} experts per layer: expected top_k ({k}) <= keep <= num_experts ({e})"
             )
 
-    def validate_drop_map(self, config_dict: dict, drop_map: dict[int, list[int]], physical: bool) -> None:
-        """Refuse drop maps the architecture cannot run with.
-
-        Every layer must keep at least top_k experts and name only existing expert ids once. A
-        physical prune also needs one kept count for every layer (configs have one expert count);
-        a virtual prune may differ per layer.
-        """
-        e, k = self.num_experts(config_dict), self.top_k(config_dict)
-        for layer, dropped in drop_map.items():
-            bad = sorted(i for i in dropped if not (isinstance(i, int) and 0 <= i < e))
-            if bad:
-                raise MoePruneError(f"drop map layer {layer}: expert ids {bad} are out of range: expected 0..{e - 1}")
-            if len(set(dropped)) != len(dropped):
-                raise MoePruneError(f"drop map layer {layer}: an expert id is listed twice in {sorted(dropped)}")
-            if e - len(dropped) < k:
-                raise MoePruneError(f"drop map layer {layer} keeps {e - len(dropped)} experts: expected top_k ({k}) "
-                                    f"<= keep <= num_experts ({e})")
-        sizes = {len(d) for d in drop_map.values()}
-        if physical and len(sizes) > 1:
-            raise MoePruneError(
-                f"physical pruning needs the same number of dropped experts in every layer, got {sorted(sizes)}: "
-                "a checkpoint config has one expert count"
-            )
+    def check_routing_rules(self, config_dict: dict, drop_map: dict[int, list[int]], physical: bool) -> None:
+        """Refuse drop maps this architecture's routing cannot run with, beyond what every map is
+        checked for (moeprune.prune.drop_map.DropMap.parse); `physical`: for a checkpoint."""
 
     # ---- checkpoint tensors -----------------------------------------------------------------
     def role(self, tensor_name: str) -> TensorRole:
@@ -228,15 +209,15 @@ class MoEAdapter:
 
     # ---- virtual pruning ----------------------------------------------------------------------
     @contextlib.contextmanager
-    def virtual_prune(self, model: nn.Module, drop_map: dict[int, list[int]]) -> Iterator[None]:
+    def virtual_prune(self, model: nn.Module, drop_map) -> Iterator[None]:
         """Route the loaded model exactly as the pruned checkpoint would, without writing weights.
 
-        The drop map is checked as for a physical prune, except that the kept count may differ
-        per layer. Each adapter's `mask_experts` makes dropped experts unselectable in a way that
+        `drop_map` is a DropMap, or a plain {layer: [ids]} checked here as one (the kept count may
+        differ per layer). Each adapter's `mask_experts` makes dropped experts unselectable in a way that
         is exact for its routing math; tests hold every adapter equal to its physical prune.
         """
-        drop_map = {int(k): sorted(int(i) for i in v) for k, v in drop_map.items()}
-        self.validate_drop_map(model.config.to_dict(), drop_map, physical=False)
+        if not isinstance(drop_map, DropMap):
+            drop_map = DropMap.for_model(drop_map, self, model.config.to_dict(), physical=False)
         blocks = {b.layer: b for b in self.moe_blocks(model)}
         unknown = sorted(set(drop_map) - set(blocks))
         if unknown:

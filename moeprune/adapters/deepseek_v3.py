@@ -69,8 +69,7 @@ class DeepseekV3Adapter(MoEAdapter):
                 f"{size}): expected a multiple of the kept groups with at least 2 per group; {self.notes}"
             )
 
-    def validate_drop_map(self, config_dict, drop_map, physical):
-        super().validate_drop_map(config_dict, drop_map, physical)
+    def check_routing_rules(self, config_dict, drop_map, physical):
         e, (n_group, _) = self.num_experts(config_dict), self._groups(config_dict)
         size = e // n_group
         shapes = set()
