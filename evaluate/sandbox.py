@@ -1,20 +1,25 @@
-"""Run untrusted generated code: one subprocess per sample, with limits.
+"""Run untrusted generated code: one sandbox per program, with limits.
 
-Every run gets a fresh temporary working directory, a wall-time limit (the whole process group is
-killed when it expires), an address-space limit (RLIMIT_AS: an allocation past it fails inside the
-program), an output cap (stdout/stderr go to files capped by RLIMIT_FSIZE, so a print loop dies of
-SIGXFSZ instead of filling the disk or our memory), no core dumps, and no network.
+With `isolation: bwrap` (the default) every program runs under bubblewrap: a read-only view of the
+system directories and the interpreter (no home, /run, /var or host /tmp: no host Unix sockets), a
+private tmpfs at /tmp as the only writable place (its size caps the bytes written across all
+files), empty user, pid, network, IPC and UTS namespaces, no capabilities, a uid that owns nothing
+it can see, and `--die-with-parent`: when the scorer kills the sandbox on timeout, or dies itself,
+the pid namespace ends and every process the program forked ends with it. Rlimits as well: CPU time
+(a backstop for the wall clock), address space, file size, open files, processes.
 
-Network isolation: `unshare -rn` (a new user + network namespace holding only a down loopback)
-wraps the command where the kernel allows unprivileged namespaces. Where it does not, Python code
-gets a best-effort block instead (a `sitecustomize` that makes every socket connect/bind raise);
-other languages then run with the network reachable, and `network_isolation()` says so, which the
-bench records in its summary.
+`isolation: none` runs the program as a plain subprocess of the scorer (rlimits, its own process
+group, an empty network namespace where `unshare -rn` works, else a Python-only socket block). It
+is an explicit opt-out for hosts without bubblewrap: untrusted code is never run that way by default.
+
+The program's exit status alone never decides a pass: see `evaluate/calls.py` for how Python
+benches decide it outside the program, and the benches for the rest.
 """
 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import resource
 import shutil
@@ -28,6 +33,7 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 
+ISOLATIONS = ("bwrap", "none")
 _SOCKET_BLOCK = '''\
 import socket
 def _blocked(*a, **k):
@@ -35,17 +41,24 @@ def _blocked(*a, **k):
 socket.socket.connect = socket.socket.connect_ex = socket.socket.bind = _blocked
 socket.create_connection = _blocked
 '''
-
-
 _COMPILE_FILE_BYTES = 1 << 30  # a compiler writes binaries far larger than the program's output cap
+# Inside the sandbox: the program's writable working dir, the compiled build (read-only) and the
+# call harness (read-only).
+WORK, BUILD, HARNESS_DIR = "/tmp/work", "/build", "/harness"
+_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+_HIDDEN = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers")  # in /etc, readable by the mapped owner
+_SANDBOX_UID = 65534
 
 
 @dataclass(frozen=True)
 class Limits:
     wall_s: float = 10.0
     memory_mb: int = 1024
-    output_bytes: int = 1 << 20
+    output_bytes: int = 1 << 20  # per stdout/stderr, and the tmpfs size: all files written, together
     compile_wall_s: float = 60.0
+    open_files: int = 256
+    processes: int = 4096  # RLIMIT_NPROC counts the host user's processes (and root is exempt): a backstop
+    isolation: str = "bwrap"
 
 
 @dataclass(frozen=True)
@@ -70,7 +83,7 @@ class RunResult:
 class Language:
     name: str
     source: str  # file the program is written to
-    run: tuple[str, ...]  # {mem} is replaced by the memory limit in MB
+    run: tuple[str, ...]  # {mem}: the memory limit in MB; {build}: the compiler's output dir
     compile: tuple[str, ...] = ()
     tool: str = ""  # the executable that must exist for this language
     limit_address_space: bool = True  # False: the runtime reserves far more than it uses; capped by a flag
@@ -82,11 +95,12 @@ LANGUAGES = {
     # V8 reserves large code ranges up front, so node gets a heap cap instead of an address-space one.
     "js": Language("js", "main.js", ("node", "--max-old-space-size={mem}", "main.js"), tool="node",
                    limit_address_space=False),
-    "rust": Language("rust", "main.rs", ("./main",), compile=("rustc", "--edition", "2021", "-o", "main", "main.rs"),
+    "rust": Language("rust", "main.rs", ("{build}/main",), compile=("rustc", "--edition", "2021", "-o", "main", "main.rs"),
                      tool="rustc"),
     # MultiPL-E's Java prompts all import org.javatuples (Debian: libjavatuples-java); its tests are
     # `assert` statements, which the JVM skips unless -ea.
-    "java": Language("java", "Problem.java", ("java", "-ea", "-Xmx{mem}m", "-Xss64m", "-cp", ".:{cp}", "Problem"),
+    "java": Language("java", "Problem.java", ("java", "-ea", "-XX:-UsePerfData", "-Xmx{mem}m", "-Xss64m",
+                                              "-cp", "{build}:{cp}", "Problem"),
                      compile=("javac", "-cp", "{cp}", "Problem.java"), tool="javac", limit_address_space=False,
                      needs=("{cp}",)),
 }
@@ -96,8 +110,9 @@ def java_classpath() -> str:
     return os.environ.get("MOEPRUNE_JAVA_CLASSPATH", "/usr/share/java/javatuples.jar")
 
 
-def _fill(args: tuple[str, ...], memory_mb: int) -> list[str]:
-    return [a.replace("{mem}", str(memory_mb)).replace("{cp}", java_classpath()) for a in args]
+def _fill(args: tuple[str, ...], memory_mb: int, build: str = ".") -> list[str]:
+    return [a.replace("{mem}", str(memory_mb)).replace("{cp}", java_classpath()).replace("{build}", build)
+            for a in args]
 
 
 def language(name: str) -> Language:
@@ -109,7 +124,7 @@ def language(name: str) -> Language:
 def missing_toolchain(name: str) -> str | None:
     """Why this language cannot run here, or None when its toolchain is on PATH."""
     lang = language(name)
-    tools = {lang.tool, lang.run[0], *lang.compile[:1]} - {"./main", ""}
+    tools = {lang.tool, lang.run[0], *lang.compile[:1]} - {"{build}/main", ""}
     missing = sorted(t for t in tools if not (Path(t).is_file() or shutil.which(t)))
     if missing:
         return f"{name}: {', '.join(missing)} not found on PATH"
@@ -117,9 +132,86 @@ def missing_toolchain(name: str) -> str | None:
     return f"{name}: {', '.join(files)} not found (set MOEPRUNE_JAVA_CLASSPATH)" if files else None
 
 
+# ---- isolation ------------------------------------------------------------------------------------
+def _visible_dirs() -> list[str]:
+    """Read-only directories outside the system ones that programs need: the interpreter's prefixes
+    (a venv, pyenv under /root), toolchains found through PATH (rustup), the Java classpath."""
+    extra = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parents[1])}
+    for tool in ("rustc", "node", "javac", "java"):
+        found = shutil.which(tool)
+        if found:
+            extra |= {str(Path(found).parent), str(Path(found).resolve().parent)}
+    if shutil.which("rustc"):
+        home = Path.home()
+        extra |= {os.environ.get("RUSTUP_HOME", str(home / ".rustup")), os.environ.get("CARGO_HOME", str(home / ".cargo"))}
+    extra |= {str(Path(p).parent) for p in java_classpath().split(":") if p}
+    inside = [d for d in extra if Path(d).is_dir() and not any(d == s or d.startswith(s + "/") for s in _SYSTEM_DIRS)]
+    return sorted(set(inside))
+
+
+def bwrap_argv(tmpfs_bytes: int, work_files: dict[str, int], writable_build: Path | None = None,
+               build: Path | None = None, harness: Path | None = None, info_fd: int | None = None) -> list[str]:
+    """The bubblewrap command line up to `--`. `work_files` maps names in the working dir to open
+    file descriptors whose content bwrap copies in (the copies count against the tmpfs size)."""
+    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user",
+            "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID),
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    for d in _SYSTEM_DIRS:
+        if os.path.islink(d):
+            argv += ["--symlink", os.readlink(d), d]
+        elif os.path.isdir(d):
+            argv += ["--ro-bind", d, d]
+    for d in _visible_dirs():
+        argv += ["--ro-bind", d, d]
+    for f in _HIDDEN:
+        if os.path.exists(f):
+            argv += ["--ro-bind", "/dev/null", f]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
+    if writable_build is not None:  # the compiler's run: it writes its output to the host dir
+        argv += ["--bind", str(writable_build), BUILD, "--chdir", BUILD]
+    else:
+        argv += ["--perms", "0777", "--dir", WORK, "--chdir", WORK]
+        for name, fd in work_files.items():
+            argv += ["--perms", "0644", "--file", str(fd), f"{WORK}/{name}"]
+        if build is not None:
+            argv += ["--ro-bind", str(build), BUILD]
+    if harness is not None:
+        argv += ["--ro-bind", str(harness), f"{HARNESS_DIR}/{harness.name}"]
+    if info_fd is not None:  # bwrap reports the host pid of the namespace's init there
+        argv += ["--info-fd", str(info_fd)]
+    # The sandbox's root is a tmpfs bwrap builds: read-only too, so the sized /tmp is all there is to write.
+    return argv + ["--remount-ro", "/", "--"]
+
+
+@functools.lru_cache(maxsize=1)
+def bwrap_problem() -> str | None:
+    """None when bubblewrap can build the sandbox here, else why it cannot."""
+    if not shutil.which("bwrap"):
+        return "bubblewrap (bwrap) is not installed"
+    try:
+        proc = subprocess.run([*bwrap_argv(1 << 20, {}), "true"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return f"bwrap did not run: {e}"
+    if proc.returncode != 0:
+        return f"bwrap cannot build a sandbox here: {proc.stderr.strip()[:300]}"
+    return None
+
+
+def require_isolation(isolation: str) -> None:
+    """Refuse to score generated code without the isolation asked for."""
+    if isolation not in ISOLATIONS:
+        raise MoePruneError(f"bench.sandbox.isolation={isolation!r}: expected bwrap (isolated, the default) "
+                            "or none (no isolation: runs generated code as your user)")
+    if isolation == "bwrap" and (why := bwrap_problem()):
+        raise MoePruneError(f"bench.sandbox.isolation=bwrap: {why}. Install it (apt-get install bubblewrap) or set "
+                            "bench.sandbox.isolation=none to run generated code without isolation, as your user, "
+                            "able to read and write your files")
+
+
 @functools.lru_cache(maxsize=1)
 def network_isolation() -> str:
-    """'unshare' when commands can run in an empty network namespace, else 'python-socket-block'."""
+    """For isolation=none: 'unshare' when commands can run in an empty network namespace, else
+    'python-socket-block'."""
     if shutil.which("unshare"):
         try:
             if subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=10).returncode == 0:
@@ -129,80 +221,221 @@ def network_isolation() -> str:
     return "python-socket-block"
 
 
-def _limiter(memory_mb: int | None, output_bytes: int, cpu_s: float):
-    def apply():  # runs in the child between fork and exec
+def isolation_record(limits: Limits) -> dict:
+    """What a bench's summary records about how its programs were isolated."""
+    if limits.isolation == "bwrap":
+        return {"isolation": "bwrap", "network_isolation": "bwrap (empty network namespace)"}
+    return {"isolation": "none", "network_isolation": network_isolation()}
+
+
+# ---- running ----------------------------------------------------------------------------------------
+def _limiter(memory_mb: int | None, file_bytes: int, cpu_s: float, limits: Limits):
+    def apply():  # runs in the child between fork and exec; bwrap and the program inherit them
         if memory_mb:
             resource.setrlimit(resource.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-        resource.setrlimit(resource.RLIMIT_FSIZE, (output_bytes, output_bytes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_bytes, file_bytes))
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.processes, limits.processes))
         cpu = int(cpu_s) + 1  # a backstop for the wall clock: CPU time can only be less
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 
     return apply
 
 
-def _exec(argv: list[str], cwd: Path, logs: Path, stdin: str | None, wall_s: float, memory_mb: int | None,
-          output_bytes: int, env: dict, file_bytes: int | None = None) -> RunResult:
-    if network_isolation() == "unshare":
-        argv = ["unshare", "-rn", *argv]
-    out_path, err_path = logs / "stdout", logs / "stderr"
-    t0 = time.perf_counter()
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=out, stderr=err, env=env, start_new_session=True,
-                                preexec_fn=_limiter(memory_mb, file_bytes or output_bytes, wall_s))
+@dataclass
+class Box:
+    """One prepared sandbox directory on the host: the program's files, its logs, its build."""
+    root: Path
+    lang: Language
+    limits: Limits
+
+    @property
+    def work(self) -> Path:
+        return self.root / "work"
+
+    @property
+    def build(self) -> Path:
+        return self.root / "build"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def env(self) -> dict:
+        home = WORK if self.limits.isolation == "bwrap" else str(self.work)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": home, "TMPDIR": "/tmp", "LANG": "C.UTF-8",
+               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
+        if self.limits.isolation == "none" and network_isolation() != "unshare":
+            (self.logs / "sitecustomize.py").write_text(_SOCKET_BLOCK)
+            env["PYTHONPATH"] = str(self.logs)
+        return env
+
+    def start(self, argv: list[str], tag: str, *, stdin: bool = False, pass_fds: tuple[int, ...] = (),
+              harness: Path | None = None, compiling: bool = False) -> "Launched":
+        """Start `argv` in the sandbox (not waiting for it). Paths in argv are as the program sees them."""
+        lim = self.limits
+        mem = lim.memory_mb if self.lang.limit_address_space and not compiling else None
+        file_bytes = _COMPILE_FILE_BYTES if compiling else lim.output_bytes
+        env = self.env()
+        if compiling:
+            env.update({k: os.environ[k] for k in ("HOME", "RUSTUP_HOME", "CARGO_HOME") if k in os.environ})
+        fds: dict[str, int] = {}
+        info_r = info_w = None
+        if lim.isolation == "bwrap":
+            if not compiling:
+                fds = {p.name: os.open(p, os.O_RDONLY) for p in sorted(self.work.iterdir())}
+            info_r, info_w = os.pipe()
+            fds[""] = info_w
+            sizes = sum(p.stat().st_size + 4096 for p in self.work.iterdir())
+            tmpfs = _COMPILE_FILE_BYTES if compiling else lim.output_bytes + sizes
+            build = self.build if any(self.build.iterdir()) else None
+            files = {k: v for k, v in fds.items() if k}
+            argv = [*bwrap_argv(tmpfs, files, self.build if compiling else None, build, harness, info_w), *argv]
+            cwd = self.root
+        else:
+            cwd = self.build if compiling else self.work
+            if network_isolation() == "unshare":
+                argv = ["unshare", "-rn", *argv]
+        out, err = open(self.logs / f"{tag}.stdout", "wb"), open(self.logs / f"{tag}.stderr", "wb")
+        try:
+            proc = subprocess.Popen(argv, cwd=cwd, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                    stdout=out, stderr=err, env=env, start_new_session=True,
+                                    pass_fds=(*pass_fds, *fds.values()),
+                                    preexec_fn=_limiter(mem, file_bytes, lim.compile_wall_s if compiling else lim.wall_s, lim))
+        finally:
+            out.close()
+            err.close()
+            for fd in fds.values():
+                os.close(fd)
+        init_pid = _read_init_pid(info_r) if info_r is not None else None
+        return Launched(proc, self.logs / f"{tag}.stdout", self.logs / f"{tag}.stderr", time.perf_counter(), init_pid)
+
+    def path(self, kind: str) -> str:
+        """Where the program sees its working dir ('work') or the build ('build')."""
+        if self.limits.isolation == "bwrap":
+            return WORK if kind == "work" else BUILD
+        return str(self.work if kind == "work" else self.build)
+
+
+def _read_init_pid(fd: int) -> int | None:
+    """The `child-pid` bwrap writes to its info fd (None when it failed before starting one)."""
+    data = b""
+    with os.fdopen(fd, "rb") as f:
+        while chunk := f.read1(4096):
+            data += chunk
+            try:
+                return int(json.loads(data)["child-pid"])
+            except (ValueError, KeyError):
+                continue
+    return None
+
+
+@dataclass
+class Launched:
+    proc: subprocess.Popen
+    stdout_path: Path
+    stderr_path: Path
+    t0: float
+    init_pid: int | None = None  # under bwrap: the host pid of the pid namespace's init
+
+    def kill(self) -> None:
+        """Kill the sandbox and wait until nothing in it is left. Under bwrap the namespace's init is
+        killed first: the kernel then kills every process in the namespace, and the init is not
+        reaped (so bwrap does not exit) before they are all gone. Without bwrap, the process group."""
+        if self.init_pid is not None and self.proc.poll() is None:
+            try:
+                os.kill(self.init_pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)  # bwrap exits once it has reaped the init: the namespace is empty
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+    def finish(self, wall_s: float, output_bytes: int, stdin: str | None = None) -> RunResult:
         timed_out = False
         try:
-            proc.communicate(stdin.encode() if stdin is not None else None, timeout=wall_s)
+            self.proc.communicate(stdin.encode() if stdin is not None else None,
+                                  timeout=max(0.0, wall_s - (time.perf_counter() - self.t0)))
         except subprocess.TimeoutExpired:
             timed_out = True
-            os.killpg(proc.pid, signal.SIGKILL)  # the whole group: children the program forked too
-            proc.wait()
         except BrokenPipeError:  # the program exited without reading its input
-            proc.wait()
-    wall = time.perf_counter() - t0
-    stdout = out_path.read_bytes()[:output_bytes].decode(errors="replace")
-    stderr = err_path.read_bytes()[:output_bytes].decode(errors="replace")
-    rc = proc.returncode
-    if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL):
-        status = "timeout"
-    elif rc == -signal.SIGXFSZ or (rc != 0 and max(out_path.stat().st_size, err_path.stat().st_size) >= output_bytes):
-        # Python ignores SIGXFSZ: its write fails with EFBIG instead, so a full file tells too.
-        status = "output_limit"
-    elif rc != 0 and ("MemoryError" in stderr or "memory allocation of" in stderr
-                      or "OutOfMemoryError" in stderr or "heap out of memory" in stderr):
-        status = "memory"
-    else:
-        status = "ok" if rc == 0 else "failed"
-    return RunResult(status, rc, stdout, stderr, wall)
+            self.proc.wait()
+        self.kill()  # also after a normal exit: nothing the program started outlives it
+        return self.result(timed_out, output_bytes)
+
+    def result(self, timed_out: bool, output_bytes: int) -> RunResult:
+        wall = time.perf_counter() - self.t0
+        stdout = self.stdout_path.read_bytes()[:output_bytes].decode(errors="replace")
+        stderr = self.stderr_path.read_bytes()[:output_bytes].decode(errors="replace")
+        rc = self.proc.returncode
+        full = max(self.stdout_path.stat().st_size, self.stderr_path.stat().st_size) >= output_bytes
+        if timed_out or rc in (-signal.SIGXCPU, -signal.SIGKILL, 128 + signal.SIGXCPU, 128 + signal.SIGKILL):
+            status = "timeout"
+        elif rc in (-signal.SIGXFSZ, 128 + signal.SIGXFSZ) or (rc != 0 and full):
+            # Python ignores SIGXFSZ: its write fails with EFBIG instead, so a full file tells too.
+            status = "output_limit"
+        elif rc != 0 and ("MemoryError" in stderr or "memory allocation of" in stderr
+                          or "OutOfMemoryError" in stderr or "heap out of memory" in stderr):
+            status = "memory"
+        else:
+            status = "ok" if rc == 0 else "failed"
+        return RunResult(status, rc, stdout, stderr, wall)
+
+
+class Sandbox:
+    """A host temp dir for one program: write its files, compile it if its language needs it, then
+    start it (or several processes over it) under the configured isolation."""
+
+    def __init__(self, lang: str, limits: Limits):
+        self.lang = language(lang)
+        reason = missing_toolchain(lang)
+        if reason:
+            raise MoePruneError(f"cannot run generated code: {reason}")
+        require_isolation(limits.isolation)
+        self.limits = limits
+        self._tmp = tempfile.TemporaryDirectory(prefix="moeprune-sandbox-")
+        self.box = Box(Path(self._tmp.name), self.lang, limits)
+        for d in (self.box.work, self.box.build, self.box.logs):
+            d.mkdir()
+
+    def __enter__(self) -> "Sandbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._tmp.cleanup()
+
+    def write(self, source: str, extra_files: dict[str, str] | None = None) -> None:
+        (self.box.work / self.lang.source).write_text(source)
+        for name, text in (extra_files or {}).items():
+            (self.box.work / name).write_text(text)
+
+    def compile(self) -> RunResult | None:
+        """Compile the program into the build dir; the failed compiler's result, or None."""
+        if not self.lang.compile:
+            return None
+        shutil.copy(self.box.work / self.lang.source, self.box.build / self.lang.source)
+        (self.box.work / self.lang.source).unlink()  # only the build goes into the program's sandbox
+        argv = _fill(self.lang.compile, self.limits.memory_mb, self.box.path("build"))
+        res = self.box.start(argv, "compile", compiling=True).finish(self.limits.compile_wall_s, self.limits.output_bytes)
+        if not res.passed:
+            return RunResult("compile_error", res.returncode, res.stdout, res.stderr, res.wall_s)
+        return None
+
+    def run_argv(self) -> list[str]:
+        return _fill(self.lang.run, self.limits.memory_mb, self.box.path("build"))
 
 
 def run_program(source: str, lang: str = "python", stdin: str | None = None, limits: Limits = Limits(),
                 extra_files: dict[str, str] | None = None) -> RunResult:
-    """Write `source` into a fresh directory, compile it if the language needs it, run it once."""
-    spec = language(lang)
-    reason = missing_toolchain(lang)
-    if reason:
-        raise MoePruneError(f"cannot run generated code: {reason}")
-    with tempfile.TemporaryDirectory(prefix="moeprune-sandbox-") as tmp:
-        work, logs = Path(tmp) / "work", Path(tmp) / "logs"
-        work.mkdir()
-        logs.mkdir()
-        (work / spec.source).write_text(source)
-        for name, text in (extra_files or {}).items():
-            (work / name).write_text(text)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work), "LANG": "C.UTF-8",
-               "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0"}
-        if network_isolation() != "unshare" and lang == "python":
-            (logs / "sitecustomize.py").write_text(_SOCKET_BLOCK)
-            env["PYTHONPATH"] = str(logs)
-        mem = limits.memory_mb if spec.limit_address_space else None
-        if spec.compile:
-            # rustup's proxy finds its toolchain through the real HOME; the compiler runs no generated code.
-            cenv = {**env, **{k: os.environ[k] for k in ("HOME", "RUSTUP_HOME", "CARGO_HOME") if k in os.environ}}
-            res = _exec(_fill(spec.compile, limits.memory_mb), work, logs, None, limits.compile_wall_s, None, limits.output_bytes, cenv,
-                        file_bytes=_COMPILE_FILE_BYTES)
-            if not res.passed:
-                return RunResult("compile_error", res.returncode, res.stdout, res.stderr, res.wall_s)
-        argv = _fill(spec.run, limits.memory_mb)
-        return _exec(argv, work, logs, stdin, limits.wall_s, mem, limits.output_bytes, env)
+    """Write `source` into a fresh sandbox, compile it if the language needs it, run it once."""
+    with Sandbox(lang, limits) as box:
+        box.write(source, extra_files)
+        failed = box.compile()
+        if failed:
+            return failed
+        launched = box.box.start(box.run_argv(), "run", stdin=stdin is not None)
+        return launched.finish(limits.wall_s, limits.output_bytes, stdin)

@@ -185,6 +185,9 @@ class SandboxConfig:
     memory_mb: int = 1024
     output_bytes: int = 1048576
     compile_wall_s: float = 60.0
+    open_files: int = 256
+    processes: int = 4096  # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace is the real cap
+    isolation: str = "bwrap"  # bwrap | none (no isolation: an explicit opt-out, see docs/evaluation.md)
     workers: int = 2  # programs run at once
 
 

@@ -1,8 +1,9 @@
 """The code sandbox: limits are enforced and reported; the network is unreachable; HumanEval's own
-canonical solutions all pass through it."""
+canonical solutions all pass through it. The fake passes and escapes live in test_sandbox_attacks.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -50,12 +51,13 @@ def test_network_is_unreachable():
     assert "OSError" in res.stderr or "unreachable" in res.stderr.lower()
 
 
-def test_socket_block_fallback_without_namespaces(monkeypatch):
+def test_without_isolation_the_socket_block_fallback_still_stops_python(monkeypatch):
     sandbox.network_isolation.cache_clear()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "unshare" else "/usr/bin/" + name)
     try:
         assert sandbox.network_isolation() == "python-socket-block"
-        res = sandbox.run_program("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)", limits=TIGHT)
+        res = sandbox.run_program("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)",
+                                  limits=dataclasses.replace(TIGHT, isolation="none"))
         assert res.status == "failed" and "network disabled by the moeprune sandbox" in res.stderr
     finally:
         sandbox.network_isolation.cache_clear()

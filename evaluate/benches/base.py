@@ -7,13 +7,15 @@ completion that must pass: what `evaluate.validate=true` feeds the scorer).
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.sandbox import Limits, network_isolation
+from moeprune.evaluate.sandbox import Limits, isolation_record, require_isolation
 from moeprune.evaluate.data import load_rows
 from moeprune.evaluate.types import Sample, Verdict
 
+log = logging.getLogger("moeprune")
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
 
 
@@ -50,6 +52,8 @@ class Bench:
         self.thinking_budget = thinking_budget
         self.sampler = {**GREEDY, **(sampler or {})}
         self.limits = sandbox_limits(sandbox or {})
+        if self.runs_code:  # before any generation: refuse early rather than after hours of it
+            require_isolation(self.limits.isolation)
         self.workers = int((sandbox or {}).get("workers") or 2)
         self.task_ids, self.languages, self.classes = task_ids, languages, classes
         self.filter = dict(filter or {})
@@ -104,7 +108,18 @@ class Bench:
         if not self.runs_code:  # cheap, and math-verify's timeouts need the main thread
             return [self.score(s, c) for s, c in zip(samples, completions)]
         with ThreadPoolExecutor(max_workers=self.workers) as pool:  # each score is one subprocess
-            return list(pool.map(self.score, samples, completions))
+            return list(pool.map(self._score_or_record, samples, completions))
+
+    def _score_or_record(self, sample: Sample, completion: str) -> Verdict:
+        """A scorer failure on one sample (the sandbox could not start, a host error) is that sample's
+        fail, logged and recorded; the run goes on. Configuration errors still stop it."""
+        try:
+            return self.score(sample, completion)
+        except MoePruneError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("bench %s: scoring %s failed: %s: %s", self.name, sample.id, type(e).__name__, e)
+            return Verdict(False, "", f"scorer error: {type(e).__name__}: {e}")
 
     def canonical(self, sample: Sample) -> str | None:
         """A completion that must score as passing, or None when the dataset has no reference solution."""
@@ -116,7 +131,7 @@ class Bench:
                "max_new_tokens": self.max_new_tokens, "thinking_budget": self.thinking_budget,
                "sampler": self.sampler, "filter": self.filter}
         if self.runs_code:
-            out["sandbox"] = {**self.limits.__dict__, "network_isolation": network_isolation()}
+            out["sandbox"] = {**self.limits.__dict__, **isolation_record(self.limits)}
         for knob in self.options:
             out[knob] = getattr(self, knob)
         return out
