@@ -316,19 +316,19 @@ STAGES = [
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on,
           preflight=_quant_can_run),
-    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=3,
+    Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=4,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
-    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=3, enabled=lambda c: c.stages.evaluate,
+    Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=4, enabled=lambda c: c.stages.evaluate,
           preflight=_bench_loads),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
-          version=3, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind in ("gguf", "nvfp4"),
+          version=4, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind in ("gguf", "nvfp4"),
           preflight=_bench_loads),
 ]
 
 # evaluate.virtual=true: the same "evaluate" stage, scoring the drop map on the base model.
 EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, _EVAL_KEYS, inputs=("dropmap",), external=_model_input,
-                         version=3, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
-VALIDATE = Stage("validate", run_validate, ("bench",), version=2)
+                         version=4, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
+VALIDATE = Stage("validate", run_validate, ("bench",), version=3)
 
 
 def stages_for(cfg: DictConfig) -> list[Stage]:

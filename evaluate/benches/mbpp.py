@@ -1,11 +1,13 @@
-"""mbpp: MBPP (the `sanitized` test split by default), chat mode, pass@1: the reply's code, then the
-problem's setup code and its assert statements, run in the sandbox. Reads both dataset configs:
-`sanitized` (prompt, test_imports) and `full` (text, test_setup_code)."""
+"""mbpp: MBPP (the `sanitized` test split by default), chat mode, pass@1: the problem's setup code
+and the reply's code run in the sandbox; the problem's assert statements run apart from it
+(`evaluate/calls.py`), each call of a function the reply defines answered by the program and
+compared as plain data. Reads both dataset configs: `sanitized` (prompt, test_imports) and `full`
+(text, test_setup_code)."""
 
 from __future__ import annotations
 
-from moeprune.evaluate import sandbox
 from moeprune.evaluate.benches.base import Bench, fence
+from moeprune.evaluate.calls import Tests, called_names, run_checked
 from moeprune.evaluate.scoring import ANY_FUNCTION, extract_code
 from moeprune.evaluate.types import Sample, Verdict
 
@@ -35,9 +37,9 @@ class MBPP(Bench):
         if not completion.strip():
             return Verdict(False, "", "empty")
         code, _ = extract_code(completion, "python", defines=ANY_FUNCTION)
-        program = "\n\n".join([sample.extra["setup"], code, *sample.extra["tests"]]) + "\n"
-        res = sandbox.run_program(program, "python", limits=self.limits)
-        return Verdict(res.passed, code, "" if res.passed else res.why())
+        setup, test = sample.extra["setup"], "\n".join(sample.extra["tests"]) + "\n"
+        res = run_checked(f"{setup}\n\n{code}\n", Tests(setup, test, called_names(test, setup)), self.limits)
+        return Verdict(res.passed, code, res.why)
 
     def canonical(self, sample: Sample) -> str:
         return fence(sample.extra["canonical"])

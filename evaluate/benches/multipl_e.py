@@ -6,6 +6,10 @@ completion stops at the row's own stop tokens and the tests close the function (
 call it. A chat reply restates the function, so we take the reply's code after the line that
 defines the prompt's function and cut it at the first stop token: exactly the completion MultiPL-E
 expects. Helpers or imports the reply adds outside that function are not carried over.
+A pass needs the program to exit 0 *and* print a line the tests print after their last assertion:
+a random nonce made for that run, so a reply that exits early (`process::exit(0)`, `System.exit(0)`,
+`process.exit(0)`) fails. The tests share the program's process here, so a program written to find
+the nonce in its own source or binary could still fake it (docs/evaluation.md, threat model).
 Languages whose toolchain (rustc, javac/java, node) is missing are skipped and named in the summary.
 Java problems that import `org.javatuples` need that jar on CLASSPATH. No reference solutions exist.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
@@ -56,6 +61,21 @@ def completion_from_reply(code: str, prompt: str, stop_tokens: list[str]) -> str
             cut = min((body.find(t) for t in stop_tokens if t in body), default=-1)
             return body if cut < 0 else body[:cut]
     return None
+
+
+def with_sentinel(lang: str, tests: str, nonce: str) -> str:
+    """The tests with a print of `nonce` after their last assertion: at the end of `main` (Rust, Java:
+    the tests close it, and Java's class after it) or after the `test();` call (JS)."""
+    if lang == "js":
+        return f'{tests.rstrip()}\nconsole.log("{nonce}");\n'
+    closing = 1 if lang == "rust" else 2  # braces after the last assertion: main's (and Java's class)
+    cut = len(tests)
+    for _ in range(closing):
+        cut = tests.rfind("}", 0, cut)
+    if cut < 0:
+        raise MoePruneError(f"multipl_e: {lang} tests do not end by closing main: {tests[-80:]!r}")
+    line = f'println!("{nonce}");' if lang == "rust" else f'System.out.println("{nonce}");'
+    return f"{tests[:cut]}    {line}\n{tests[cut:]}"
 
 
 class MultiPLE(Bench):
@@ -119,8 +139,13 @@ class MultiPLE(Bench):
         body = completion_from_reply(code, x["prompt"], x["stop_tokens"])
         if body is None:
             return Verdict(False, code, "the reply does not define the prompt's function")
-        res = sandbox.run_program(x["prompt"] + body + x["tests"], lang, limits=self.limits)
-        return Verdict(res.passed, code, "" if res.passed else res.why())
+        nonce = secrets.token_hex(16)
+        res = sandbox.run_program(x["prompt"] + body + with_sentinel(lang, x["tests"], nonce), lang, limits=self.limits)
+        if not res.passed:
+            return Verdict(False, code, res.why())
+        if nonce not in res.stdout.splitlines():
+            return Verdict(False, code, "the program exited 0 before its tests ended")
+        return Verdict(True, code)
 
     def settings(self) -> dict:
         return {**super().settings(), "skipped_languages": self.skipped}

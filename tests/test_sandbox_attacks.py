@@ -1,0 +1,228 @@
+"""Generated code that tries to fake a pass or leave the sandbox. Every fake pass scores as a fail;
+every escape is checked from outside the sandbox (host files, host processes, host sockets)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+from moeprune.errors import MoePruneError
+from moeprune.evaluate import sandbox
+from moeprune.evaluate.benches.humaneval import HumanEval
+from moeprune.evaluate.types import Verdict
+from test_benches import fixture_bench
+
+TIGHT = sandbox.Limits(wall_s=3.0, memory_mb=256, output_bytes=64 << 10)
+WRONG_ADD = "def add(x: int, y: int):\n    return 0\n"
+RIGHT_ADD = "def add(x: int, y: int):\n    return x + y\n"
+
+# Each scored as a pass by a scorer that took exit status 0 for one (HumanEval/53, a wrong `add`).
+FAKE_PASSES = {
+    "sys.exit(0) before the tests": WRONG_ADD + "import sys\nsys.exit(0)\n",
+    "os._exit(0) before the tests": WRONG_ADD + "import os\nos._exit(0)\n",
+    "atexit hook that exits 0": WRONG_ADD + "import atexit, os\natexit.register(lambda: os._exit(0))\n",
+    "excepthook that exits 0": WRONG_ADD + "import sys, os\nsys.excepthook = lambda *a: os._exit(0)\n",
+    "os._exit(0) inside the function": "import os\ndef add(x: int, y: int):\n    os._exit(0)\n",
+    "int whose __eq__ always holds": ("class Yes(int):\n    def __eq__(self, other):\n        return True\n"
+                                      "    __hash__ = int.__hash__\n"
+                                      "def add(x: int, y: int):\n    return Yes(0)\n"),
+    "settrace hook on check": ("import sys, os\n"
+                               "def tracer(frame, event, arg):\n"
+                               "    if frame.f_code.co_name == 'check':\n        os._exit(0)\n    return tracer\n"
+                               "sys.settrace(tracer)\n" + WRONG_ADD),
+    "innocent __main__ block ending in sys.exit": (WRONG_ADD + "\n\nif __name__ == \"__main__\":\n"
+                                                   "    import sys\n    print(add(2, 3))\n    sys.exit(0)\n"),
+}
+
+
+@pytest.fixture(scope="module")
+def add_problem():
+    bench = HumanEval(sandbox={"wall_s": 5.0})
+    (sample,) = [s for s in bench.samples() if s.id == "HumanEval/53"]
+    return bench, sample
+
+
+def fenced(code: str) -> str:
+    return f"Here you go:\n```python\n{code}```\n"
+
+
+@pytest.mark.parametrize("attack", sorted(FAKE_PASSES))
+def test_a_fake_pass_scores_as_a_fail(add_problem, attack):
+    bench, sample = add_problem
+    verdict = bench.score(sample, fenced(FAKE_PASSES[attack]))
+    assert not verdict.passed, verdict
+
+
+def test_a_right_answer_with_a_main_block_that_exits_still_passes(add_problem):
+    bench, sample = add_problem
+    reply = RIGHT_ADD + "\n\nif __name__ == \"__main__\":\n    import sys\n    print(add(2, 3))\n    sys.exit(1)\n"
+    assert bench.score(sample, fenced(reply)).passed
+
+
+def test_a_program_that_shadows_a_builtin_the_tests_use_does_not_fake_mbpp():
+    bench = fixture_bench("mbpp", "mbpp_sanitized.jsonl")
+    sample = bench.samples()[0]  # assert set(similar_elements(...)) == set((4, 5))
+    reply = "def similar_elements(a, b):\n    return ()\ndef set(x):\n    return 1\n"
+    assert not bench.score(sample, fenced(reply)).passed
+    right = "def similar_elements(a, b):\n    return tuple(x for x in a if x in b)\n"
+    assert bench.score(sample, fenced(right)).passed
+
+
+def test_a_functional_lcb_program_that_exits_in_the_call_fails():
+    bench = fixture_bench("lcb_medium_55", "lcb.jsonl")
+    sample = bench.samples()[0]
+    reply = ("class Solution:\n    def maxPlusK(self, nums: List[int], k: int) -> int:\n"
+             "        import os\n        print(max(nums) + k)\n        os._exit(0)\n")
+    assert not bench.score(sample, fenced(reply)).passed
+
+
+EARLY_EXITS = {
+    "rust": "```rust\nfn add(x: isize, y: isize) -> isize {\n    std::process::exit(0)\n}\n```",
+    "java": ("```java\nclass Problem {\n    public static long add(long x, long y) {\n        System.exit(0);\n"
+             "        return 0;\n    }\n}\n```"),
+    "js": "```javascript\nfunction add(x, y){\n  process.exit(0);\n}\n```",
+}
+
+
+@pytest.mark.parametrize("lang", sorted(EARLY_EXITS))
+def test_a_multipl_e_program_that_exits_0_before_its_tests_end_fails(lang):
+    if sandbox.missing_toolchain(lang):
+        pytest.skip(sandbox.missing_toolchain(lang))
+    bench = fixture_bench("multipl_e", "multipl_e.jsonl", f"bench.languages=[{lang}]")
+    (sample,) = bench.samples()
+    verdict = bench.score(sample, EARLY_EXITS[lang])
+    assert not verdict.passed and "before its tests ended" in verdict.detail, verdict
+
+
+# ---- escapes, checked from outside -----------------------------------------------------------------
+def test_writes_outside_the_private_tmp_do_not_reach_the_host(tmp_path):
+    marker = f"moeprune-escape-{uuid.uuid4().hex}"
+    targets = [Path.home() / marker, Path("/tmp") / marker, tmp_path / marker, Path.cwd() / marker, Path("/") / marker]
+    src = ("import sys\nwrote = []\n"
+           f"for p in {[str(t) for t in targets]!r}:\n"
+           "    try:\n        open(p, 'w').write('x')\n        wrote.append(p)\n    except OSError:\n        pass\n"
+           "print(wrote)\n")
+    res = sandbox.run_program(src, limits=TIGHT)
+    assert res.status == "ok", res
+    assert f"/tmp/{marker}" in res.stdout  # the private tmp is writable...
+    assert [t for t in targets if t.exists()] == []  # ...and none of it is the host's
+
+
+def test_host_secrets_in_etc_are_hidden_while_etc_passwd_is_readable():
+    src = ("print(len(open('/etc/passwd').read()) > 0)\ntry:\n    print(repr(open('/etc/shadow').read()))\n"
+           "except OSError as e:\n    print(type(e).__name__)\n")
+    res = sandbox.run_program(src, limits=TIGHT)
+    assert res.stdout.split()[0] == "True" and res.stdout.split()[1] in ("''", "PermissionError"), res
+
+
+def _host_processes_with(marker: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if marker.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+# A child that sleeps, and a double-forked setsid daemon, both named by a marker their command line carries.
+SURVIVORS = """\
+import os, sys, time
+if os.fork() == 0:
+    os.execvp("sleep", ["sleep", "{marker}1"])
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execvp("sleep", ["sleep", "{marker}2"])
+    os._exit(0)
+time.sleep(0.5)
+{ending}
+"""
+
+
+@pytest.mark.parametrize("ending", ["print('done')", "while True:\n    pass"], ids=["exits", "times out"])
+def test_forked_children_and_a_setsid_daemon_do_not_outlive_the_program(ending):
+    marker = f"4{uuid.uuid4().int % 10**8}.{os.getpid()}"  # a valid sleep duration, unique on the host
+    res = sandbox.run_program(SURVIVORS.format(marker=marker, ending=ending), limits=TIGHT)
+    assert res.status == ("ok" if "print" in ending else "timeout"), res
+    assert _host_processes_with(marker) == []
+
+
+def test_killing_its_parent_does_not_touch_the_scorer(add_problem):
+    bench, sample = add_problem
+    # Only the parent: the same program without a pid namespace would hit whatever it can see.
+    reply = WRONG_ADD + "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\n"
+    verdict = bench.score(sample, fenced(reply))  # this test process is the scorer: it is still here
+    assert not verdict.passed
+    assert bench.score(sample, fenced(RIGHT_ADD)).passed
+
+
+def test_unix_sockets_of_the_host_cannot_be_reached(tmp_path):
+    path = tmp_path / "host.sock"
+    abstract = f"\0moeprune-{uuid.uuid4().hex}"
+    servers = []
+    for address in (str(path), abstract):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(address)
+        s.listen(1)
+        s.setblocking(False)
+        servers.append(s)
+    src = ("import socket\nfor a in (%r, %r):\n    c = socket.socket(socket.AF_UNIX)\n"
+           "    try:\n        c.connect(a)\n        print('connected', repr(a))\n    except OSError as e:\n"
+           "        print('refused', e.errno)\n" % (str(path), abstract))
+    try:
+        res = sandbox.run_program(src, limits=TIGHT)
+        assert "connected" not in res.stdout and res.stdout.count("refused") == 2, res
+        for s in servers:  # and from the host's side: nobody came
+            with pytest.raises(BlockingIOError):
+                s.accept()
+    finally:
+        for s in servers:
+            s.close()
+
+
+def test_many_small_files_stop_at_the_output_cap_in_total():
+    src = ("n = 0\nfor i in range(2000):\n    try:\n        with open(f'f{i}', 'w') as f:\n"
+           "            f.write('x' * 1024)\n        n += 1024\n    except OSError:\n        break\nprint(n)\n")
+    res = sandbox.run_program(src, limits=TIGHT)
+    written = int(res.stdout.split()[-1])
+    assert 0 < written <= TIGHT.output_bytes + (64 << 10), res  # not 2 MB: the tmpfs is sized to the cap
+
+
+# ---- refusing, and recording ----------------------------------------------------------------------
+def test_without_bubblewrap_the_scorer_refuses_unless_isolation_none_is_chosen(monkeypatch):
+    real_which = sandbox.shutil.which
+    sandbox.bwrap_problem.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
+    try:
+        with pytest.raises(MoePruneError, match="bench.sandbox.isolation=bwrap: bubblewrap .* not installed.*"
+                                                "bench.sandbox.isolation=none"):
+            HumanEval()
+        res = sandbox.run_program("print('plain')", limits=dataclasses.replace(TIGHT, isolation="none"))
+        assert res.stdout.strip() == "plain"
+        assert HumanEval(sandbox={"isolation": "none"}).settings()["sandbox"]["isolation"] == "none"
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+    with pytest.raises(MoePruneError, match="bench.sandbox.isolation='docker': expected bwrap .* or none"):
+        HumanEval(sandbox={"isolation": "docker"})
+
+
+def test_a_scorer_crash_on_one_sample_is_that_samples_fail_and_the_run_goes_on(add_problem, monkeypatch):
+    bench, sample = add_problem
+    real_score = HumanEval.score
+
+    def flaky(self, s, completion):
+        if "crash" in completion:
+            raise OSError("bwrap: could not start")
+        return real_score(self, s, completion)
+
+    monkeypatch.setattr(HumanEval, "score", flaky)
+    verdicts = bench.score_all([sample, sample], [fenced(RIGHT_ADD) + "crash", fenced(RIGHT_ADD)])
+    assert verdicts[0] == Verdict(False, "", "scorer error: OSError: bwrap: could not start")
+    assert verdicts[1].passed
