@@ -138,6 +138,42 @@ def build_lock(lock_path: Path) -> Iterator[bool]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def writable(path: Path) -> bool:
+    """Whether `path` (a dir, or where one would be created) can take new files."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def remove_dead_temps(cache_dir: Path, stages, lock_path) -> list[Path]:
+    """Remove the temp dirs (`<stage>/.<key>.tmp-*`) that builders killed outright (SIGKILL, a lost
+    machine) left in the cache. A builder holds its stage's lock (`lock_path(stage, key)`) for as
+    long as its temp dir exists, so a temp whose lock can be taken has no live builder; one whose
+    lock is held is left alone."""
+    import fcntl
+
+    removed = []
+    for stage in stages:
+        for tmp in sorted(Path(cache_dir, stage).glob(".*.tmp-*")):
+            key = tmp.name[1:].rsplit(".tmp-", 1)[0]
+            lock = Path(lock_path(stage, key))
+            if not tmp.is_dir() or not writable(lock.parent) or not os.access(tmp.parent, os.W_OK):
+                continue  # a read-only cache: nothing can be removed, nothing will be built
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with open(lock, "a") as f:
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live builder's
+                try:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(tmp)
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+    return removed
+
+
 def package_versions(names=("moeprune", "torch", "transformers", "safetensors", "hydra-core", "numpy")) -> dict:
     out = {}
     for name in names:

@@ -9,6 +9,7 @@ handles caching, manifests, timing and the run directory's links.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,7 @@ class Runner:
         self.stages = {s.name: s for s in stages}
         self.order = [s.name for s in stages]
         self.run_dir = Path(run_dir)
-        self.cache_dir = Path(cfg.paths.cache_dir).expanduser()
+        self.cache_dir = cache_dir(cfg)
         self.keys: dict[str, str] = {}
         self.dirs: dict[str, Path] = {}
         self._input_hashes: dict[tuple[Path, bool], str] = {}  # several stages read the same model dir
@@ -83,11 +84,49 @@ class Runner:
         }
         return artifacts.hash_json(payload)[:20], payload
 
-    def run(self, only: str | None = None) -> dict[str, dict]:
-        wanted = self.order if only in (None, "all") else self._with_upstream(only)
-        checks = {self.stages[n].preflight for n in wanted if self.stages[n].enabled(self.cfg)} - {None}
+    def wanted(self, only: str | None) -> list[str]:
+        """The stages `only` (a stage name, or all) runs, upstream included; a stage asked for by
+        name that the config disables is an error (stage=quant with quant_tier=none did nothing)."""
+        if only in (None, "all"):
+            return self.order
+        wanted = self._with_upstream(only)
+        if not self.stages[only].enabled(self.cfg):
+            raise MoePruneError(f"stage={only}, but the config disables the {only} stage: expected it enabled "
+                                f"(stages.{only}=true{', and a quant_tier other than none' if only == 'quant' else ''})")
+        return wanted
+
+    def preflight(self, only: str | None = None) -> None:
+        """Every check that can run before the first stage: each stage's own preflight, then
+        whether the cache can take the artifacts this run has to build."""
+        wanted = [n for n in self.wanted(only) if self.stages[n].enabled(self.cfg)]
+        checks = {self.stages[n].preflight for n in wanted} - {None}
         for check in checks:
             check(self.cfg)
+        if not artifacts.writable(self.cache_dir):
+            to_build = self._to_build(wanted)
+            if to_build:
+                raise MoePruneError(f"paths.cache_dir={self.cache_dir} is not writable, and this run has to build "
+                                    f"{', '.join(to_build)}: expected a writable cache dir (MOEPRUNE_CACHE)")
+
+    def _to_build(self, wanted: list[str]) -> list[str]:
+        """The stages whose artifact is not in the cache yet (keys only: nothing runs)."""
+        keys, out = dict(self.keys), []
+        try:
+            for name in wanted:
+                stage = self.stages[name]
+                self.keys[name] = self.key(stage)[0]
+                if self.cfg.cache.refresh or not (self.cache_dir / name / self.keys[name] / artifacts.MANIFEST).exists():
+                    out.append(name)
+        finally:
+            self.keys = keys
+        return out
+
+    def run(self, only: str | None = None, preflight: bool = True) -> dict[str, dict]:
+        if preflight:
+            self.preflight(only)
+        wanted = self.wanted(only)
+        artifacts.remove_dead_temps(self.cache_dir, self.order, lock_path=self._lock_path)
+        self._publish()  # the run dir forgets the links of a previous run before this one starts
         for name in wanted:
             stage = self.stages[name]
             if not stage.enabled(self.cfg):
@@ -97,11 +136,35 @@ class Runner:
             if missing:
                 raise MoePruneError(f"stage {name} needs {', '.join(missing)}, which is disabled")
             self._run_stage(stage)
+            self._publish()
+        return self.results
+
+    def _publish(self) -> None:
+        """Make the run dir's stage links and run.json describe the stages done so far, and only
+        those: a reused run dir keeps no link of another run, an interrupted one no link that
+        run.json does not list."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        for link in self.run_dir.iterdir():
+            if link.is_symlink() and link.name not in self.dirs and _is_artifact_link(link):
+                link.unlink()
+        for name, final in self.dirs.items():
+            link = self.run_dir / name
+            if link.is_symlink() and link.readlink() == final:
+                continue
+            if link.exists() and not link.is_symlink():
+                raise MoePruneError(f"run dir {self.run_dir} holds {link}, which is not a stage link: expected a "
+                                    "fresh run dir (hydra.run.dir=...) or one written by moeprune")
+            tmp = self.run_dir / f".{name}.link-tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(final, target_is_directory=True)
+            os.replace(tmp, link)
         artifacts.write_json(self.run_dir / "run.json", {
             "stages": {n: {"artifact": str(self.dirs[n]), "key": self.keys[n], **self.results[n]}
                        for n in self.dirs},
         })
-        return self.results
+
+    def _lock_path(self, stage: str, key: str) -> Path:
+        return self.cache_dir / ".locks" / f"{stage}-{key}.lock"
 
     def _with_upstream(self, name: str) -> list[str]:
         if name not in self.stages:
@@ -118,13 +181,18 @@ class Runner:
         key, payload = self.key(stage)
         final = self.cache_dir / stage.name / key
         manifest_path = final / artifacts.MANIFEST
+        if manifest_path.exists() and not self.cfg.cache.refresh:  # no lock: a read-only cache serves too
+            log.info("%-14s cached   %s", stage.name, final)
+            self.results[stage.name] = {"cached": True, **_manifest(manifest_path)["metrics"]}
+            self.keys[stage.name], self.dirs[stage.name] = key, final
+            return
         # Parallel sweep jobs on a cold cache want the same artifacts (the profile, the base eval):
         # one process builds each while the others wait, then find it cached.
-        with artifacts.build_lock(self.cache_dir / ".locks" / f"{stage.name}-{key}.lock") as waited:
+        with artifacts.build_lock(self._lock_path(stage.name, key)) as waited:
             if waited:
                 log.info("%-14s waited for another process building %s", stage.name, final)
             if manifest_path.exists() and not (self.cfg.cache.refresh and not waited):
-                manifest = artifacts.read_json(manifest_path)
+                manifest = _manifest(manifest_path)
                 log.info("%-14s cached   %s", stage.name, final)
                 self.results[stage.name] = {"cached": True, **manifest["metrics"]}
             else:
@@ -144,8 +212,29 @@ class Runner:
                     })
                 log.info("%-14s built    %s (%.1f s)", stage.name, final, wall)
                 self.results[stage.name] = {"cached": False, "wall_time_s": round(wall, 3), **metrics}
-        self.keys[stage.name] = key
-        self.dirs[stage.name] = final
-        link = self.run_dir / stage.name
-        if not link.exists():
-            link.symlink_to(final, target_is_directory=True)
+        self.keys[stage.name], self.dirs[stage.name] = key, final
+
+
+def cache_dir(cfg: DictConfig) -> Path:
+    """paths.cache_dir as an absolute path: the run dir's links must not dangle when read from
+    elsewhere, and an empty MOEPRUNE_CACHE must not put the cache in the working directory."""
+    value = str(OmegaConf.select(cfg, "paths.cache_dir") or "").strip()
+    if not value:
+        raise MoePruneError("paths.cache_dir is empty (MOEPRUNE_CACHE set to an empty string?): expected a directory "
+                            "for the stage artifacts; unset MOEPRUNE_CACHE for the default outputs/cache")
+    return Path(os.path.abspath(Path(value).expanduser()))
+
+
+def _manifest(path: Path) -> dict:
+    try:
+        manifest = artifacts.read_json(path)
+        manifest["metrics"]  # noqa: B018 (the key every cached result is read from)
+        return manifest
+    except (ValueError, KeyError, TypeError) as e:
+        raise MoePruneError(f"{path} is unreadable ({type(e).__name__}: {e}): expected a stage manifest; rebuild it "
+                            f"with cache.refresh=true or by deleting {path.parent}") from None
+
+
+def _is_artifact_link(link: Path) -> bool:
+    """A stage link written by a run: it points at a cache artifact (or did, if the cache is gone)."""
+    return not link.exists() or (link / artifacts.MANIFEST).is_file()
