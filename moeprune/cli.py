@@ -52,12 +52,16 @@ def objective(results: dict, metric) -> float | list | None:
 
 
 def run(cfg: DictConfig) -> dict:
+    from moeprune import preflight
     from moeprune.runner import Runner
     from moeprune.stages import stages_for
 
     run_dir = Path(cfg.paths.output_dir)
+    checked, preflight.checked_before_run = preflight.checked_before_run, False
+    if not checked:  # a sweep job: Hydra's callback checks runs, not jobs
+        preflight.check_run(cfg, run_dir)
     runner = Runner(cfg, stages_for(cfg), run_dir)
-    return runner.run(cfg.stage)
+    return runner.run(cfg.stage, preflight=False)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://moeprune.conf", config_name="run")

@@ -129,6 +129,7 @@ class KeepConfig:
 @dataclass
 class PruneConfig:
     shared_ffn_alpha: float = 1.0  # multiply the shared/dense FFN down projection by this
+    ablate_shared_ffn: bool = False  # allow shared_ffn_alpha <= 0 (removing or negating it: an ablation)
     max_shard_bytes: int = 5_000_000_000
     # multi-token-prediction heads (DeepSeek-V3, Qwen3.5/Next), which no profile sees: keep them
     # unpruned (main-model use is unaffected) or drop them whole (the config then counts 0)

@@ -36,8 +36,49 @@ def resolve_model_dir(path: str, revision: str | None = None) -> Path:
 
 
 def read_config(model_dir: Path) -> dict:
-    with open(Path(model_dir) / "config.json") as f:
-        return json.load(f)
+    path = Path(model_dir) / "config.json"
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise MoePruneError(f"{path} is unreadable ({type(e).__name__}: {e}): expected a Hugging Face "
+                            "config.json") from None
+    if not isinstance(config, dict):
+        raise MoePruneError(f"{path} holds a JSON {type(config).__name__}: expected a JSON object (a Hugging Face "
+                            "config.json)")
+    return config
+
+
+def check_checkpoint(model_dir: Path) -> list[int]:
+    """What transformers would fail on with a traceback, from config.json and the safetensors
+    headers alone: a missing or truncated shard, no weights, an expert count that is not a number
+    or disagrees with the expert tensors (the plan of a prune that drops nothing checks all that).
+    Returns the MoE layers."""
+    from moeprune.adapters import adapter_for
+    from moeprune.prune.surgery import check_experts, read_sources
+
+    config = read_config(model_dir)
+    adapter = adapter_for(config)
+    text = adapter.text_config(config)
+    for key in (adapter.num_experts_key, *adapter.extra_expert_count_keys, adapter.top_k_key):
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MoePruneError(f"{Path(model_dir) / 'config.json'}: {key}={value!r}: expected a positive integer")
+    return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
+
+
+def check_device(device: str) -> None:
+    """model.device before anything loads onto it: a name torch knows, a GPU that is there."""
+    kind, _, index = str(device).partition(":")
+    if kind not in ("auto", "cpu", "cuda", "mps") or (index and (kind != "cuda" or not index.isdigit())):
+        raise MoePruneError(f"model.device={device!r}: expected auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count <= int(index or 0):
+            raise MoePruneError(f"model.device={device}: this machine has {count} CUDA device(s): expected "
+                                "model.device=auto or cpu" + (f", or cuda:0..{count - 1}" if count else ""))
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise MoePruneError(f"model.device={device}: MPS is not available here: expected model.device=auto or cpu")
 
 
 def pick_device(device: str) -> torch.device:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -192,11 +193,25 @@ def _scaled(t: SourceTensor, alpha: float):
     return compute
 
 
+def check_experts(adapter, config: dict, sources: dict[str, SourceTensor], where: Path) -> list[int]:
+    """The MoE layers, once the expert tensors agree with the config's expert count (a plan that
+    drops nothing)."""
+    num_layers = adapter.text_config(config).get("num_hidden_layers")
+    layers = _plan(adapter, sources, {}, adapter.num_experts(config), 1.0, num_layers).layers
+    if not layers:
+        raise MoePruneError(f"{where}: no expert tensors for adapter {adapter.name}: expected an MoE checkpoint")
+    return sorted(layers)
+
+
 def prune_checkpoint(src: Path, out: Path, drop_map: DropMap | dict, shared_ffn_alpha: float = 1.0,
                      max_shard_bytes: int = 5_000_000_000, recipe: dict | None = None, mtp_heads: str = "keep") -> dict:
     """Write the pruned checkpoint to `out` (atomically). Returns a summary of what was done.
     `drop_map`: a DropMap, or a plain {layer: [ids]} checked here as one."""
     check_mtp_heads(mtp_heads)
+    if not math.isfinite(shared_ffn_alpha):  # NaN weights would score 0 everywhere, not fail
+        raise MoePruneError(f"shared_ffn_alpha={shared_ffn_alpha}: expected a finite factor")
+    if max_shard_bytes < 1:
+        raise MoePruneError(f"max_shard_bytes={max_shard_bytes}: expected a positive shard size")
     src, out = Path(src).resolve(), Path(out).resolve()
     _check_paths(src, out)
     config = artifacts.read_json(src / "config.json")

@@ -1,0 +1,178 @@
+"""Every check a run can pass before anything is written.
+
+`RunPreflight` is a Hydra callback (conf/run.yaml, `hydra.callbacks`): `on_run_start` runs after the
+config is composed but before Hydra creates the run dir and writes `.hydra/` into it, so a bad input
+leaves nothing behind anywhere, and a run dir that would land inside the model is refused before
+the model is touched. In a sweep (-m) each job runs the same checks at its start instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from pathlib import Path
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from moeprune.errors import MoePruneError
+
+# set by the callback for the run it checked, consumed by the CLI so the checks run once
+checked_before_run = False
+
+OPTIONAL_GROUPS = ("recipe", "hparams_search")  # `optional` in run.yaml: Hydra ignores a misspelt one
+
+# knob -> (accepts, what was expected). None passes wherever the schema allows it.
+_KNOBS = {
+    "calibration.samples_per_class": (lambda v: v >= 1, "at least 1 prompt per class, or null for all"),
+    "calibration.batch_size": (lambda v: v >= 1, "at least 1 pass per forward"),
+    "calibration.batch_tokens": (lambda v: v >= 1, "at least 1 padded token per forward"),
+    "calibration.generate_tokens": (lambda v: v >= 0, "0 or more generated tokens"),
+    "prune.max_shard_bytes": (lambda v: v >= 1 << 20, "at least 1 MiB per output shard (1048576)"),
+    "evaluate.empty_threshold": (lambda v: 0 <= v <= 1, "a share of empty answers between 0 and 1"),
+    "bench.n": (lambda v: v >= 1, "at least 1 problem, or null for all"),
+    "bench.n_per_class": (lambda v: v >= 1, "at least 1 problem per class"),
+    "bench.max_new_tokens": (lambda v: v >= 1, "at least 1 token, or null for the bench's own limit"),
+    "backend.batch_size": (lambda v: v >= 1, "at least 1 prompt per generate call"),
+    "backend.max_new_tokens": (lambda v: v >= 1, "at least 1 token, or null for the bench's own limit"),
+    "backend.concurrency": (lambda v: v >= 1, "at least 1 request in flight"),
+    "quant_tier.calib_samples": (lambda v: v >= 1, "at least 1 calibration text per class"),
+    "profile.device_memory_fraction": (lambda v: 0 < v <= 1, "a share of the device memory in (0, 1]"),
+}
+
+
+class RunPreflight(Callback):
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        global checked_before_run
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the config resolves from here on
+        try:
+            check_run(config, _hydra_dir(config, "hydra.run.dir"))
+        except MoePruneError as e:
+            print(f"moeprune: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        checked_before_run = True
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            check_groups(config)
+            _hydra_dir(config, "hydra.sweep.dir")
+        except MoePruneError as e:
+            print(f"moeprune: error: {e}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _hydra_dir(config: DictConfig, key: str) -> Path:
+    value = str(OmegaConf.select(config, key) or "").strip()
+    if not value:
+        raise MoePruneError(f"{key} is empty: expected a directory for the run's files (the default is "
+                            "outputs/<date>/<time>)")
+    return Path(os.path.abspath(value))  # as Hydra makes it
+
+
+def check_run(cfg: DictConfig, run_dir: Path) -> None:
+    """The whole preflight of one run: config, locations, then each stage's own checks."""
+    from moeprune.runner import Runner
+    from moeprune.stages import stages_for
+
+    check_groups(cfg)
+    check_knobs(cfg)
+    runner = Runner(cfg, stages_for(cfg), run_dir)
+    wanted = [n for n in runner.wanted(cfg.stage) if runner.stages[n].enabled(cfg)]
+    inputs = inputs_of(cfg, [runner.stages[n] for n in wanted])
+    check_locations(run_dir, runner.cache_dir, inputs)
+    if "model" in inputs:
+        check_model(cfg, inputs["model"], needs_tokenizer=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
+    runner.preflight(cfg.stage)
+
+
+def check_groups(cfg: DictConfig) -> None:
+    """`optional` groups are skipped by Hydra when the option does not exist: `recipe=v8_coder`
+    would run the defaults and print a normal table."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not GlobalHydra.instance().is_initialized():
+        return
+    choices = HydraConfig.get().runtime.choices
+    loader = GlobalHydra.instance().config_loader()
+    for group in OPTIONAL_GROUPS:
+        choice = choices.get(group)
+        if choice is None:
+            continue
+        options = loader.get_group_options(group)
+        if choice not in options:
+            raise MoePruneError(f"{group}={choice}: no such preset; expected one of {', '.join(options)}")
+
+
+def check_knobs(cfg: DictConfig) -> None:
+    for key, (accepts, expected) in _KNOBS.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None or isinstance(value, bool):
+            continue
+        if not accepts(value) or (isinstance(value, float) and not math.isfinite(value)):
+            raise MoePruneError(f"{key}={value}: expected {expected}")
+    check_shared_ffn_alpha(cfg.prune)
+
+
+def check_shared_ffn_alpha(prune: DictConfig) -> None:
+    """A NaN writes NaN weights that score 0 everywhere; 0 or a negative factor removes or flips the
+    shared FFN, which is an ablation only when asked for by name."""
+    alpha = prune.shared_ffn_alpha
+    if not math.isfinite(alpha):
+        raise MoePruneError(f"prune.shared_ffn_alpha={alpha}: expected a finite factor (1.0 leaves the shared FFN as is)")
+    if alpha <= 0 and not prune.get("ablate_shared_ffn", False):
+        raise MoePruneError(f"prune.shared_ffn_alpha={alpha} zeroes or negates the shared FFN: expected a factor "
+                            "above 0, or prune.ablate_shared_ffn=true for a deliberate ablation")
+
+
+def inputs_of(cfg: DictConfig, stages) -> dict[str, Path]:
+    """The files and dirs the run reads (resolved): no output may land inside one."""
+    out = {}
+    for stage in stages:
+        out.update(stage.external(cfg))
+    for key in ("bench.data.path", "backend.gguf"):
+        value = OmegaConf.select(cfg, key)
+        if value:
+            out[key] = Path(value).expanduser()
+    return out
+
+
+def check_locations(run_dir: Path, cache_dir: Path, inputs: dict[str, Path]) -> None:
+    """The run dir and the cache are directories this run can write, and neither lies inside an input
+    (a run dir inside the model dir would ship `.hydra/` and `run.json` with the checkpoint)."""
+    from moeprune import artifacts
+
+    outputs = {"the run dir (hydra.run.dir)": run_dir, "paths.cache_dir": cache_dir}
+    for what, path in outputs.items():
+        if path.exists() and not path.is_dir():
+            raise MoePruneError(f"{what} {path} is a file: expected a directory (or a path to create)")
+        for name, source in inputs.items():
+            source = Path(source).resolve()
+            resolved = path.resolve()
+            if resolved == source or source in resolved.parents:
+                raise MoePruneError(f"{what} {path} is inside the input {name} ({source}): expected a location "
+                                    "outside every input, which moeprune never writes into")
+    if run_dir.resolve() == cache_dir.resolve():
+        raise MoePruneError(f"the run dir and paths.cache_dir are both {run_dir}: expected separate directories")
+    if not artifacts.writable(run_dir):
+        raise MoePruneError(f"the run dir (hydra.run.dir) {run_dir} is not writable: expected a directory this user "
+                            "can write")
+
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
+
+
+def check_model(cfg: DictConfig, model_dir: Path, needs_tokenizer: bool) -> None:
+    """The checkpoint as far as headers tell (before transformers loads it and fails with a
+    traceback), its tokenizer when a stage runs text through it, and the device it goes to."""
+    from moeprune.models import check_checkpoint, check_device
+
+    check_device(cfg.model.device)
+    check_checkpoint(model_dir)
+    if needs_tokenizer and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise MoePruneError(f"model dir {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                            "expected the checkpoint's tokenizer files beside config.json")
