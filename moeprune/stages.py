@@ -255,7 +255,18 @@ def _recipe_fits(cfg: DictConfig) -> None:
             dropmap.keep_rule(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
         dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
         return
-    if cfg.keep.drop_map is None:
+    if cfg.keep.drop_map is not None:  # the map fits the model: known before any profile
+        from moeprune.models import check_checkpoint
+        from moeprune.prune.drop_map import DropMap
+
+        model_config = read_config(model_dir(cfg))
+        adapter, layers = adapter_for(model_config), check_checkpoint(model_dir(cfg))
+        try:
+            DropMap.read(cfg.keep.drop_map, lambda m: DropMap.for_model(
+                m, adapter, model_config, physical=cfg.keep.mode == "uniform", layers=layers))
+        except MoePruneError as e:
+            raise MoePruneError(f"keep.drop_map={cfg.keep.drop_map}: {e}") from None
+    else:
         model_config = read_config(model_dir(cfg))
         dropmap.fit_keep_to_model(cfg.keep, adapter_for(model_config), model_config)
     recipe = _recipe(cfg)

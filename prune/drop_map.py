@@ -10,6 +10,7 @@ the reports take a DropMap and trust it. The JSON form is the reference tools' `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,9 +111,18 @@ class DropMap(Mapping):
         return {str(layer): list(ids) for layer, ids in self.dropped.items()}
 
 
+def _no_duplicate_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:  # json keeps the last silently: the map would not be the one its author wrote
+        raise ValueError(f"duplicate keys {twice}")
+    return dict(pairs)
+
+
 def load_json(path: Path):
     try:
-        return artifacts.read_json(path)
+        with open(path) as f:
+            return json.load(f, object_pairs_hook=_no_duplicate_keys)
     except FileNotFoundError:
         raise MoePruneError(f"drop map not found: {path}") from None
     except IsADirectoryError:

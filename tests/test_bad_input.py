@@ -1,0 +1,171 @@
+"""Bad input through the real CLI, in-process: exit 2, one `moeprune: error:` line naming the input
+and what was expected, nothing written anywhere (no run dir, no cache), the model byte-identical."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from moeprune import artifacts
+
+SMALL = ["calibration.samples_per_class=4", "bench.n_per_class=2", "backend.batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def shared_model(tmp_path_factory) -> Path:
+    from conftest import save_tiny_gemma4
+
+    return save_tiny_gemma4(tmp_path_factory.mktemp("src") / "tiny_gemma4")
+
+
+def cli(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, str]:
+    """moeprune's main() with this argv: (exit code, stderr)."""
+    from moeprune import cli as moeprune_cli
+
+    err, code = io.StringIO(), 0
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    old_argv, sys.argv = sys.argv, ["moeprune", *argv]
+    try:
+        with contextlib.redirect_stderr(err):
+            moeprune_cli.main()
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old_argv
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return code, err.getvalue()
+
+
+def _truncate(model: Path) -> None:
+    f = model / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def _shard_index(model: Path) -> None:
+    header = json.loads((model / "model.safetensors").read_bytes()[8:8 + int.from_bytes(
+        (model / "model.safetensors").read_bytes()[:8], "little")])
+    names = [n for n in header if n != "__metadata__"]
+    (model / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {n: "model-00001-of-00002.safetensors" for n in names}}))
+    (model / "model.safetensors").unlink()
+
+
+def _config(**changes):
+    def edit(model: Path) -> None:
+        config = json.loads((model / "config.json").read_text())
+        config.update(changes)
+        (model / "config.json").write_text(json.dumps(config))
+    return edit
+
+
+def _drop_map(text: str):
+    def write(model: Path) -> None:
+        (model.parent / "map.json").write_text(text)
+    return write
+
+
+# (id, overrides, message, how to break a copy of the model first)
+CASES = [
+    ("run dir is the model dir", ["hydra.run.dir={model}"], "is inside the input model", None),
+    ("run dir inside the model dir", ["hydra.run.dir={model}/run"], "is inside the input model", None),
+    ("cache inside the model dir", ["env:MOEPRUNE_CACHE={model}/cache"], "paths.cache_dir", None),
+    ("empty MOEPRUNE_CACHE", ["env:MOEPRUNE_CACHE="], "paths.cache_dir is empty", None),
+    ("empty run dir", ["hydra.run.dir="], "hydra.run.dir is empty", None),
+    ("run dir is a file", ["hydra.run.dir={tmp}/afile"], "is a file: expected a directory", None),
+    ("cache is a file", ["env:MOEPRUNE_CACHE={tmp}/afile"], "paths.cache_dir", None),
+    ("misspelt recipe", ["recipe=v8_coder"], "recipe=v8_coder: no such preset; expected one of", None),
+    ("misspelt hparams_search", ["hparams_search=foo"], "hparams_search=foo: no such preset", None),
+    ("nan alpha", ["prune.shared_ffn_alpha=nan"], "prune.shared_ffn_alpha=nan: expected a finite factor", None),
+    ("negative alpha", ["prune.shared_ffn_alpha=-1"], "prune.ablate_shared_ffn=true", None),
+    ("zero alpha", ["prune.shared_ffn_alpha=0"], "zeroes or negates the shared FFN", None),
+    ("quant stage without a tier", ["stage=quant"], "stage=quant, but the config disables the quant stage", None),
+    ("zero batch", ["calibration.batch_size=0"], "calibration.batch_size=0: expected at least 1", None),
+    ("zero shard size", ["prune.max_shard_bytes=0"], "prune.max_shard_bytes=0: expected at least 1 MiB", None),
+    ("negative empty threshold", ["evaluate.empty_threshold=-1"], "evaluate.empty_threshold=-1", None),
+    ("negative n_per_class", ["bench.n_per_class=-5"], "bench.n_per_class=-5: expected at least 1", None),
+    ("zero samples per class", ["calibration.samples_per_class=0"], "calibration.samples_per_class=0", None),
+    ("cuda without a GPU", ["model.device=cuda"], "model.device=cuda: this machine has 0 CUDA", None),
+    ("tpu", ["model.device=tpu"], "model.device='tpu': expected auto, cpu, cuda", None),
+    ("truncated shard", [], "truncated shard", _truncate),
+    ("missing shard", [], "names shard files that are missing", _shard_index),
+    ("no weights", [], "no model.safetensors", lambda m: (m / "model.safetensors").unlink()),
+    ("truncated config.json", [], "config.json is unreadable", lambda m: (m / "config.json").write_text('{"model_')),
+    ("config.json an array", [], "holds a JSON list: expected a JSON object", lambda m: (m / "config.json").write_text("[]")),
+    ("num_experts a string", [], "num_experts='eight': expected a positive integer", _config(num_experts="eight")),
+    ("num_experts disagrees with the weights", [], "expected 6 experts on axis 0", _config(num_experts=6)),
+    ("missing tokenizer", [], "has no tokenizer", lambda m: [(m / f).unlink() for f in ("tokenizer.json",)]),
+    ("duplicate keys in a drop map", ["keep.drop_map={tmp}/map.json"], "duplicate keys ['0']",
+     _drop_map('{"0": [1, 2], "0": [3, 4], "1": [1, 2]}')),
+    ("drop map naming a missing layer", ["keep.drop_map={tmp}/map.json"], "keep.drop_map=",
+     _drop_map('{"0": [1, 2], "7": [1, 2]}')),
+]
+
+
+@pytest.mark.parametrize("overrides, message, breakage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_path, overrides, message, breakage):
+    model = shared_model
+    if breakage is not None:
+        model = Path(shutil.copytree(shared_model, tmp_path / "model"))
+        breakage(model)
+    (tmp_path / "afile").write_text("not a dir\n")
+    before, source = _tree(tmp_path), _tree(shared_model)
+    fill = {"model": model, "tmp": tmp_path}
+    env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
+    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, "stages.evaluate=false"]
+    for o in overrides:
+        if o.startswith("env:"):
+            key, value = o[4:].split("=", 1)
+            env[key] = value.format(**fill)
+        else:
+            argv.append(o.format(**fill))
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # an empty cache or run dir setting would land here
+    try:
+        code, stderr = cli(argv, env)
+    finally:
+        os.chdir(cwd)
+    errors = [line for line in stderr.splitlines() if line.startswith("moeprune: error:")]
+    assert code == 2, stderr
+    assert len(errors) == 1 and message in errors[0], stderr
+    assert "Traceback" not in stderr
+    assert _tree(tmp_path) == before, "a refused run writes nothing (no run dir, no cache)"
+    assert _tree(shared_model) == source, "the source model stays byte-identical"
+
+
+def _tree(root: Path) -> dict:
+    """Every path under root, with a file's bytes (None for a dir)."""
+    return {p.relative_to(root): p.read_bytes() if p.is_file() else None for p in root.rglob("*")}
+
+
+def test_reusing_a_run_dir_leaves_no_link_of_the_previous_run(shared_model, tmp_path):
+    run = tmp_path / "run"
+    env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
+    base = [f"model.path={shared_model}", f"hydra.run.dir={run}", *SMALL, "stages.evaluate=false"]
+    assert cli([*base, "stage=prune"], env)[0] == 0
+    assert cli([*base, "stage=dropmap", "keep.drop_fraction=0.5"], env)[0] == 0
+    listed = json.loads((run / "run.json").read_text())["stages"]
+    links = {p.name: p.resolve() for p in run.iterdir() if p.is_symlink()}
+    assert links == {name: Path(s["artifact"]) for name, s in listed.items()}
+    assert "prune" not in links, "the second run built no pruned model: its run dir must not link the first's"
+
+
+def test_a_relative_cache_is_linked_by_absolute_paths(shared_model, tmp_path):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        code, err = cli([f"model.path={shared_model}", "hydra.run.dir=run", *SMALL, "stage=profile"],
+                        {"MOEPRUNE_CACHE": "relcache"})
+    finally:
+        os.chdir(cwd)
+    assert code == 0, err
+    link = tmp_path / "run" / "profile"
+    assert os.readlink(link).startswith("/") and (link / artifacts.MANIFEST).is_file()
