@@ -6,6 +6,7 @@ Returns the objective (`optimized_metric`) so Hydra sweepers (Optuna) can optimi
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -103,7 +104,23 @@ def main() -> None:
         from moeprune.study_report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
-    hydra_main()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        hydra_main()
+    except KeyboardInterrupt as e:  # temp dirs were removed on the way out (artifacts.atomic_dir)
+        how, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
+        print(f"moeprune: {how}: finished stages stay cached; run the same command again to go on", file=sys.stderr)
+        sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, unwound like Ctrl-C: a stage's temp dir is removed, nothing half-built is kept."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

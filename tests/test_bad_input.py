@@ -169,3 +169,78 @@ def test_a_relative_cache_is_linked_by_absolute_paths(shared_model, tmp_path):
     assert code == 0, err
     link = tmp_path / "run" / "profile"
     assert os.readlink(link).startswith("/") and (link / artifacts.MANIFEST).is_file()
+
+
+def _start_and_kill_in_profile(model: Path, cache: Path, run_dir: Path, sig: int):
+    """Start a run, send `sig` while the profile stage's temp dir exists; (exit code, stderr)."""
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "MOEPRUNE_CACHE": str(cache), "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "moeprune", f"model.path={model}", f"hydra.run.dir={run_dir}",
+                             "calibration.samples_per_class=16", "stage=profile"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("profile/.*.tmp-*")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the profile never started building"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert sig != signal.SIGTERM or proc.returncode == 143, stderr
+    return proc.returncode, stderr
+
+
+def test_sigterm_exits_143_with_one_line_and_leaves_no_temp_dir(shared_model, tmp_path):
+    import signal
+
+    cache = tmp_path / "cache"
+    code, stderr = _start_and_kill_in_profile(shared_model, cache, tmp_path / "run", signal.SIGTERM)
+    assert code == 143 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("moeprune:")] == [
+        "moeprune: terminated (SIGTERM): finished stages stay cached; run the same command again to go on"]
+    assert not list(cache.rglob("*.tmp-*"))
+
+
+def test_a_temp_dir_left_by_sigkill_is_removed_by_the_next_run(shared_model, tmp_path):
+    import signal
+
+    cache = tmp_path / "cache"
+    _start_and_kill_in_profile(shared_model, cache, tmp_path / "run", signal.SIGKILL)
+    assert list(cache.glob("profile/.*.tmp-*")), "SIGKILL cannot clean up: the temp dir is left"
+    code, err = cli([f"model.path={shared_model}", f"hydra.run.dir={tmp_path / 'run2'}", *SMALL, "stage=dropmap"],
+                    {"MOEPRUNE_CACHE": str(cache)})
+    assert code == 0, err
+    assert not list(cache.rglob("*.tmp-*"))
+
+
+def test_a_live_builders_temp_dir_is_kept(tmp_path):
+    import fcntl
+
+    cache = tmp_path / "cache"
+    live, dead = cache / "profile" / ".aaa.tmp-1", cache / "profile" / ".bbb.tmp-2"
+    live.mkdir(parents=True)
+    dead.mkdir()
+
+    def lock(stage, key):
+        return cache / ".locks" / f"{stage}-{key}.lock"
+
+    lock("profile", "aaa").parent.mkdir(parents=True)
+    with open(lock("profile", "aaa"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another open file description: flock conflicts within a process too
+        assert artifacts.remove_dead_temps(cache, ["profile"], lock) == [dead]
+    assert live.is_dir() and not dead.exists()
+
+
+def test_ctrl_c_exits_130_with_one_line(shared_model, tmp_path, monkeypatch):
+    from moeprune import runner
+
+    def interrupted(self, stage):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "_run_stage", interrupted)
+    code, stderr = cli([f"model.path={shared_model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, "stage=profile"],
+                       {"MOEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert code == 130 and "Traceback" not in stderr
+    assert [line for line in stderr.splitlines() if line.startswith("moeprune:")] == [
+        "moeprune: interrupted: finished stages stay cached; run the same command again to go on"]
