@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import time
 import traceback
 from pathlib import Path
@@ -32,6 +34,64 @@ from . import _search_space
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
 DIRECTIONS = ("minimize", "maximize")
+DEFAULT_ATTR = "default_recipe"  # user attr of the trial enqueued with the config's own values
+WORKER_ATTR = "worker"  # user attr: {host, pid, started} of the process that asked the trial
+
+
+def _started(pid: int) -> Optional[str]:
+    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), which a
+    reused pid does not share; None where /proc cannot tell (the process is gone, or no /proc)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def this_worker() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _started(os.getpid())}
+
+
+def worker_is_dead(worker: Any) -> bool:
+    """True only when the trial's process is known to be gone: same host, and its pid is no longer
+    that process. A trial of another host, or one asked before workers were recorded, may belong
+    to a live sweeper sharing the study: it is left alone."""
+    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(worker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return worker.get("started") is not None and _started(int(worker["pid"])) != worker["started"]
+
+
+def fail_stale_trials(study: optuna.Study) -> list[int]:
+    """Fail the RUNNING trials whose process died (a SIGKILL, a lost node) and enqueue their
+    parameters again, so the resumed sweep retries them first. Returns the failed trial numbers."""
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        worker = t.user_attrs.get(WORKER_ATTR)
+        if not worker_is_dead(worker):
+            if worker is None or worker.get("host") != socket.gethostname():
+                log.warning("trial %d is RUNNING, asked by %s: left alone (it may be a live sweeper's)",
+                            t.number, worker or "an unrecorded process")
+            continue
+        why = f"left RUNNING by a process that died (pid {worker['pid']} on {worker['host']}); parameters retried"
+        study._storage.set_trial_user_attr(t._trial_id, "error", why)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        retry = {"retry_of": t.number, **({DEFAULT_ATTR: True} if t.user_attrs.get(DEFAULT_ATTR) else {})}
+        study.enqueue_trial(t.params, user_attrs=retry, skip_if_exists=False)
+        log.warning("trial %d: %s", t.number, why)
+        failed.append(t.number)
+    return failed
+
+
+def default_pending(study: optuna.Study, default: dict) -> bool:
+    """Whether the default recipe has a complete trial, or one waiting or running to become one."""
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    return any(t.user_attrs.get(DEFAULT_ATTR) or t.params == default or t.system_attrs.get("fixed_params") == default
+               for t in study.get_trials(deepcopy=False, states=live))
 
 
 def make_storage(spec: Optional[str]) -> Any:
@@ -149,9 +209,13 @@ class OptunaSweeperImpl(Sweeper):
                                 "sweep overrides such as strategy.alpha='interval(0.5,4)'")
         study = self._study()
         log.info("Search space: %s", {k: repr(d) for k, d in space.distributions.items()})
-        if self.enqueue_default and not study.get_trials(deepcopy=False):
+        fail_stale_trials(study)
+        if self.enqueue_default:
+            # Until the default recipe has a complete trial (a kill, a crash), every run enqueues it.
             choices = OmegaConf.to_container(self.config.hydra.runtime.choices)
-            study.enqueue_trial(_search_space.default_params(space, self.config, choices))
+            default = _search_space.default_params(space, self.config, choices)
+            if not default_pending(study, default):
+                study.enqueue_trial(default, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=False)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -161,6 +225,8 @@ class OptunaSweeperImpl(Sweeper):
         while launched < self.n_trials:
             batch = min(self.n_jobs, self.n_trials - launched)
             trials = [study.ask(fixed_distributions=space.distributions) for _ in range(batch)]
+            for t in trials:  # so a later run can tell this process's trials from a live one's
+                t.set_user_attr(WORKER_ATTR, this_worker())
             overrides = [space.overrides(t.params) + self._env(study, t) for t in trials]
             try:
                 self.validate_batch_is_legal(overrides)
