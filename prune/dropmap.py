@@ -23,7 +23,7 @@ from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.drop_map import DropMap
 from moeprune.prune.selection import Protection, protect, select_budget, select_grouped, select_uniform
-from moeprune.prune.profile import Profile
+from moeprune.prune.profile import Profile, rebuild_hint
 
 DROP_MAP_FILE = "drop_map.json"
 SUMMARY_FILE = "summary.json"
@@ -126,7 +126,7 @@ def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile
             if bad.any():
                 layers = [profile.layers[i] for i in np.nonzero(bad)[0]]
                 raise MoePruneError(f"{what}: class {name!r} is {why} in layers {layers}: expected routing "
-                                    f"statistics for every class in every layer (re-run the profile)")
+                                    f"statistics for every class in every layer ({rebuild_hint(profile.source)})")
     return stats
 
 

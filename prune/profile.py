@@ -44,6 +44,7 @@ class Profile:
     stats: dict[str, torch.Tensor]  # name -> [C, L, E] (weight_norm [L, E], neuron_energy [C, L, E, I])
     tokens: dict[str, int]  # profiled tokens per class
     meta: dict = field(default_factory=dict)  # tokens per tier, passes, corpus/model hashes, mode
+    source: Path | None = None  # the artifact dir it was loaded from (named when it is unusable)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stats[name]
@@ -71,8 +72,18 @@ class Profile:
             core = {k: meta.pop(k) for k in ("classes", "layers", "num_experts", "tokens_per_class")}
         except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError) as e:
             raise MoePruneError(f"{out_dir}: not a readable profile ({type(e).__name__}: {e}); "
-                                f"expected {META_FILE} + {PROFILE_FILE} as the profile stage writes them") from None
-        return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta)
+                                f"expected {META_FILE} + {PROFILE_FILE} as the profile stage writes them; "
+                                f"{rebuild_hint(out_dir)}") from None
+        return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta,
+                   source=out_dir)
+
+
+def rebuild_hint(out_dir: Path | None) -> str:
+    """How to get rid of a broken profile: a plain re-run would be handed the same cached artifact."""
+    if out_dir is None or not (Path(out_dir) / "manifest.json").is_file():  # not a cached artifact
+        return "re-run the profile"
+    return (f"this cached profile is broken: rebuild it by deleting {out_dir}, or run with cache.refresh=true "
+            "(which rebuilds every stage)")
 
 
 # ---- the whole-model run -----------------------------------------------------------------------
