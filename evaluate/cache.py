@@ -11,6 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moeprune import artifacts
+from moeprune.errors import MoePruneError
 from moeprune.evaluate.types import Completion
 
 
@@ -19,9 +20,20 @@ class GenerationCache:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer of another job
-        self.db.execute("CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
-        self.db.commit()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer of another job
+            self.db.execute("CREATE TABLE IF NOT EXISTS generations (key TEXT PRIMARY KEY, completion TEXT NOT NULL)")
+            self.db.commit()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise MoePruneError(f"{self.path} is not a usable generation cache ({e}): expected an sqlite file "
+                                "moeprune wrote; delete it (its completions are regenerated) or run with "
+                                "evaluate.resume=false") from None
+
+    @classmethod
+    def check(cls, path: Path) -> None:
+        """Open (or create) the cache once before any stage runs: a corrupt file fails here."""
+        cls(path).close()
 
     @staticmethod
     def key(identity: dict, settings: dict, prompt: str) -> str:

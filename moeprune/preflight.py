@@ -86,6 +86,12 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     if "model" in inputs:
         check_model(cfg, inputs["model"], needs_tokenizer=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     runner.preflight(cfg.stage)
+    if cfg.evaluate.resume and any(n.startswith("evaluate") for n in wanted):
+        from moeprune.evaluate.cache import GenerationCache
+
+        sqlite = runner.cache_dir / "generations.sqlite"
+        if sqlite.exists():  # a corrupt one would fail after the profile and prune
+            GenerationCache.check(sqlite)
 
 
 def check_groups(cfg: DictConfig) -> None:
@@ -115,6 +121,10 @@ def check_knobs(cfg: DictConfig) -> None:
         if not accepts(value) or (isinstance(value, float) and not math.isfinite(value)):
             raise MoePruneError(f"{key}={value}: expected {expected}")
     check_shared_ffn_alpha(cfg.prune)
+    url = OmegaConf.select(cfg, "backend.base_url")
+    if url and not str(url).startswith(("http://", "https://")):
+        raise MoePruneError(f"backend.base_url={url}: expected an http:// or https:// URL (e.g. "
+                            "http://127.0.0.1:8000/v1)")
 
 
 def check_shared_ffn_alpha(prune: DictConfig) -> None:

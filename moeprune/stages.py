@@ -274,6 +274,9 @@ def _recipe_fits(cfg: DictConfig) -> None:
 
 
 def _quant_can_run(cfg: DictConfig) -> None:
+    from moeprune.quant import tiers
+
+    tiers.validate(cfg.quant_tier)  # a tier that cannot be produced: said before the profile, not after prune
     if cfg.quant_tier.kind == "nvfp4":  # CUDA + modelopt: known before any profile or surgery
         from moeprune.quant import nvfp4
 

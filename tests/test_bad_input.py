@@ -73,6 +73,11 @@ def _drop_map(text: str):
     return write
 
 
+def _corrupt_generation_cache(model: Path) -> None:
+    (model.parent / "cache").mkdir()
+    (model.parent / "cache" / "generations.sqlite").write_bytes(b"not sqlite " * 500)
+
+
 # (id, overrides, message, how to break a copy of the model first)
 CASES = [
     ("run dir is the model dir", ["hydra.run.dir={model}"], "is inside the input model", None),
@@ -107,6 +112,12 @@ CASES = [
      _drop_map('{"0": [1, 2], "0": [3, 4], "1": [1, 2]}')),
     ("drop map naming a missing layer", ["keep.drop_map={tmp}/map.json"], "keep.drop_map=",
      _drop_map('{"0": [1, 2], "7": [1, 2]}')),
+    ("a quant tier that cannot be produced", ["quant_tier=q4_k_m", "quant_tier.type=Q9_X"],
+     "type='Q9_X' is not a llama-quantize type", None),
+    ("URL without a scheme", ["backend=openai", "backend.base_url=localhost:8000/v1"],
+     "backend.base_url=localhost:8000/v1: expected an http:// or https:// URL", None),
+    ("corrupt generations.sqlite", ["stages.evaluate=true"], "generations.sqlite is not a usable generation cache",
+     _corrupt_generation_cache),
 ]
 
 
@@ -120,7 +131,9 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_pa
     before, source = _tree(tmp_path), _tree(shared_model)
     fill = {"model": model, "tmp": tmp_path}
     env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
-    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL, "stages.evaluate=false"]
+    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
+    if "stages.evaluate=true" not in overrides:
+        argv.append("stages.evaluate=false")
     for o in overrides:
         if o.startswith("env:"):
             key, value = o[4:].split("=", 1)
@@ -244,3 +257,19 @@ def test_ctrl_c_exits_130_with_one_line(shared_model, tmp_path, monkeypatch):
     assert code == 130 and "Traceback" not in stderr
     assert [line for line in stderr.splitlines() if line.startswith("moeprune:")] == [
         "moeprune: interrupted: finished stages stay cached; run the same command again to go on"]
+
+
+def test_a_broken_cached_profile_names_the_artifact_and_how_to_rebuild_it(tmp_path):
+    import torch
+
+    from moeprune.errors import MoePruneError
+    from moeprune.prune.dropmap import check_profile
+    from moeprune.prune.profile import Profile
+
+    cached = tmp_path / "cache" / "profile" / "abc123"
+    zeros = torch.zeros(2, 1, 4)
+    cached.mkdir(parents=True)
+    Profile(["a", "b"], [0], 4, {"count": zeros, "wnorm": zeros.clone()}, {"a": 1, "b": 1}).save(cached)
+    (cached / artifacts.MANIFEST).write_text("{}")
+    with pytest.raises(MoePruneError, match=f"rebuild it by deleting {cached}, or run with cache.refresh=true"):
+        check_profile(Profile.load(cached), ("count", "wnorm"))
