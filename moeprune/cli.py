@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import moeprune
 from hydra_plugins import moeprune_optuna_sweeper as sweeper_plugin
-from moeprune import config, gpu_slots
+from moeprune import config, gpu_slots, overrides
 from moeprune.errors import MoePruneError
 
 log = logging.getLogger("moeprune")
@@ -104,6 +104,11 @@ def main() -> None:
         from moeprune.study_report import main as report_main
 
         sys.exit(report_main(sys.argv[2:]))
+    try:
+        overrides.check(sys.argv[1:])
+    except MoePruneError as e:
+        print(f"moeprune: error: {e}", file=sys.stderr)
+        sys.exit(2)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         hydra_main()

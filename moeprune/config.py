@@ -2,16 +2,73 @@
 
 `conf/run.yaml` lists `run_schema` first in its defaults, so every group preset (`conf/<group>/*.yaml`)
 is merged into the dataclass below: a misspelt key or a value of the wrong type fails at compose
-time with the full key named. YAML files are the user-facing presets; these classes are the contract.
+time with the full key named. The strategy, bench, backend and logger groups are typed by each
+preset's own schema (moeprune/components.py). YAML files are the user-facing presets; these classes
+are the contract.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from moeprune import components
+from moeprune.components import Choice
+
+
+class Dtype(Choice):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class SourceKind(Choice):
+    jsonl = "jsonl"
+    text = "text"  # one prompt per line
+    toy = "toy"  # the toy world
+    datasets = "datasets"
+
+
+class Overflow(Choice):
+    truncate = "truncate"  # warn
+    window = "window"  # consecutive windows
+    error = "error"
+
+
+class ScoreTokens(Choice):
+    all = "all"
+    completion = "completion"
+
+
+class ProfileMode(Choice):
+    auto = "auto"
+    whole = "whole"
+    layerwise = "layerwise"
+
+
+class OnNonfinite(Choice):
+    error = "error"
+    skip = "skip"
+
+
+class KeepMode(Choice):
+    uniform = "uniform"
+    budget = "budget"
+
+
+class MtpHeads(Choice):
+    keep = "keep"
+    drop = "drop"
+
+
+class QuantKind(Choice):
+    none = "none"
+    gguf = "gguf"  # llama.cpp
+    nvfp4 = "nvfp4"  # nvidia-modelopt, GPU
 
 
 # ---- model / calibration (profile stage) ------------------------------------------------------
@@ -20,7 +77,7 @@ class ModelConfig:
     name: str = MISSING
     path: str = MISSING  # a local checkpoint dir or a Hugging Face id (resolved offline from the HF cache)
     revision: Optional[str] = None
-    dtype: str = "float32"  # compute dtype for profiling / hf evaluation: float32 | bfloat16 | float16
+    dtype: Dtype = Dtype.float32  # compute dtype for profiling / hf evaluation
     device: str = "auto"  # auto = cuda when available, else cpu
 
 
@@ -28,7 +85,7 @@ class ModelConfig:
 class CalibrationSourceConfig:
     """Where one class's prompts come from (docs/profiling.md)."""
 
-    kind: str = "jsonl"  # jsonl | text (one prompt per line) | toy (the toy world) | datasets
+    kind: SourceKind = SourceKind.jsonl
     path: str = ""  # the file; datasets: a dataset id or local dir; toy: the toy class (default: this class)
     field: str = "text"  # jsonl / datasets: the key with the text, or a chat `messages` list
     split: str = "train"  # datasets split (toy: always its calib split)
@@ -41,7 +98,7 @@ class CalibrationSourceConfig:
 class CalibrationTierConfig:
     max_tokens: int = 128  # prompt tokens per pass (the generated continuation comes on top)
     weight: float = 1.0  # multiplies every statistic of this tier's passes
-    overflow: str = "truncate"  # a longer prompt: truncate (warn) | window (consecutive windows) | error
+    overflow: Overflow = Overflow.truncate  # what a longer prompt gets
 
 
 @dataclass
@@ -57,7 +114,7 @@ class CalibrationConfig:
     # all: every token of a pass feeds the statistics (the reference). completion: the whole pass
     # is forwarded but only answer-producing positions count (from the prompt's last token on);
     # needs sources that know where the answer starts (toy) or generate_tokens > 0.
-    score_tokens: str = "all"
+    score_tokens: ScoreTokens = ScoreTokens.all
     batch_size: int = 64  # passes per forward
     batch_tokens: int = 65536  # padded tokens per forward (batches are grouped by length)
     seed: int = 0
@@ -69,9 +126,9 @@ class ProfileConfig:
     # import` makes one from the reference's JSON); stage=dropmap then needs no model (docs/recipes.md)
     path: Optional[str] = None
     # auto: layerwise when the weights exceed device_memory_fraction of the GPU, else whole (CPU: whole)
-    mode: str = "auto"  # auto | whole | layerwise (one decoder layer on the device at a time)
+    mode: ProfileMode = ProfileMode.auto  # layerwise: one decoder layer on the device at a time
     neuron_energy: bool = False  # also sum squared intermediate activations per (expert, neuron)
-    on_nonfinite: str = "error"  # error | skip (exclude non-finite rows, count them in `nonfinite`)
+    on_nonfinite: OnNonfinite = OnNonfinite.error  # skip: exclude non-finite rows, count them in `nonfinite`
     progress: bool = True  # tqdm bar with tokens/s
     device_memory_fraction: float = 0.9  # auto: layerwise when the weights exceed this share of the device
     hidden_ram_bytes: int = 8 << 30  # layerwise: a layer's input + output hidden states beyond this go to disk
@@ -79,24 +136,6 @@ class ProfileConfig:
 
 
 # ---- drop map ----------------------------------------------------------------------------------
-@dataclass
-class StrategyConfig:  # docs/recipes.md defines every knob
-    _target_: str = MISSING
-    name: str = MISSING
-    normalize: str = "rank"  # per (class, layer): rank | mean | none
-    alpha: float = 2.0  # multiplier of the contribution term: score = alpha * wnorm + tc
-    score: str = "legacy"  # legacy: alpha*wnorm + tc | mean: alpha*wnorm
-    breadth_bonus: float = 0.0  # agg += breadth_bonus * mean over classes of the normalized scores
-    protect_top: int = 0  # never drop a layer's top-k experts by agg
-    protect_class_top: int = 0  # never drop any weighted class's top-k experts of a layer
-    outlier_mode: str = "median"  # keep | median | drop | zero: what replaces an outlier cell
-    outlier_threshold: Optional[float] = None  # |wnorm| above this is an outlier (non-finite always is)
-    seed: int = 0  # strategy=random
-    # how equal scores rank and sort: stable (the reference's: by expert id, as numpy's stable
-    # argsort; the published recipes) | min (ties share the lowest rank; the baseline map breaks them)
-    rank_ties: str = "min"
-
-
 @dataclass
 class ClassWeightsConfig:
     name: str = MISSING
@@ -118,7 +157,7 @@ class FloorClampConfig:
 class KeepConfig:
     experts_per_layer: Optional[int] = None  # exact count kept per layer; overrides drop_fraction
     drop_fraction: float = 0.25
-    mode: str = "uniform"  # uniform: that count in every layer | budget: that count x layers, spread by score
+    mode: KeepMode = KeepMode.uniform  # uniform: that count in every layer | budget: that count x layers, spread by score
     min_per_layer: Optional[int] = None  # budget bounds; null = top_k
     max_per_layer: Optional[int] = None  # null = num_experts
     baseline_map: Optional[str] = None  # an earlier drop map: overlap reported; breaks ties under rank_ties=min
@@ -133,7 +172,7 @@ class PruneConfig:
     max_shard_bytes: int = 5_000_000_000
     # multi-token-prediction heads (DeepSeek-V3, Qwen3.5/Next), which no profile sees: keep them
     # unpruned (main-model use is unaffected) or drop them whole (the config then counts 0)
-    mtp_heads: str = "keep"
+    mtp_heads: MtpHeads = MtpHeads.keep
 
 
 @dataclass
@@ -151,7 +190,7 @@ class ContribDynamicConfig:
 @dataclass
 class QuantTierConfig:
     name: str = "none"
-    kind: str = "none"  # none | gguf (llama.cpp) | nvfp4 (nvidia-modelopt, GPU)
+    kind: QuantKind = QuantKind.none
     type: Optional[str] = None  # gguf: the llama-quantize type (F16, Q8_0, Q4_K_M, IQ4_XS, ...)
     imatrix: bool = False  # gguf: quantize with an importance matrix from the calibration corpus
     token_embedding_type: Optional[str] = None  # gguf: e.g. q8_0 for the "_L" tiers
@@ -165,93 +204,11 @@ class QuantTierConfig:
 
 # ---- evaluation --------------------------------------------------------------------------------
 @dataclass
-class BenchDataConfig:  # docs/evaluation.md
-    hf_id: Optional[str] = None  # a Hugging Face dataset id, read by `datasets` (its offline cache honoured)
-    config: Optional[str] = None  # the dataset's config (subset) name
-    revision: Optional[str] = None
-    data_files: Optional[List[str]] = None  # files of the dataset repo to read (LiveCodeBench releases)
-    path: Optional[str] = None  # a local JSONL / JSON / parquet file in the dataset's own format; wins over hf_id
-
-
-@dataclass
-class SamplerConfig:
-    temperature: float = 0.0  # greedy; the hf backend supports nothing else
-    top_p: float = 1.0
-    top_k: int = 0
-
-
-@dataclass
-class SandboxConfig:
-    wall_s: float = 10.0  # per program run (per test for LiveCodeBench)
-    memory_mb: int = 1024
-    output_bytes: int = 1048576
-    compile_wall_s: float = 60.0
-    open_files: int = 256
-    processes: int = 4096  # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace is the real cap
-    isolation: str = "bwrap"  # bwrap | none (no isolation: an explicit opt-out, see docs/evaluation.md)
-    workers: int = 2  # programs run at once
-
-
-@dataclass
-class BenchConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-    data: BenchDataConfig = field(default_factory=BenchDataConfig)  # unset fields: the bench's own source
-    split: Optional[str] = None  # null: the bench's own split
-    n: Optional[int] = None  # the first n problems (per language for multipl_e); null = all
-    n_per_class: int = 100  # toy_suite
-    seed: int = 0
-    chat: bool = True  # send the prompt as a user turn through the chat template
-    prompt: Optional[str] = None  # a str.format template over the problem's fields; null = the bench's own
-    max_new_tokens: Optional[int] = None  # null: the bench's own limit (reasoning included)
-    thinking_budget: Optional[int] = None  # reasoning tokens allowed (servers enforce it); null = no budget
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
-    filter: Dict[str, Any] = field(default_factory=dict)  # keep rows whose fields equal these values
-    task_ids: Optional[List[str]] = None  # lcb: these problems, in this order
-    languages: Optional[List[str]] = None  # multipl_e: rust, java, js
-    classes: Optional[List[str]] = None  # toy_suite: null = every class
-
-
-@dataclass
-class BackendConfig:
-    _target_: str = MISSING
-    name: str = MISSING
-    batch_size: int = 128  # hf: prompts per generate call
-    max_new_tokens: Optional[int] = None  # None: the bench's own limit
-    reasoning_start: Optional[str] = None  # the model family's thinking markers, e.g. <think> / </think>
-    reasoning_end: Optional[str] = None
-    enable_thinking: bool = False  # chat template kwarg
-    base_url: Optional[str] = None  # openai: the server's API root, e.g. http://127.0.0.1:8000/v1
-    model: Optional[str] = None  # openai: the served model name; null = the server's only model
-    api_key_env: str = "OPENAI_API_KEY"
-    concurrency: int = 8  # openai / llama_cpp: requests in flight
-    max_retries: int = 5  # per request, on 5xx / 429 / timeouts, with backoff
-    timeout_s: float = 1800.0
-    thinking_budget_field: Optional[str] = None  # request field for the budget (vLLM: thinking_token_budget)
-    extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields
-    gguf: Optional[str] = None  # llama_cpp: the GGUF file; null = the single *.gguf in the model dir
-    server_args: List[str] = field(default_factory=list)  # llama_cpp: more llama-server flags
-
-
-@dataclass
 class EvaluateConfig:
     virtual: bool = False  # score the drop map on the base model (router masking), no prune stage
     validate: bool = False  # only check the bench's scorer: canonical solutions pass, empty answers fail
     resume: bool = True  # keep completions in <cache_dir>/generations.sqlite and reuse them
     empty_threshold: float = 0.05  # flag a bench loudly when more answers than this are empty
-
-
-@dataclass
-class LoggerConfig:  # moeprune/tracking.py; conf/logger/{none,wandb}.yaml
-    _target_: str = "moeprune.tracking.NullTracker"
-    name: str = "none"
-    project: str = "moeprune"
-    entity: Optional[str] = None
-    mode: str = "offline"  # offline (no network; `wandb sync` later) | online | disabled
-    group: Optional[str] = None  # null: the Optuna study name in a sweep
-    dir: Optional[str] = None  # where wandb/ goes; null: the run's output dir
-    tags: List[str] = field(default_factory=list)
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -282,14 +239,14 @@ class RunConfig:
     model: ModelConfig = MISSING
     calibration: CalibrationConfig = MISSING
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    strategy: StrategyConfig = MISSING
+    strategy: Any = MISSING  # typed by its preset's schema (moeprune/components.py), as are bench, backend, logger
     class_weights: ClassWeightsConfig = MISSING
     floor_clamp: FloorClampConfig = MISSING
     quant_tier: QuantTierConfig = MISSING
-    bench: BenchConfig = MISSING
-    backend: BackendConfig = MISSING
+    bench: Any = MISSING
+    backend: Any = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
-    logger: LoggerConfig = MISSING
+    logger: Any = MISSING
     keep: KeepConfig = field(default_factory=KeepConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     stages: StagesConfig = field(default_factory=StagesConfig)
@@ -304,6 +261,50 @@ class RunConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    components.register()
+
+
+@contextlib.contextmanager
+def _hydra() -> Iterator[None]:
+    """Hydra's config loader: the running app's (its search path), else one over moeprune.conf."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        yield
+    else:
+        import moeprune.cli  # noqa: F401  (the schemas, resolvers and sweeper plugin the app registers)
+
+        with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
+            yield
+
+
+def preset(group: str, name: str):
+    """conf/<group>/<name>.yaml typed by its schema, exactly as `group=name` composes it."""
+    from hydra import compose
+    from hydra.errors import ConfigCompositionException
+
+    from moeprune.errors import MoePruneError
+
+    if name not in presets(group):
+        raise MoePruneError(f"{group}={name}: no such preset; expected one of: {', '.join(presets(group))}")
+    with _hydra():
+        try:
+            node = compose(config_name="run", overrides=[f"{group}={name}"])[group]
+        except ConfigCompositionException as e:
+            raise MoePruneError(f"{group}={name}: {e}") from None
+    # on its own, as a loaded preset is: not part of that run config, nor closed by Hydra's struct flag
+    return OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(node)), OmegaConf.to_container(node))
+
+
+def presets(group: str) -> list[str]:
+    """The presets of a config group, as `moeprune --help` lists them."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    with _hydra():
+        loader = GlobalHydra.instance().config_loader()
+        return sorted(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
 
 
 def build(node, **runtime):

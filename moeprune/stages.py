@@ -30,10 +30,6 @@ def run_profile(ctx: StageContext) -> dict:
         profile = given_profile(cfg)
         profile.save(ctx.out_dir)
         return {"classes": profile.classes, "imported_from": str(pc.path)}
-    if pc.mode not in ("whole", "layerwise", "auto"):
-        raise MoePruneError(f"profile.mode={pc.mode!r}: expected whole, layerwise or auto")
-    if pc.on_nonfinite not in ("error", "skip"):
-        raise MoePruneError(f"profile.on_nonfinite={pc.on_nonfinite!r}: expected error or skip")
     return profile_checkpoint(model_dir(cfg), ctx.out_dir, cfg.calibration, pc, cfg.model.dtype, cfg.model.device,
                               Path(cfg.paths.cache_dir))
 

@@ -121,18 +121,15 @@ def eval_setup(cfg: DictConfig, quant_dir: Path) -> tuple[DictConfig, Path, dict
 
 
 def _with_backend(cfg: DictConfig, name: str) -> DictConfig:
-    """The run config with the configured backend when it is `name`, else conf/backend/<name>.yaml
-    (keeping the configured max_new_tokens)."""
-    from omegaconf import OmegaConf
-
-    from moeprune.config import BackendConfig
+    """The run config with the configured backend when it is `name`, else the `backend=<name>`
+    preset (keeping the configured max_new_tokens)."""
+    from moeprune.config import preset
 
     out = cfg.copy()
     if cfg.backend.name != name:
-        preset = Path(__file__).resolve().parents[1] / "conf" / "backend" / f"{name}.yaml"
         with open_dict(out):
-            out.backend = OmegaConf.merge(OmegaConf.structured(BackendConfig), OmegaConf.load(preset),
-                                          {"max_new_tokens": cfg.backend.max_new_tokens})
+            out.backend = preset("backend", name)
+            out.backend.max_new_tokens = cfg.backend.max_new_tokens
     return out
 
 

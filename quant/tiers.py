@@ -1,6 +1,6 @@
 """Quant tiers: loading a preset by name and refusing tiers llama.cpp / modelopt cannot produce.
 
-A tier is data (conf/quant_tier/<name>.yaml, schema `QuantTierConfig`): a kind (gguf | nvfp4), the
+A tier is data (conf/quant_tier/<name>.yaml, schema `QuantTierConfig`, read through Hydra): a kind (gguf | nvfp4), the
 llama-quantize type, imatrix on/off, optional per-tensor overrides and, for CD tiers, the
 ContribDynamic rule. Validation happens before any tool runs so a typo costs nothing.
 """
@@ -8,13 +8,12 @@ ContribDynamic rule. Validation happens before any tool runs so a typo costs not
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from moeprune.config import preset, presets
 from moeprune.errors import MoePruneError
 
-TIER_DIR = Path(__file__).resolve().parents[1] / "conf" / "quant_tier"
 KINDS = ("none", "gguf", "nvfp4")
 
 # llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp of the built version).
@@ -33,17 +32,15 @@ FLOAT_FTYPES = ("F32", "F16", "BF16")
 
 
 def available() -> list[str]:
-    return sorted(p.stem for p in TIER_DIR.glob("*.yaml"))
+    return presets("quant_tier")
 
 
 def load(name: str) -> DictConfig:
-    """A preset by name, merged into the schema (what `quant_tier=<name>` composes to)."""
-    from moeprune.config import QuantTierConfig
-
-    path = TIER_DIR / f"{name}.yaml"
-    if not path.is_file():
-        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(available())}")
-    return OmegaConf.merge(OmegaConf.structured(QuantTierConfig), OmegaConf.load(path))
+    """A preset by name, typed by the schema: what `quant_tier=<name>` composes to."""
+    try:
+        return preset("quant_tier", name)
+    except MoePruneError:
+        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(available())}") from None
 
 
 def is_iq(ftype: str) -> bool:

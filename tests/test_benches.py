@@ -170,7 +170,6 @@ def test_gpqa_shuffle_is_seeded_and_breaks_down_by_domain():
 
 @pytest.mark.parametrize("overrides, message", [
     (["bench.data.path=/no/such.jsonl"], "does not exist"),
-    (["bench.languages=[rust]"], "bench.languages is set but this bench has no languages"),
     (["bench.n=5"], "n=5 but the data has only 3 problems"),
     (["+bench.filter.no_field=1"], "the data has no field 'no_field'"),
     (["bench.prompt='Q: {nope}'"], "prompt template uses 'nope'"),

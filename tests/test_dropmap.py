@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig, StrategyConfig
+from moeprune.components import ClassAggregateConfig, RandomStrategyConfig, StrategyConfig
+from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
 from moeprune.prune import dropmap
 from moeprune.prune.drop_map import DropMap
@@ -26,6 +27,8 @@ STRATEGIES = ["max", "mean", "geomean", "sum", "frequency", "gate_mass", "reap",
 TARGET = {"max": "MaxStrategy", "mean": "MeanStrategy", "geomean": "GeomeanStrategy", "sum": "SumStrategy",
           "frequency": "FrequencyStrategy", "gate_mass": "GateMassStrategy", "reap": "ReapStrategy",
           "random": "RandomStrategy"}
+SCHEMA = {"max": ClassAggregateConfig, "mean": ClassAggregateConfig, "geomean": ClassAggregateConfig,
+          "sum": ClassAggregateConfig, "random": RandomStrategyConfig}  # the rest: the pooled baselines
 TOY = ["generic_math", "generic_logic", "generic_code", "generic_science", "generic_creative", "targeted_code_hard"]
 FAST = settings(max_examples=60, deadline=None)
 
@@ -42,7 +45,7 @@ def make_profile(seed: int, C: int = 3, L: int = 3, E: int = 12, ties: bool = Fa
 
 def recipe(strategy="max", weights=None, floor=None, keep=None, **knobs):
     return dropmap.Recipe.of(
-        OmegaConf.structured(StrategyConfig(
+        OmegaConf.structured(SCHEMA.get(strategy, StrategyConfig)(
             _target_=f"moeprune.prune.strategies.{strategy}.{TARGET[strategy]}", name=strategy, **knobs)),
         OmegaConf.structured(ClassWeightsConfig(name="test", weights=weights or {})),
         OmegaConf.structured(FloorClampConfig(name="test", **(floor or {}))),
@@ -79,9 +82,9 @@ knobs = st.fixed_dictionaries({
 @given(seed=st.integers(0, 10_000), k=knobs, keep=st.integers(2, 12), ties=st.booleans())
 def test_exactly_keep_per_layer_protected_kept_and_deterministic(seed, k, keep, ties):
     p = make_profile(seed, ties=ties)
-    breadth = k["breadth"] if k["strategy"] in ("max", "mean", "geomean", "sum") else 0.0
+    breadth = {"breadth_bonus": k["breadth"]} if k["strategy"] in ("max", "mean", "geomean", "sum") else {}
     cfg = recipe(k["strategy"], normalize=k["normalize"], protect_top=min(k["protect_top"], keep),
-                 breadth_bonus=breadth, keep={"experts_per_layer": keep})
+                 keep={"experts_per_layer": keep}, **breadth)
     r = dropmap.build(p, cfg, top_k=2)
     assert all(len(s) == keep for s in kept(r))
     for layer, s in enumerate(kept(r)):
@@ -286,7 +289,6 @@ def test_outliers_are_clamped_and_reported_per_layer():
     ({"experts_per_layer": 13}, "cannot keep 13 experts per layer"),
     ({"experts_per_layer": 1}, "top_k (2)"),
     ({"drop_fraction": 1.0}, "keep.drop_fraction=1.0"),
-    ({"mode": "greedy"}, "keep.mode='greedy'"),
     ({"min_per_layer": 3}, "budget only"),
     ({"mode": "budget", "experts_per_layer": 6, "min_per_layer": 7}, "within [7, 12]"),
 ])

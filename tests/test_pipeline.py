@@ -96,11 +96,12 @@ def test_dropping_nothing_reproduces_base_logits_exactly(tiny_gemma4, tmp_path):
     ("keep.experts_per_layer=1", "top_k (2)"),
     ("model.path=/no/such/model", "model not found"),
     ("+class_weights.weights.no_such_class=2", "unknown classes ['no_such_class']"),
-    ("strategy.normalize=foo", "strategy.normalize='foo': expected one of rank, mean, none"),
+    ("strategy.normalize=foo", "strategy.normalize=foo: Invalid value 'foo', expected one of [rank, mean, none]"),
     ("keep.mode=budget", "keeps different counts per layer, which a checkpoint cannot hold"),
     ("keep.baseline_map=/tmp", "keep.baseline_map=/tmp is a directory: expected a baseline drop map JSON"),
     ("calibration.classes.generic_math=[{kind: jsonl}]", "calibration.classes.generic_math[0]: kind jsonl needs a path"),
-    ("prune.mtp_heads=drp", "prune.mtp_heads='drp': expected one of ['keep', 'drop']"),
+    ("prune.mtp_heads=drp", "prune.mtp_heads=drp: Invalid value 'drp', expected one of [keep, drop]"),
+    ("strategy.seed=7", "strategy.seed=7: strategy=max has no knob 'seed'"),
 ])
 def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, override, message):
     cache = tmp_path / "cache"
@@ -117,7 +118,8 @@ def test_bad_input_fails_clearly_and_writes_nothing(tiny_gemma4, tmp_path, overr
 
 def test_unreadable_bench_data_stops_the_run_before_any_stage(tiny_gemma4, tmp_path):
     cache = tmp_path / "cache"
-    args = [f"model.path={tiny_gemma4}", *SMALL, "bench=humaneval", f"bench.data.path={tmp_path / 'missing.jsonl'}"]
+    small = [a for a in SMALL if not a.startswith("bench.n_per_class")]  # humaneval has no classes
+    args = [f"model.path={tiny_gemma4}", *small, "bench=humaneval", f"bench.data.path={tmp_path / 'missing.jsonl'}"]
     proc = moeprune(args, cache, tmp_path / "run", check=False)
     assert proc.returncode == 2 and "missing.jsonl" in proc.stderr and "Traceback" not in proc.stderr
     assert not cache.exists() or not any(cache.glob("*/*")), "no stage may run before the bench data is known good"

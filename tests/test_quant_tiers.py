@@ -57,7 +57,6 @@ def test_unknown_tier_is_named_with_the_choices():
 @pytest.mark.parametrize("override, message", [
     ({"type": "Q9_K"}, r"type='Q9_K' is not a llama-quantize type"),
     ({"type": None}, r"type=None is not a llama-quantize type"),
-    ({"kind": "awq"}, r"kind='awq'"),
     ({"type": "IQ4_XS", "imatrix": False}, r"IQ4_XS needs an importance matrix"),
     ({"type": "F16", "imatrix": True}, r"does nothing for F16"),
     ({"token_embedding_type": "q9"}, r"token_embedding_type='q9' is not a ggml type"),

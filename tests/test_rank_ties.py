@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
+from omegaconf.errors import ValidationError
+
 from moeprune.errors import MoePruneError
 from moeprune.prune import dropmap
 from moeprune.prune.profile import Profile
 from moeprune.prune.selection import drop_order, keep_order
 from moeprune.prune.strategies.base import rank_normalize
+from moeprune.prune.strategies.max import MaxStrategy
 from test_dropmap import recipe
 
 
@@ -92,8 +95,10 @@ def test_stable_ignores_the_baseline_map_at_the_boundary_and_min_follows_it(tmp_
 
 
 def test_an_unknown_tie_rule_is_refused_naming_the_choices():
-    with pytest.raises(MoePruneError, match=r"strategy.rank_ties='first': expected stable .* or min"):
+    with pytest.raises(ValidationError, match=r"Invalid value 'first', expected one of \[stable, min\]"):
         dropmap.build(count_profile(ZERO_TIES), recipe(rank_ties="first"), 2)
+    with pytest.raises(MoePruneError, match=r"strategy.rank_ties='first': expected stable .* or min"):
+        MaxStrategy("max", rank_ties="first")  # built without the schema
 
 
 def test_every_published_recipe_uses_the_reference_rule_and_the_toy_recipes_keep_min():

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import hydra
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
+from moeprune.config import build, preset
 from moeprune.errors import MoePruneError
 from moeprune.prune.strategies.base import mean_normalize, rank_normalize, treat_outliers
 from moeprune.prune.strategies.frequency import FrequencyStrategy
@@ -157,5 +156,5 @@ def test_every_strategy_preset_instantiates_its_own_file():
     names = sorted(p.stem for p in CONF.glob("*.yaml"))
     assert names == ["frequency", "gate_mass", "geomean", "max", "mean", "random", "reap", "sum"]
     for name in names:
-        st = hydra.utils.instantiate(OmegaConf.load(CONF / f"{name}.yaml"))
+        st = build(preset("strategy", name))
         assert st.name == name and type(st).__module__ == f"moeprune.prune.strategies.{name}"
