@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -273,6 +274,12 @@ def _quant_can_run(cfg: DictConfig) -> None:
     from moeprune.quant import tiers
 
     tiers.validate(cfg.quant_tier)  # a tier that cannot be produced: said before the profile, not after prune
+    if cfg.quant_tier.kind == "gguf":
+        from moeprune.quant import toolchain
+
+        if toolchain.cached() is None and os.environ.get(toolchain.SDIST_ENV):  # the sdist it would build from
+            sdist = toolchain.fetch_sdist(toolchain.home() / "sdist")
+            toolchain.check_sdist(sdist, f"{toolchain.SDIST_ENV}={sdist}")
     if cfg.quant_tier.kind == "nvfp4":  # CUDA + modelopt: known before any profile or surgery
         from moeprune.quant import nvfp4
 

@@ -122,8 +122,23 @@ def fetch_sdist(dest: Path) -> Path:
     return dest / name
 
 
+def check_sdist(path: Path, what: str) -> None:
+    """A gzip tar holding the vendored llama.cpp (a broken download or a wrong file fails here, named,
+    instead of inside tarfile or cmake)."""
+    prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/convert_hf_to_gguf.py"
+    try:
+        with tarfile.open(path) as tar:
+            if prefix not in tar.getnames():
+                raise MoePruneError(f"{what}: the archive has no {prefix}: expected the llama-cpp-python "
+                                    f"{VERSION} sdist")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise MoePruneError(f"{what} is not a readable sdist ({type(e).__name__}: {e}): expected the "
+                            f"llama-cpp-python {VERSION} .tar.gz from PyPI") from None
+
+
 def _build(out: Path, sdist: Path, jobs: int) -> None:
     log.info("building llama.cpp %s tools from %s into %s (minutes, once)", VERSION, sdist.name, out)
+    check_sdist(sdist, str(sdist))
     prefix = f"llama_cpp_python-{VERSION}/vendor/llama.cpp/"
     with tarfile.open(sdist) as tar:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and len(m.name) > len(prefix)]

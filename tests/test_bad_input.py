@@ -116,6 +116,10 @@ CASES = [
      "type='Q9_X' is not a llama-quantize type", None),
     ("URL without a scheme", ["backend=openai", "backend.base_url=localhost:8000/v1"],
      "backend.base_url=localhost:8000/v1: expected an http:// or https:// URL", None),
+    ("garbage llama.cpp sdist", ["quant_tier=q4_k_m", "env:MOEPRUNE_LLAMACPP_HOME={tmp}/llama_home",
+                                 "env:MOEPRUNE_LLAMACPP_SDIST={tmp}/sdist/llama_cpp_python-0.3.36.tar.gz"],
+     "is not a readable sdist", lambda m: (m.parent / "sdist").mkdir() or (
+         m.parent / "sdist" / "llama_cpp_python-0.3.36.tar.gz").write_bytes(b"garbage" * 100)),
     ("corrupt generations.sqlite", ["stages.evaluate=true"], "generations.sqlite is not a usable generation cache",
      _corrupt_generation_cache),
 ]
