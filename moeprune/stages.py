@@ -226,15 +226,24 @@ def run_validate(ctx: StageContext) -> dict:
 def run_quant(ctx: StageContext) -> dict:
     from moeprune.quant.stage import quantize
 
-    return quantize(ctx.cfg, ctx.inputs["prune"] / "model", ctx.inputs["profile"], ctx.out_dir)
+    cfg = ctx.cfg
+    return quantize(cfg.quant_tier, cfg.calibration, cfg.model.name, ctx.inputs["prune"] / "model",
+                    ctx.inputs["profile"], ctx.out_dir, Path(cfg.paths.cache_dir))
 
 
 def run_evaluate_quant(ctx: StageContext) -> dict:
     import dataclasses
 
-    from moeprune.quant.stage import eval_setup, scored_card
+    from omegaconf import open_dict
 
-    cfg, path, runtime = eval_setup(ctx.cfg, ctx.inputs["quant"])
+    from moeprune.quant.stage import eval_backend, scored_card
+
+    backend, dtype, path, runtime = eval_backend(ctx.cfg.backend, ctx.cfg.model.device, ctx.inputs["quant"])
+    cfg = ctx.cfg.copy()
+    with open_dict(cfg):
+        cfg.backend = backend
+        if dtype is not None:  # what the reload holds (NVFP4A16: dequantized weights, 16-bit activations)
+            cfg.model.dtype = dtype
     metrics = _evaluate(dataclasses.replace(ctx, cfg=cfg), path, **runtime)
     return scored_card(ctx.inputs["quant"], ctx.out_dir, metrics)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
@@ -37,7 +37,7 @@ def _context_length(model_dir: Path) -> int:
     return int(cfg.get("max_position_embeddings") or MAX_EVAL_CTX)
 
 
-def corpus_texts(cfg: DictConfig, model_dir: Path) -> dict[str, list[str]]:
+def corpus_texts(calibration: DictConfig, model_dir: Path) -> dict[str, list[str]]:
     """The calibration passes the profile ran, as text (class -> texts): the imatrix and NVFP4
     calibration see the same tokens, chat templates included. The leading BOS is dropped since
     llama-imatrix and the tokenizer add their own; other special tokens stay as text (llama-imatrix
@@ -47,7 +47,7 @@ def corpus_texts(cfg: DictConfig, model_dir: Path) -> dict[str, list[str]]:
 
     tok = load_tokenizer(model_dir)
     out = {}
-    for cls, passes in build_corpus(cfg.calibration, tok).items():
+    for cls, passes in build_corpus(calibration, tok).items():
         texts = []
         for p in passes:
             ids = list(p.ids)
@@ -58,28 +58,30 @@ def corpus_texts(cfg: DictConfig, model_dir: Path) -> dict[str, list[str]]:
     return out
 
 
-def quantize(cfg: DictConfig, model_dir: Path, profile_dir: Path | None, out_dir: Path) -> dict:
-    tier = cfg.quant_tier
+def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_dir: Path, profile_dir: Path | None,
+             out_dir: Path, cache_dir: Path) -> dict:
+    """The pruned checkpoint at `model_dir` as `tier`; imatrix / NVFP4 calibration from the
+    `calibration` corpus; base GGUFs are kept under `cache_dir`."""
     tiers.validate(tier)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     keep = _keep_lists(model_dir)
     experts = {len(v) for v in keep.values()}
-    model_name = f"{cfg.model.name}-{experts.pop()}e" if len(experts) == 1 else cfg.model.name
+    model_name = f"{model_name}-{experts.pop()}e" if len(experts) == 1 else model_name
     if tier.kind == "gguf":
         from moeprune.prune.profile import Profile
         from moeprune.quant import gguf_tier
 
         manifest = gguf_tier.produce(
-            tier, model_dir, out_dir, Path(cfg.paths.cache_dir).expanduser() / "gguf_base",
-            corpus=corpus_texts(cfg, model_dir) if tier.imatrix else None,
+            tier, model_dir, out_dir, Path(cache_dir).expanduser() / "gguf_base",
+            corpus=corpus_texts(calibration, model_dir) if tier.imatrix else None,
             profile=Profile.load(profile_dir) if tier.cd is not None else None,
             keep=keep, model_name=model_name)
     elif tier.kind == "nvfp4":
         from moeprune.quant import nvfp4
 
         nvfp4.require_gpu()  # also the run's preflight: a direct caller stops here with the reason
-        manifest = nvfp4.produce(model_dir, out_dir, corpus_texts(cfg, model_dir), tier.calib_samples,
-                                 max(t.max_tokens for t in cfg.calibration.tiers.values()))
+        manifest = nvfp4.produce(model_dir, out_dir, corpus_texts(calibration, model_dir), tier.calib_samples,
+                                 max(t.max_tokens for t in calibration.tiers.values()))
         manifest["tier"] = _plain(tier)
     else:
         raise MoePruneError(f"quant_tier {tier.name!r} has kind {tier.kind!r}: nothing to quantize")
@@ -101,47 +103,36 @@ def _plain(tier) -> dict:
     return OmegaConf.to_container(tier, resolve=True)
 
 
-def eval_setup(cfg: DictConfig, quant_dir: Path) -> tuple[DictConfig, Path, dict]:
-    """How evaluate_quant runs this quant: (run config with the backend that runs it, the path it
-    scores, extra backend arguments). A GGUF goes through llama.cpp (`gguf_eval_cfg`); an NVFP4A16
-    export is dequantized into a transformers model and scored on the `hf` backend (W4A16 keeps
-    activations in 16 bits, so the dequantized weights compute the same products)."""
+def eval_backend(backend: DictConfig, device: str, quant_dir: Path) -> tuple[DictConfig, str | None, Path, dict]:
+    """How evaluate_quant runs this quant: (the backend node that runs it, the model dtype it needs
+    or None, the path it scores, extra backend arguments). A GGUF goes through llama.cpp: the
+    configured backend when it is llama_cpp, else the llama_cpp preset, pointed at the file. An
+    NVFP4A16 export is dequantized into a transformers model on `device` and scored on the `hf`
+    backend (W4A16 keeps activations in 16 bits, so the dequantized weights compute the same products)."""
     manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
-    if manifest.get("tier", {}).get("kind") != "nvfp4":
-        return gguf_eval_cfg(cfg, quant_dir), Path(quant_dir), {}
-    from moeprune.models import pick_device
-    from moeprune.quant import nvfp4
+    if manifest.get("tier", {}).get("kind") == "nvfp4":
+        from moeprune.models import pick_device
+        from moeprune.quant import nvfp4
 
-    export = Path(quant_dir) / manifest["file"]
-    out = _with_backend(cfg, "hf")
-    with open_dict(out):
-        out.model.dtype = "bfloat16"  # what the reload holds: the dequantized weights, 16-bit activations
-    model, _ = nvfp4.reload(export, pick_device(cfg.model.device))
-    return out, export, {"model": model}
-
-
-def _with_backend(cfg: DictConfig, name: str) -> DictConfig:
-    """The run config with the configured backend when it is `name`, else the `backend=<name>`
-    preset (keeping the configured max_new_tokens)."""
-    from moeprune.config import preset
-
-    out = cfg.copy()
-    if cfg.backend.name != name:
-        with open_dict(out):
-            out.backend = preset("backend", name)
-            out.backend.max_new_tokens = cfg.backend.max_new_tokens
-    return out
-
-
-def gguf_eval_cfg(cfg: DictConfig, quant_dir: Path) -> DictConfig:
-    """The run config with a backend that runs the quant's GGUF: the configured one when it is
-    llama_cpp, else the llama_cpp preset (llama-server from the toolchain, through the openai client)."""
-    manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
+        export = Path(quant_dir) / manifest["file"]
+        model, _ = nvfp4.reload(export, pick_device(device))
+        return _backend(backend, "hf"), "bfloat16", export, {"model": model}
     if not str(manifest.get("file", "")).endswith(".gguf"):
         raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
-    out = _with_backend(cfg, "llama_cpp")
-    with open_dict(out):
-        out.backend.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
+    out = _backend(backend, "llama_cpp")
+    out.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
+    return out, None, Path(quant_dir), {}
+
+
+def _backend(backend: DictConfig, name: str) -> DictConfig:
+    """The configured backend when it is `name`, else the `backend=<name>` preset (keeping the
+    configured max_new_tokens)."""
+    from moeprune.config import preset
+
+    if backend.name == name:
+        return backend.copy()
+    out = preset("backend", name)
+    out.max_new_tokens = backend.max_new_tokens
     return out
 
 

@@ -132,7 +132,7 @@ def test_nvfp4_tier_says_it_needs_a_gpu(tiny_gemma4, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(MoePruneError, match="nvfp4a16 needs a CUDA GPU"):
-        quantize(cfg, tiny_gemma4, None, out)
+        quantize(cfg.quant_tier, cfg.calibration, cfg.model.name, tiny_gemma4, None, out, tmp_path / "cache")
     assert list(out.iterdir()) == []
 
 

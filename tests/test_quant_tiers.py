@@ -75,3 +75,19 @@ def test_bad_tier_fields_are_refused(override, message):
     tier = OmegaConf.merge(tiers.load("q4_k_m"), override)
     with pytest.raises(MoePruneError, match=message):
         tiers.validate(tier)
+
+
+def test_evaluate_quant_runs_a_gguf_through_the_llama_cpp_preset_pointed_at_the_file(tmp_path):
+    from moeprune import artifacts
+    from moeprune.quant.stage import eval_backend
+
+    artifacts.write_json(tmp_path / "quant-manifest.json", {"file": "m-Q4_K_M.gguf", "tier": {"kind": "gguf"}})
+    cfg = compose_run("backend=hf", "backend.max_new_tokens=7")
+    backend, dtype, path, extra = eval_backend(cfg.backend, "cpu", tmp_path)
+    assert (backend.name, backend.gguf, backend.max_new_tokens, backend.concurrency) == (
+        "llama_cpp", str(tmp_path / "m-Q4_K_M.gguf"), 7, 2)  # the preset's own concurrency
+    assert (dtype, path, extra) == (None, tmp_path, {})
+    assert cfg.backend.name == "hf", "the run's own backend node is left as it was"
+    artifacts.write_json(tmp_path / "quant-manifest.json", {"file": "model", "tier": {"kind": "gguf"}})
+    with pytest.raises(MoePruneError, match="evaluate_quant runs GGUF files"):
+        eval_backend(cfg.backend, "cpu", tmp_path)
