@@ -15,7 +15,7 @@ import pytest
 
 from moeprune import artifacts
 
-SMALL = ["calibration.samples_per_class=4", "bench.n_per_class=2", "backend.batch_size=16"]
+SMALL = ["calibration.samples_per_class=4", "bench.n_per_class=2"]
 
 
 @pytest.fixture(scope="module")
