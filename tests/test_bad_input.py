@@ -277,3 +277,14 @@ def test_a_broken_cached_profile_names_the_artifact_and_how_to_rebuild_it(tmp_pa
     (cached / artifacts.MANIFEST).write_text("{}")
     with pytest.raises(MoePruneError, match=f"rebuild it by deleting {cached}, or run with cache.refresh=true"):
         check_profile(Profile.load(cached), ("count", "wnorm"))
+
+
+def test_a_zero_shared_ffn_alpha_runs_when_the_ablation_is_asked_for(shared_model, tmp_path):
+    from safetensors.torch import load_file
+
+    run = tmp_path / "run"
+    code, err = cli([f"model.path={shared_model}", f"hydra.run.dir={run}", *SMALL, "stage=prune",
+                     "prune.shared_ffn_alpha=0", "prune.ablate_shared_ffn=true"], {"MOEPRUNE_CACHE": str(tmp_path / "c")})
+    assert code == 0, err
+    pruned = load_file(str(run / "prune" / "model" / "model.safetensors"))
+    assert not pruned["model.layers.0.mlp.down_proj.weight"].any(), "alpha=0 zeroes the shared FFN's down projection"
