@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
 from moeprune import config
+from moeprune.config import preset, presets
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.drop_map import DropMap
@@ -28,7 +29,6 @@ from moeprune.prune.profile import Profile, rebuild_hint
 DROP_MAP_FILE = "drop_map.json"
 SUMMARY_FILE = "summary.json"
 HEATMAP_FILE = "keep_heatmap.png"
-TOY_WEIGHT_PRESETS = ("uniform", "five_class", "coder", "toy_lcb_only")
 
 
 # ---- recipe inputs ------------------------------------------------------------------------------
@@ -90,8 +90,9 @@ def class_weight_vector(classes: list[str], class_weights: DictConfig) -> np.nda
     unknown = sorted(set(cfg.weights) - set(classes))
     if unknown:
         hint = ""
-        if set(classes) <= set(_toy_classes()):
-            hint = f"; for the toy world use class_weights={' / '.join(TOY_WEIGHT_PRESETS)}"
+        fitting = fitting_weight_presets(classes)
+        if fitting:
+            hint = f"; presets that fit: class_weights={' / '.join(fitting)}"
         raise MoePruneError(f"class_weights={cfg.name}: unknown classes {unknown}; the profile has {classes}{hint}")
     w = np.array([float(cfg.weights.get(c, cfg.default)) for c in classes])
     if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
@@ -100,10 +101,9 @@ def class_weight_vector(classes: list[str], class_weights: DictConfig) -> np.nda
     return w
 
 
-def _toy_classes() -> tuple[str, ...]:
-    from moeprune.toy import world
-
-    return world.CLASSES
+def fitting_weight_presets(classes: list[str]) -> list[str]:
+    """The class_weights presets that name only these classes (read through Hydra)."""
+    return [name for name in presets("class_weights") if set(preset("class_weights", name).weights) <= set(classes)]
 
 
 def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile") -> dict[str, np.ndarray]:

@@ -435,3 +435,12 @@ def test_a_missing_floor_map_profile_or_baseline_names_the_override_that_drops_i
     for knobs, hint in cases:
         with pytest.raises(MoePruneError, match=hint):
             dropmap.build(make_profile(0), recipe(**knobs), 2)
+
+
+def test_unknown_classes_name_the_weight_presets_that_fit_the_profile():
+    p = make_profile(0, C=6, classes=TOY)  # the toy world's six classes
+    with pytest.raises(MoePruneError) as e:
+        dropmap.build(p, recipe(weights={"targeted_humaneval": 2.0}), 2)
+    assert "unknown classes ['targeted_humaneval']" in str(e.value)
+    fitting = str(e.value).split("presets that fit: class_weights=")[1].split(" / ")
+    assert {"uniform", "five_class", "coder", "toy_lcb_only"} <= set(fitting) and "v7_coder" not in fitting
