@@ -135,8 +135,7 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_pa
     before, source = _tree(tmp_path), _tree(shared_model)
     fill = {"model": model, "tmp": tmp_path}
     env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
-    small = SMALL if "backend=openai" not in overrides else [a for a in SMALL if not a.startswith("backend.")]
-    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *small]  # batch_size is an hf knob
+    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
     if "stages.evaluate=true" not in overrides:
         argv.append("stages.evaluate=false")
     for o in overrides:
