@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from pathlib import Path
@@ -39,10 +40,11 @@ def test_make_tasks_is_deterministic(cls):
 @pytest.mark.parametrize("cls", world.CLASSES)
 def test_splits_are_disjoint(cls):
     prompts = {s: {t.prompt for t in world.make_tasks(cls, 300, s, seed=1)} for s in world.SPLITS}
-    assert not prompts["train"] & prompts["test"]
-    assert not prompts["train"] & prompts["calib"]
-    assert not prompts["calib"] & prompts["test"]
-    assert len(prompts["test"]) == len(prompts["calib"]) == 300  # no duplicates in held-out splits
+    assert set(prompts) == {"train", "calib", "val", "test"}
+    for a, b in itertools.combinations(world.SPLITS, 2):
+        assert not prompts[a] & prompts[b], (a, b)
+    for held_out in ("calib", "val", "test"):
+        assert len(prompts[held_out]) == 300  # no duplicates in held-out splits
     for s, ps in prompts.items():
         assert all(world.split_of(cls, p) == s for p in ps)
 

@@ -30,8 +30,12 @@ targeted_code_hard  ``PY+:a=7;b=3;c=a-b if a>b else a*b;print(c,c+4)``  ``4 8``
 * ``targeted_code_hard``: longer Python programs with conditionals, loops (``sum(... for i in
   range(n))``), ``%``/``max``/``min`` and several printed values; executed for the answer.
 
-Splits are assigned by hashing the prompt, so ``train``, ``calib`` and ``test`` never share a
-prompt whatever the seed; ``calib`` and ``test`` lists hold no duplicates.
+Splits are assigned by hashing the prompt, so ``train``, ``calib``, ``val`` and ``test`` never
+share a prompt whatever the seed; the held-out lists (``calib``, ``val``, ``test``) hold no
+duplicates. ``val`` is what sweeps optimize on, so that ``test`` stays the split tables report.
+It was carved out of the hash range that was ``train`` when the shipped toy model was trained
+(``test`` and ``calib`` kept their ranges, so their task lists are unchanged): the model's
+training pool may contain some ``val`` prompts, mostly in the classes with small prompt spaces.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ CLASSES: tuple[str, ...] = (
     "generic_creative",
     "targeted_code_hard",
 )
-SPLITS: tuple[str, ...] = ("train", "calib", "test")
+SPLITS: tuple[str, ...] = ("train", "calib", "val", "test")
 
 #: The one-token prompt tag of each class (the tokenizer merges each tag into a single token).
 TAGS: dict[str, str] = {
@@ -69,8 +73,8 @@ MAX_NEW_TOKENS: int = 16
 #: A completion is cut at the first of these before it is compared.
 END_MARKERS: tuple[str, ...] = ("\n", "<eos>", "<pad>")
 
-# Split shares (percent of the hashed prompt space): test 10, calib 10, train 80.
-_TEST_PCT, _CALIB_PCT = 10, 10
+# Split shares (percent of the hashed prompt space): test 10, calib 10, val 10, train 70.
+_TEST_PCT, _CALIB_PCT, _VAL_PCT = 10, 10, 10
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,8 @@ def split_of(cls: str, prompt: str) -> str:
         return "test"
     if h < _TEST_PCT + _CALIB_PCT:
         return "calib"
+    if h < _TEST_PCT + _CALIB_PCT + _VAL_PCT:
+        return "val"
     return "train"
 
 
@@ -255,11 +261,12 @@ _GENERATORS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
 
 
 def make_tasks(cls: str, n: int, split: str, seed: int = 0) -> list[Task]:
-    """``n`` tasks of class ``cls`` from ``split`` ("train", "calib" or "test").
+    """``n`` tasks of class ``cls`` from ``split`` ("train", "calib", "val" or "test").
 
     Deterministic in (cls, n, split, seed); a longer list extends a shorter one of the same seed.
     The split of a task is decided by hashing its prompt, so splits never share a prompt.
-    ``calib`` and ``test`` hold no duplicate prompts; ``train`` may repeat small-space prompts.
+    ``calib``, ``val`` and ``test`` hold no duplicate prompts; ``train`` may repeat small-space
+    prompts.
     """
     if cls not in _GENERATORS:
         raise ValueError(f"unknown toy class {cls!r}; expected one of {list(CLASSES)}")
