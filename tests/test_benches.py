@@ -206,3 +206,13 @@ def test_toy_suite_keeps_an_explicit_max_new_tokens():
 
     assert ToySuite().max_new_tokens == world.MAX_NEW_TOKENS
     assert ToySuite(max_new_tokens=2048).max_new_tokens == 2048
+
+
+def test_toy_suite_with_split_val_scores_val_tasks_only():
+    from moeprune.evaluate.benches.toy_suite import ToySuite
+    from moeprune.toy import world
+
+    rows = ToySuite(n_per_class=5, split="val").rows()
+    assert len(rows) == 5 * len(world.CLASSES)
+    assert {world.split_of(r["cls"], r["prompt"]) for r in rows} == {"val"}
+    assert ToySuite(n_per_class=5).split == "test"  # the default stays the reported split

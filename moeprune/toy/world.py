@@ -34,8 +34,9 @@ Splits are assigned by hashing the prompt, so ``train``, ``calib``, ``val`` and 
 share a prompt whatever the seed; the held-out lists (``calib``, ``val``, ``test``) hold no
 duplicates. ``val`` is what sweeps optimize on, so that ``test`` stays the split tables report.
 It was carved out of the hash range that was ``train`` when the shipped toy model was trained
-(``test`` and ``calib`` kept their ranges, so their task lists are unchanged): the model's
-training pool may contain some ``val`` prompts, mostly in the classes with small prompt spaces.
+(``test`` and ``calib`` kept their ranges, so their task lists are unchanged): the shipped model's
+training pool holds many ``val`` prompts (docs/toy-world.md has the counts), so ``val`` scores are
+optimistic; it serves to choose among recipes without looking at ``test``.
 """
 
 from __future__ import annotations
