@@ -46,6 +46,9 @@ class RankTies(Choice):
 class Score(Choice):
     legacy = "legacy"  # alpha * wnorm + routed count
     mean = "mean"  # alpha * wnorm
+    reap = "reap"  # the class's share of REAP's token mean: contrib_c / pooled routed count
+    frequency = "frequency"  # routed count
+    gate_mass = "gate_mass"  # summed gate weight
 
 
 class OutlierMode(Choice):
@@ -72,7 +75,7 @@ class ClassAggregateConfig(StrategyConfig):
     """max, mean, geomean, sum: per-class scores combined over classes."""
 
     alpha: float = 2.0  # multiplier of the contribution term: score = alpha * wnorm + tc
-    score: Score = Score.legacy
+    score: Score = Score.legacy  # the per-class base statistic; alpha applies to legacy and mean only
     breadth_bonus: float = 0.0  # agg += breadth_bonus * mean over classes of the normalized scores
     outlier_mode: OutlierMode = OutlierMode.median  # what replaces an outlier cell
     outlier_threshold: Optional[float] = None  # |wnorm| above this is an outlier (non-finite always is)

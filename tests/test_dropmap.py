@@ -444,3 +444,30 @@ def test_unknown_classes_name_the_weight_presets_that_fit_the_profile():
     assert "unknown classes ['targeted_humaneval']" in str(e.value)
     fitting = str(e.value).split("presets that fit: class_weights=")[1].split(" / ")
     assert {"uniform", "five_class", "coder", "toy_lcb_only"} <= set(fitting) and "v7_coder" not in fitting
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), baseline=st.sampled_from(["reap", "frequency", "gate_mass"]),
+       keep=st.integers(2, 11), weights=st.sampled_from([None, {"c0": 1.0, "c1": 0.25, "c2": 3.0}, {"c1": 0.0}]),
+       ties=st.booleans(), mode=st.sampled_from(["uniform", "budget"]))
+def test_the_class_weighted_recipe_with_a_baselines_score_reproduces_that_baselines_map(
+        seed, baseline, keep, weights, ties, mode):
+    # sum over the weighted classes, no normalization: the recipe space holds REAP, frequency, gate mass.
+    # REAP's class shares sum in another order than its ratio of sums, so exact ties between
+    # experts (integer statistics) can round apart: exact for continuous statistics, as profiled.
+    p = make_profile(seed, ties=ties and baseline != "reap")
+    keep_cfg = {"experts_per_layer": keep, "mode": mode, "min_per_layer": 2 if mode == "budget" else None}
+    want = dropmap.build(p, recipe(baseline, weights=weights, normalize="none", keep=keep_cfg), top_k=2)
+    got = dropmap.build(p, recipe("sum", weights=weights, normalize="none", score=baseline, keep=keep_cfg), top_k=2)
+    assert got.dropped == want.dropped
+    np.testing.assert_allclose(got.agg, want.agg, rtol=1e-12)
+
+
+@pytest.mark.parametrize("score, reads", [("reap", {"contrib_sum", "count"}), ("frequency", {"count"}),
+                                          ("gate_mass", {"gate_sum"})])
+def test_a_baselines_score_inside_max_reads_only_that_baselines_statistics(score, reads):
+    p = make_profile(3)
+    for k in set(STATS) - reads:
+        del p.stats[k]
+    r = dropmap.build(p, recipe("max", score=score, alpha=3.0, keep={"experts_per_layer": 6}), top_k=2)
+    assert all(len(d) == 6 for d in r.dropped)

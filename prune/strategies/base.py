@@ -4,9 +4,9 @@ A strategy turns profile statistics ([classes, layers, experts] arrays) and a cl
 into `Scores`: one keep score per (layer, expert) — higher means more worth keeping — plus one
 score per class that the class top-K protection ranks by. Two families (docs/recipes.md):
 
-- `ClassAggregate` (max, mean, geomean, sum): the reference recipe. Per class
-  s = alpha * wnorm + count ("legacy") or alpha * wnorm ("mean"); outliers treated per (class,
-  layer) row; normalized per (class, layer) row; combined over classes with the class weights;
+- `ClassAggregate` (max, mean, geomean, sum): the reference recipe. Per class a base statistic
+  (`score`): s = alpha * wnorm + count ("legacy"), alpha * wnorm ("mean"), or a baseline's own
+  statistic ("reap", "frequency", "gate_mass", below); outliers treated per (class, layer) row; normalized per (class, layer) row; combined over classes with the class weights;
   plus breadth_bonus * the unweighted class mean of the normalized scores.
 - `PooledCriterion` (frequency, gate_mass, reap, random): one statistic pooled over the weighted
   classes, the single-criterion baselines a recipe is compared against.
@@ -24,6 +24,16 @@ from moeprune.errors import MoePruneError
 from moeprune.prune.selection import RANK_TIES
 
 OUTLIER_MODES = ("keep", "median", "drop", "zero")
+
+#: The per-class base statistics of the class-weighted recipe, and the profile statistics each reads.
+#: The baselines' statistics are chosen so that `sum` with normalize=none reproduces the pooled
+#: baseline exactly (same weights): frequency sum_c w_c count_c, gate_mass sum_c w_c gate_sum_c,
+#: and reap's class share contrib_c / (sum_c' w_c' count_c'), whose weighted sum is REAP's
+#: token mean sum_c w_c contrib_c / sum_c w_c count_c. So REAP, frequency and gate mass are
+#: points of the recipe space, and a search over it can only beat them.
+BASE_SCORES = {"legacy": ("wnorm", "count"), "mean": ("wnorm",), "reap": ("contrib_sum", "count"),
+               "frequency": ("count",), "gate_mass": ("gate_sum",)}
+_WNORM_SCORES = ("legacy", "mean")  # the scores alpha multiplies
 
 
 def rank_normalize(s: np.ndarray, ties: str = "min") -> np.ndarray:
@@ -129,8 +139,8 @@ class Strategy:
 
         if normalize not in NORMALIZERS:
             raise bad("normalize", normalize, f"one of {', '.join(NORMALIZERS)}")
-        if score not in ("legacy", "mean"):
-            raise bad("score", score, "legacy (alpha*wnorm + count) or mean (alpha*wnorm)")
+        if score not in BASE_SCORES:
+            raise bad("score", score, "legacy (alpha*wnorm + count), mean (alpha*wnorm), reap, frequency or gate_mass")
         if not (math.isfinite(alpha) and alpha >= 0):
             raise bad("alpha", alpha, "a finite number >= 0")
         if alpha == 0 and score == "mean":
@@ -158,6 +168,8 @@ class Strategy:
     def reference_needs(self) -> tuple[str, ...]:
         """What `reference_score` reads: wnorm only when alpha > 0 (so a profile without it, such as
         one of completion tokens, still drives a count-only score)."""
+        if self.score not in _WNORM_SCORES:
+            return BASE_SCORES[self.score]
         return (("wnorm",) if self.alpha else ()) + (("count",) if self.score == "legacy" else ())
 
     @property
@@ -167,11 +179,22 @@ class Strategy:
 
     def outlier_signal(self, stats: dict[str, np.ndarray]) -> np.ndarray | None:
         """The wnorm the outlier rule inspects: none for a count-only score (alpha = 0), whose cells
-        can only be non-finite."""
-        return stats.get("wnorm") if self.alpha else None
+        can only be non-finite; nor for the baselines' statistics, which do not read wnorm)."""
+        return stats.get("wnorm") if self.alpha and self.score in _WNORM_SCORES else None
 
-    def reference_score(self, stats: dict[str, np.ndarray]) -> np.ndarray:
-        """The reference's per-class score [C, L, E]: alpha * wnorm (+ routed count in legacy mode)."""
+    def reference_score(self, stats: dict[str, np.ndarray], weights: np.ndarray | None = None) -> np.ndarray:
+        """The per-class base score [C, L, E]: the reference's alpha * wnorm (+ routed count in
+        legacy mode), or a baseline's statistic (BASE_SCORES). `weights` (default uniform) pool
+        the routed count that reap's class shares divide by."""
+        if self.score == "frequency":
+            return stats["count"].astype(np.float64)
+        if self.score == "gate_mass":
+            return stats["gate_sum"].astype(np.float64)
+        if self.score == "reap":
+            w = np.ones(len(stats["count"])) if weights is None else weights
+            pooled = np.tensordot(w, stats["count"], axes=1)
+            return np.divide(stats["contrib_sum"], pooled, out=np.zeros_like(stats["contrib_sum"], dtype=np.float64),
+                             where=pooled > 0)
         s = self.alpha * stats["wnorm"] if self.alpha else np.zeros_like(stats["count"])
         return s + stats["count"] if self.score == "legacy" else s
 
@@ -186,7 +209,7 @@ class ClassAggregate(Strategy):
         raise NotImplementedError
 
     def scores(self, stats, weights, classes):
-        s, outliers = treat_outliers(self.reference_score(stats), self.outlier_signal(stats), self.outlier_mode,
+        s, outliers = treat_outliers(self.reference_score(stats, weights), self.outlier_signal(stats), self.outlier_mode,
                                      self.outlier_threshold, classes)
         s = normalize(s, self.normalize, self.rank_ties)
         # A dropped outlier is "no support" for its class: -inf before ranking; 0 on the other scales.
