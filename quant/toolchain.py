@@ -1,15 +1,17 @@
 """The llama.cpp toolchain, built from the source PyPI ships (no downloaded binaries).
 
 The `llama-cpp-python` sdist vendors llama.cpp with `convert_hf_to_gguf.py`, `gguf-py` and the
-quantize / imatrix / cli / server tools. On first use we fetch that sdist with pip, build the tools
-with cmake and install the result under
+tools. On first use we fetch that sdist with pip (only the source: llama-cpp-python itself is not
+installed, so llama.cpp is compiled once, here), build the tools the project runs with cmake on
+every core and install the result under
 
     $MOEPRUNE_LLAMACPP_HOME (default ~/.cache/moeprune/llama.cpp)/<version>-<flags hash>/
 
 The build runs in a temp dir beside its final place and is renamed into place only when complete,
 under a file lock, so concurrent runs (parallel tests, sweep jobs) build it once and never see a
-half-built tree. Shared libraries are built too (`libllama.so`), with `$ORIGIN` RPATHs so the tree
-still works after the rename; llama-cpp-python can load them through LLAMA_CPP_LIB_PATH.
+half-built tree. The tools share one `libllama.so` / `libggml*.so` (linked once, a smaller cache),
+found through `$ORIGIN` RPATHs so the tree still works after the rename. `python -m
+moeprune.quant.toolchain` builds it ahead of time (CI does, so the build is its own step).
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from moeprune.errors import MoePruneError
 log = logging.getLogger("moeprune")
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp we build
-TOOLS = ("llama-quantize", "llama-imatrix", "llama-cli", "llama-server")
+# What the project runs: quantize and imatrix (quant), llama-server (the llama_cpp backend) and
+# llama-tokenize (imatrix's length check). Nothing else is compiled.
+TOOLS = ("llama-quantize", "llama-imatrix", "llama-server", "llama-tokenize")
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",

@@ -72,3 +72,19 @@ def test_build_id_follows_the_flags(monkeypatch):
     assert before.startswith(toolchain.VERSION + "-")
     monkeypatch.setattr(toolchain, "CMAKE_FLAGS", (*toolchain.CMAKE_FLAGS, "-DGGML_CUDA=ON"))
     assert toolchain.build_id() != before
+
+
+def test_the_build_compiles_exactly_the_tools_the_code_runs():
+    import re
+    from pathlib import Path
+
+    root = Path(toolchain.__file__).resolve().parents[1]
+    sources = [p for d in ("quant", "evaluate", "moeprune") for p in (root / d).rglob("*.py")]
+    used = {m for p in sources for m in re.findall(r"""\.tool\(["'](llama-[\w-]+)["']\)""", p.read_text())}
+    assert used == set(toolchain.TOOLS)
+
+
+def test_build_id_follows_the_targets(monkeypatch):
+    before = toolchain.build_id()
+    monkeypatch.setattr(toolchain, "TOOLS", (*toolchain.TOOLS, "llama-cli"))
+    assert toolchain.build_id() != before
