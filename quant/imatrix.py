@@ -9,11 +9,12 @@ manifest.
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from itertools import chain, zip_longest
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
-from moeprune.quant.gguf_backend import import_llama_cpp
 from moeprune.quant.gguf_tools import run_tool, staged
 from moeprune.quant.toolchain import Toolchain
 
@@ -29,17 +30,18 @@ def calibration_text(corpus: dict[str, list[str]]) -> str:
     return "\n".join(r for r in rows if r is not None) + "\n"
 
 
-def token_count(gguf: Path, text: str) -> int:
-    """Tokens llama-imatrix sees in `text`: the GGUF's own vocabulary, BOS added, special tokens parsed."""
-    llama_cpp = import_llama_cpp()
-    try:
-        vocab = llama_cpp.Llama(str(gguf), vocab_only=True, verbose=False)
-    except ValueError as e:
-        raise MoePruneError(f"llama.cpp could not load the vocabulary of {gguf}: {e}") from None
-    try:
-        return len(vocab.tokenize(text.encode(), add_bos=True, special=True))
-    finally:
-        vocab.close()
+def token_count(tc: Toolchain, gguf: Path, text: bytes) -> int:
+    """Tokens llama-imatrix sees in `text`, counted by llama-tokenize from the same llama.cpp build:
+    the GGUF's own vocabulary (loaded alone, no weights), its BOS rule, escapes processed as
+    llama-imatrix processes them, special-token strings read as text (llama-tokenize cannot parse
+    them, so llama-imatrix runs without --parse-special: both read the text the same way)."""
+    proc = subprocess.run([str(tc.tool("llama-tokenize")), "-m", str(gguf), "--stdin", "--show-count", "--ids",
+                           "--log-disable"], input=text, capture_output=True)
+    found = re.search(rb"Total number of tokens: (\d+)", proc.stdout)
+    if proc.returncode != 0 or not found:
+        tail = (proc.stderr or proc.stdout).decode(errors="replace")[-2000:]
+        raise MoePruneError(f"llama-tokenize could not read the vocabulary of {gguf} (exit {proc.returncode}): {tail}")
+    return int(found.group(1))
 
 
 def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int, threads: int = 0,
@@ -48,8 +50,8 @@ def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int,
 
     The text must hold two chunks of `ctx` tokens. llama-imatrix checks that itself but exits before
     its logger flushes, so the reason is often lost: count first and say it here."""
-    text = Path(text_file).read_text()
-    n = token_count(f16_gguf, text[:-1] if text.endswith("\n") else text)  # -f drops the file's last newline
+    text = Path(text_file).read_bytes()  # bytes: the tool reads \r\n as it is
+    n = token_count(tc, f16_gguf, text[:-1] if text.endswith(b"\n") else text)  # -f drops the file's last newline
     if n < 2 * ctx:
         raise MoePruneError(f"the imatrix text {text_file} tokenizes to {n} tokens; llama-imatrix needs at least "
                             f"{2 * ctx} (two chunks of imatrix_ctx={ctx}): expected more calibration samples "
@@ -57,5 +59,5 @@ def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int,
     with staged(out) as tmp:
         return run_tool([tc.tool("llama-imatrix"), "-m", f16_gguf, "-f", text_file, "-o", tmp, "-c", str(ctx),
                          "-b", str(ctx), "--no-ppl", "-t", str(threads or os.cpu_count() or 1),
-                         "--output-format", "gguf", "--parse-special"], "llama-imatrix",
+                         "--output-format", "gguf"], "llama-imatrix",
                         log_file=log_file or Path(out).with_name(LOG_FILE))
