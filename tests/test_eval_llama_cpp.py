@@ -27,7 +27,6 @@ def test_llama_server_generates_through_the_openai_backend(tmp_path):
 
     from moeprune import artifacts
     from moeprune.quant import gguf_tools, toolchain
-    from moeprune.quant.gguf_backend import generate
 
     tc = toolchain.cached()
     if tc is None:
@@ -42,9 +41,6 @@ def test_llama_server_generates_through_the_openai_backend(tmp_path):
         backend.close()
     assert len(comps) == 2 and all(c.tokens is not None and 0 < c.tokens <= 8 for c in comps)
     assert all(c.finish_reason in ("stop", "length") for c in comps)
-    # greedy through the server = greedy in-process through llama-cpp-python on the same file (the
-    # random tiny model emits partial UTF-8: the server sends U+FFFD where the binding drops the bytes)
-    assert [c.text.replace("\ufffd", "") for c in comps] == generate(tmp_path / "gguf" / "model.gguf", prompts, 8)
     assert backend.identity()["gguf"] == artifacts.hash_path(tmp_path / "gguf" / "model.gguf")
 
 

@@ -2,7 +2,7 @@
 
 On a tiny Gemma 4 MoE that llama.cpp handles like a real one: F16, Q8_0, Q4_K_M and IQ4_XS (imatrix)
 through quant.gguf_tier, a CD tier through the whole CLI pipeline (quant + evaluate_quant through
-llama-server), every file loaded and run through llama-cpp-python, and the failure paths.
+llama-server), every file loaded and run through llama-server, and the failure paths.
 """
 
 from __future__ import annotations
@@ -89,39 +89,53 @@ def test_ladder_manifests(ladder, model):
     assert ladder["q8_0"][1]["fallbacks"] == {}  # 32-blocks fit every row here
 
 
+def server_post(url: str, path: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
 def test_f16_gguf_computes_what_the_hf_model_computes(ladder, model):
-    import numpy as np
+    """llama-server's tokens and next-token log-probabilities on the F16 file = the HF model's."""
     import torch
 
+    from moeprune.evaluate.backends.llama_cpp import LlamaCppBackend
     from moeprune.models import load_model, load_tokenizer
-    from moeprune.quant.gguf_backend import import_llama_cpp
 
     out, m = ladder["f16"]
-    llm = import_llama_cpp().Llama(str(out / m["file"]), n_ctx=64, logits_all=True, verbose=False)
     tok, hf = load_tokenizer(model), load_model(model, "float32", "cpu")
+    backend = LlamaCppBackend(out / m["file"], concurrency=1, server_args=["-c", "64"])
     try:
+        backend.generate(["ADD:1+1="], 1)  # starts the server
         for text in ("ADD:482+39=", "BOOL:!(T&F)|(F&T)=", "TXT:rev planet="):
-            ids = llm.tokenize(text.encode(), add_bos=True)
+            ids = server_post(backend.url, "/tokenize", {"content": text, "add_special": True})["tokens"]
             assert ids == tok(text)["input_ids"]
-            llm.reset()
-            llm.eval(ids)
-            got = np.array(llm.scores[: len(ids)])
+            got = server_post(backend.url, "/completion", {"prompt": ids, "n_predict": 1, "n_probs": 5,
+                                                           "temperature": 0, "cache_prompt": False})
+            top = got["completion_probabilities"][0]["top_logprobs"]
             with torch.no_grad():
-                want = hf(torch.tensor([ids])).logits[0, :, : got.shape[1]].numpy()
-            assert np.abs(got - want).max() < 2e-2 * np.abs(want).max()
-            assert (got.argmax(1) == want.argmax(1)).all()
+                want = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1], -1)
+            assert [t["id"] for t in top][0] == int(want.argmax())  # same greedy token
+            for t in top:
+                assert abs(t["logprob"] - float(want[t["id"]])) < 2e-2 * float(want.abs().max()), (text, t)
     finally:
-        llm.close()
+        backend.close()
 
 
-def test_every_tier_loads_and_generates_through_llama_cpp_python(ladder):
-    from moeprune.quant.gguf_backend import generate
+def test_every_tier_loads_and_generates_through_llama_server(ladder):
+    from moeprune.evaluate.backends.llama_cpp import LlamaCppBackend
     from moeprune.toy import world
 
     prompts = [t.prompt for t in world.make_tasks("generic_math", 4, "test", 0)]
     for name, (out, m) in ladder.items():
-        texts = generate(out / m["file"], prompts, 8)
-        assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts), (name, texts)  # every prompt answered
+        backend = LlamaCppBackend(out / m["file"], concurrency=2, server_args=["-c", "256"])
+        try:
+            comps = backend.generate(prompts, 8)
+        finally:
+            backend.close()
+        assert len(comps) == 4 and all(c.text and 0 < c.tokens <= 8 for c in comps), (name, comps)  # every prompt answered
 
 
 def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
@@ -247,3 +261,32 @@ def test_the_imatrix_length_check_counts_what_llama_imatrix_reads(toolchain, lad
     text.write_text("a" * 14 + "\n")  # BOS + 14 tokens = 15 read, one short of two chunks of 8
     with pytest.raises(MoePruneError, match=r"tokenizes to 15 tokens; llama-imatrix needs at least 16"):
         imatrix.compute(toolchain, f16_out / m["file"], text, tmp_path / "im" / "imatrix.gguf", ctx=8)
+
+
+@pytest.mark.parametrize("body", ["a{}", "x\\ty{}"], ids=["plain", "with-an-escape"])
+@pytest.mark.parametrize("offset", [-1, 0, 1], ids=["one-short", "exactly", "one-over"])
+def test_the_length_check_agrees_with_llama_imatrix_at_the_limit(toolchain, ladder, tmp_path, offset, body):
+    """Texts of 2*ctx-1, 2*ctx and 2*ctx+1 tokens (llama-tokenize's count): our check refuses exactly
+    the texts llama-imatrix itself refuses (it runs here with the check bypassed)."""
+    from moeprune.quant import gguf_tools, imatrix
+
+    f16 = ladder["f16"][0] / ladder["f16"][1]["file"]
+    ctx, want = 8, 16 + offset
+    texts = [body.format("a" * k) + "\n" for k in range(40)]
+    text = next(t for t in texts if imatrix.token_count(toolchain, f16, t[:-1].encode()) == want)
+    (tmp_path / "t.txt").write_text(text)
+    try:
+        gguf_tools.run_tool([toolchain.tool("llama-imatrix"), "-m", f16, "-f", tmp_path / "t.txt", "-o",
+                             tmp_path / "raw.gguf", "-c", ctx, "-b", ctx, "--no-ppl", "--output-format", "gguf"],
+                            "llama-imatrix", log_file=tmp_path / "raw.log")
+        tool_accepts = True
+    except MoePruneError as e:
+        assert "you need at least 16 tokens" in str(e)
+        tool_accepts = False
+    try:
+        imatrix.compute(toolchain, f16, tmp_path / "t.txt", tmp_path / "im" / "imatrix.gguf", ctx=ctx)
+        we_accept = True
+    except MoePruneError as e:
+        assert f"tokenizes to {want} tokens; llama-imatrix needs at least 16" in str(e)
+        we_accept = False
+    assert we_accept == tool_accepts == (offset >= 0)

@@ -1,5 +1,5 @@
 """A GGUF through llama.cpp: starts `llama-server` (the toolchain the quant stage builds from the
-llama-cpp-python sdist, `moeprune.quant.toolchain`) on a free loopback port and talks to it through
+llama.cpp sources in the llama-cpp-python sdist, `moeprune.quant.toolchain`) on a free loopback port and talks to it through
 the openai backend, so both paths share one request, retry and reasoning-parsing code.
 
 The server runs with `--reasoning-format deepseek` (thinking goes to `reasoning_content`) and, when
@@ -92,7 +92,8 @@ class LlamaCppBackend(Backend):
             self.close()
             raise MoePruneError(f"llama-server did not become healthy within {self.startup_timeout_s} s")
         self._budget = thinking_budget
-        self._client = OpenAIBackend(base_url=f"http://127.0.0.1:{port}/v1", concurrency=self.concurrency,
+        self.url = f"http://127.0.0.1:{port}"  # llama-server's own endpoints (/completion, /tokenize)
+        self._client = OpenAIBackend(base_url=f"{self.url}/v1", concurrency=self.concurrency,
                                      **self.openai_knobs)
         return self._client
 
