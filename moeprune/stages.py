@@ -171,6 +171,14 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) ->
             raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                                 f"expected backend=hf, got {cfg.backend.name!r}")
         runtime["drop_map"] = drop_map
+        if cfg.prune.shared_ffn_alpha != 1.0:  # as surgery would scale it, undone after the bench
+            from moeprune.prune.surgery import SHARED_MARKER
+
+            if (Path(model_path) / SHARED_MARKER).exists():
+                raise MoePruneError(f"{model_path} already has its shared FFN upweighted ({SHARED_MARKER}): "
+                                    f"prune.shared_ffn_alpha={cfg.prune.shared_ffn_alpha} would apply it twice; "
+                                    f"expected 1.0")
+            runtime["shared_ffn_alpha"] = cfg.prune.shared_ffn_alpha
     if model is not None:
         runtime["model"] = model
     backend = build(cfg.backend, **runtime)
@@ -352,8 +360,9 @@ STAGES = [
 ]
 
 # evaluate.virtual=true: the same "evaluate" stage, scoring the drop map on the base model.
-EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, _EVAL_KEYS, inputs=("dropmap",), external=_model_input,
-                         version=4, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
+# It applies prune.shared_ffn_alpha in memory, so that knob is part of its key.
+EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, (*_EVAL_KEYS, "prune.shared_ffn_alpha"), inputs=("dropmap",),
+                         external=_model_input, version=4, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
 VALIDATE = Stage("validate", run_validate, ("bench",), version=3)
 
 
@@ -368,9 +377,6 @@ def stages_for(cfg: DictConfig) -> list[Stage]:
     if cfg.backend.name != "hf":  # before any work: the profile would be wasted
         raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                             f"expected backend=hf, got {cfg.backend.name!r}")
-    if cfg.prune.shared_ffn_alpha != 1.0:  # a virtual trial writes no weights, so it cannot upweight
-        raise MoePruneError(f"evaluate.virtual=true cannot apply prune.shared_ffn_alpha="
-                            f"{cfg.prune.shared_ffn_alpha}: expected 1.0, or evaluate.virtual=false")
     out, gone = [], {"prune"}
     for stage in STAGES:
         if stage.name == "evaluate":

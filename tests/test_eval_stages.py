@@ -98,11 +98,21 @@ def test_virtual_needs_the_hf_backend(tiny_gemma4, tmp_path):
     assert out.returncode == 2 and "evaluate.virtual=true" in out.stderr and "expected backend=hf" in out.stderr
 
 
-def test_virtual_refuses_a_shared_ffn_upweight_it_cannot_apply(tiny_gemma4, tmp_path):
-    out = moeprune([f"model.path={tiny_gemma4}", *SMALL, "evaluate.virtual=true", "prune.shared_ffn_alpha=1.2"],
-                   tmp_path / "cache", tmp_path / "run")
-    assert out.returncode == 2 and "prune.shared_ffn_alpha=1.2" in out.stderr
-    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+def test_virtual_applies_the_shared_ffn_upweight_and_answers_as_the_upweighted_checkpoint(tiny_gemma4, tmp_path):
+    cache, up = tmp_path / "cache", "prune.shared_ffn_alpha=1.2"
+    phys = moeprune([f"model.path={tiny_gemma4}", *SMALL, up], cache, tmp_path / "physical")
+    assert phys.returncode == 0, phys.stderr
+    virt = moeprune([f"model.path={tiny_gemma4}", *SMALL, up, "evaluate.virtual=true", "stages.evaluate_base=false"],
+                    cache, tmp_path / "virtual")
+    assert virt.returncode == 0, virt.stderr
+    plain = moeprune([f"model.path={tiny_gemma4}", *SMALL, "evaluate.virtual=true", "stages.evaluate_base=false"],
+                     cache, tmp_path / "plain")
+    assert plain.returncode == 0, plain.stderr
+    a = read_jsonl(Path(stages(tmp_path / "physical")["evaluate"]["artifact"]) / "samples.jsonl")
+    b = read_jsonl(Path(stages(tmp_path / "virtual")["evaluate"]["artifact"]) / "samples.jsonl")
+    assert [r["completion"] for r in a] == [r["completion"] for r in b]
+    # alpha is in the virtual evaluate's key: the unscaled trial is its own artifact, not a cache hit
+    assert stages(tmp_path / "plain")["evaluate"]["artifact"] != stages(tmp_path / "virtual")["evaluate"]["artifact"]
 
 
 def test_a_backend_target_that_is_not_a_backend_is_refused_by_name(tiny_gemma4, tmp_path, monkeypatch):

@@ -1,6 +1,7 @@
 """Local transformers backend: batched greedy generation with a KV cache (left padding).
 
-With a drop map it routes as the pruned model would (virtual pruning), so a sweep trial can score
+With a drop map it routes as the pruned model would (virtual pruning), and with shared_ffn_alpha it
+scales the shared FFN as surgery would (restored after each generate), so a sweep trial can score
 a recipe on the loaded base model without writing a checkpoint.
 
 Thinking models: `reasoning_start` / `reasoning_end` (the model family's markers, e.g. `<think>` /
@@ -52,7 +53,7 @@ class ThinkingBudget(LogitsProcessor):
 
 class HFBackend(Backend):
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto", batch_size: int = 128,
-                 drop_map=None, model=None, tokenizer=None,
+                 drop_map=None, shared_ffn_alpha: float = 1.0, model=None, tokenizer=None,
                  reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
                  **_other_backends_knobs):
         if batch_size <= 0:
@@ -62,25 +63,44 @@ class HFBackend(Backend):
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size = self.chunk_size = batch_size
         self.drop_map = drop_map  # virtual pruning: a DropMap (moeprune.prune.drop_map), or None
+        self.shared_ffn_alpha = shared_ffn_alpha  # virtual pruning's prune.shared_ffn_alpha
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
         self.enable_thinking = enable_thinking
         self.dtype = dtype
 
     def identity(self) -> dict:
         """What makes this backend's generations what they are (the generation cache key)."""
-        return {"backend": "hf", "model": artifacts.hash_path(self.model_dir), "dtype": self.dtype,
-                "drop_map": artifacts.hash_json(sorted(self.drop_map.items())) if self.drop_map else None,
-                "reasoning": self.markers, "enable_thinking": self.enable_thinking}
+        ident = {"backend": "hf", "model": artifacts.hash_path(self.model_dir), "dtype": self.dtype,
+                 "drop_map": artifacts.hash_json(sorted(self.drop_map.items())) if self.drop_map else None,
+                 "reasoning": self.markers, "enable_thinking": self.enable_thinking}
+        if self.shared_ffn_alpha != 1.0:  # only then, so keys cached before the knob existed still hit
+            ident["shared_ffn_alpha"] = self.shared_ffn_alpha
+        return ident
 
     def close(self) -> None:
         self.model = self.tokenizer = None  # the weights go with the last reference (a run may hold two models)
 
+    @contextlib.contextmanager
     def _routing(self):
-        if not self.drop_map:
-            return contextlib.nullcontext()
+        if not self.drop_map and self.shared_ffn_alpha == 1.0:
+            yield
+            return
         from moeprune.adapters import adapter_for
 
-        return adapter_for(read_config(self.model_dir)).virtual_prune(self.model, self.drop_map)
+        adapter = adapter_for(read_config(self.model_dir))
+        with adapter.upweight_shared_ffn(self.model, self.shared_ffn_alpha, self._stored_dtypes()), \
+                (adapter.virtual_prune(self.model, self.drop_map) if self.drop_map else contextlib.nullcontext()):
+            yield
+
+    def _stored_dtypes(self) -> dict[str, torch.dtype]:
+        """The checkpoint's dtype of each tensor: surgery rounds a scaled tensor to it, so the
+        in-memory upweight must too (a float32 load of a bfloat16 checkpoint would not)."""
+        if self.shared_ffn_alpha == 1.0:
+            return {}
+        from moeprune.prune.surgery import read_sources
+
+        codes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        return {t.name: codes[t.dtype] for t in read_sources(self.model_dir).values() if t.dtype in codes}
 
     def _texts(self, prompts: list[str], chat: bool) -> list[str]:
         if not chat:

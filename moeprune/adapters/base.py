@@ -229,6 +229,36 @@ class MoEAdapter:
             yield
 
     @contextlib.contextmanager
+    def upweight_shared_ffn(self, model: nn.Module, alpha: float,
+                            stored: dict[str, torch.dtype] | None = None) -> Iterator[None]:
+        """Scale the loaded model's shared-FFN down projections by `alpha` as surgery writes them
+        (in float32, rounded to the checkpoint's dtype: `stored`, by tensor name, else the
+        parameter's own), and put the exact original weights back on exit, so a virtual trial can
+        vary prune.shared_ffn_alpha without writing a checkpoint."""
+        if alpha == 1.0:
+            yield
+            return
+        num_layers = self.text_config(model.config.to_dict()).get("num_hidden_layers")
+        stored = stored or {}
+        params = [(p, stored.get(name, p.dtype)) for name, p in model.named_parameters()
+                  if (role := self.role(name)).kind == "shared_down"
+                  and (num_layers is None or role.layer < num_layers) and p.dtype.is_floating_point
+                  and p.element_size() > 1]  # 8-bit floats: surgery scales their block scales instead
+        if not params:
+            raise MoePruneError(f"prune.shared_ffn_alpha={alpha}, but the loaded {self.name} model has no shared FFN "
+                                f"down projection in 16 or 32 bits to scale: expected 1.0")
+        saved = [p.detach().clone() for p, _ in params]
+        try:
+            with torch.no_grad():
+                for p, dtype in params:
+                    p.copy_((p.float() * alpha).to(dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for (p, _), original in zip(params, saved):
+                    p.copy_(original)
+
+    @contextlib.contextmanager
     def mask_experts(self, block: MoEBlock, dropped: list[int]) -> Iterator[None]:
         """Default, for routers that return (logits, weights, indices) from softmax -> top-k
         [-> renormalize] (Qwen3-MoE, Mixtral, OLMoE, Qwen3.5/Next): the router's logits come from
