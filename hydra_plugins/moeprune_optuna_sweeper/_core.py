@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
-from . import _search_space
+from . import _search_space, _split_guard
 
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
@@ -152,7 +152,8 @@ def _traceback(ret: JobReturn) -> Optional[str]:
 
 class OptunaSweeperImpl(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
-                 n_trials: int, n_jobs: Any, params: Optional[DictConfig], enqueue_default: bool) -> None:
+                 n_trials: int, n_jobs: Any, params: Optional[DictConfig], enqueue_default: bool,
+                 allow_test_split: bool = False) -> None:
         self.sampler_cfg = sampler
         self.directions = parse_directions(direction)
         self.storage_spec = storage
@@ -170,6 +171,7 @@ class OptunaSweeperImpl(Sweeper):
         self.n_jobs = n_jobs
         self.params = {str(k): v for k, v in (params or {}).items()}
         self.enqueue_default = bool(enqueue_default)
+        self.allow_test_split = bool(allow_test_split)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -207,6 +209,7 @@ class OptunaSweeperImpl(Sweeper):
         if not space.distributions:
             raise MoePruneError("the Optuna sweeper has nothing to search: set hydra.sweeper.params or pass "
                                 "sweep overrides such as strategy.alpha='interval(0.5,4)'")
+        _split_guard.check(self.config, space, self.allow_test_split)  # before the study is created
         study = self._study()
         log.info("Search space: %s", {k: repr(d) for k, d in space.distributions.items()})
         fail_stale_trials(study)

@@ -72,6 +72,9 @@ class OptunaSweeperConf:
     # Ask the config's own values of the swept keys first (trial 0 of a new study): the sweep
     # then starts from the default recipe and its best can only match or beat it.
     enqueue_default: bool = False
+    # A sweep whose objective reads the bench refuses to optimize on its test split (bench.split=test,
+    # or null where the bench's default is test) unless this is set: tables report test.
+    allow_test_split: bool = False
 
 
 def register() -> None:
