@@ -160,3 +160,15 @@ def test_a_reference_map_is_used_as_is_and_scored(tiny_run, tmp_path):
     ref.write_text(json.dumps({"0": [0, 7], "1": [1], "2": [2, 5]}))  # uneven: a checkpoint cannot hold it
     with pytest.raises(MoePruneError, match="different expert counts per layer"):
         run(model, cache, tmp_path / "r2", [f"keep.drop_map={ref}"])
+
+
+@pytest.mark.parametrize("baseline", ["reap", "frequency", "gate_mass"])
+@pytest.mark.parametrize("weights", ["uniform", "coder"])
+def test_the_recipe_with_a_baselines_score_writes_that_baselines_map_from_a_real_profile(tiny_run, baseline, weights):
+    model, cache, root = tiny_run
+    common = ["keep.drop_fraction=0.5", f"class_weights={weights}"]
+    _, want = run(model, cache, root / f"{baseline}-{weights}", [f"strategy={baseline}", *common])
+    _, got = run(model, cache, root / f"sum-{baseline}-{weights}",
+                 ["strategy=sum", f"strategy.score={baseline}", "strategy.normalize=none", *common])
+    read = lambda d: json.loads((d / "dropmap" / "drop_map.json").read_text())  # noqa: E731
+    assert read(got) == read(want) and all(len(v) == 4 for v in read(want).values())
