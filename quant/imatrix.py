@@ -32,11 +32,12 @@ def calibration_text(corpus: dict[str, list[str]]) -> str:
 
 def token_count(tc: Toolchain, gguf: Path, text: bytes) -> int:
     """Tokens llama-imatrix sees in `text`, counted by llama-tokenize from the same llama.cpp build:
-    the GGUF's own vocabulary (loaded alone, no weights), its BOS rule, escapes processed as
-    llama-imatrix processes them, special-token strings read as text (llama-tokenize cannot parse
+    the GGUF's own vocabulary (loaded alone, no weights), its BOS rule, the text verbatim (llama-imatrix
+    leaves a -f file's escape sequences as they are; llama-tokenize would process them without
+    --no-escape), special-token strings read as text (llama-tokenize cannot parse
     them, so llama-imatrix runs without --parse-special: both read the text the same way)."""
     proc = subprocess.run([str(tc.tool("llama-tokenize")), "-m", str(gguf), "--stdin", "--show-count", "--ids",
-                           "--log-disable"], input=text, capture_output=True)
+                           "--no-escape", "--log-disable"], input=text, capture_output=True)
     found = re.search(rb"Total number of tokens: (\d+)", proc.stdout)
     if proc.returncode != 0 or not found:
         tail = (proc.stderr or proc.stdout).decode(errors="replace")[-2000:]

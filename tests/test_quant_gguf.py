@@ -98,7 +98,8 @@ def server_post(url: str, path: str, body: dict) -> dict:
 
 
 def test_f16_gguf_computes_what_the_hf_model_computes(ladder, model):
-    """llama-server's tokens and next-token log-probabilities on the F16 file = the HF model's."""
+    """llama-server on the F16 file tokenizes as the HF tokenizer does and continues greedily as the
+    HF model does (this llama-server returns no log-probabilities to compare more finely)."""
     import torch
 
     from moeprune.evaluate.backends.llama_cpp import LlamaCppBackend
@@ -112,14 +113,13 @@ def test_f16_gguf_computes_what_the_hf_model_computes(ladder, model):
         for text in ("ADD:482+39=", "BOOL:!(T&F)|(F&T)=", "TXT:rev planet="):
             ids = server_post(backend.url, "/tokenize", {"content": text, "add_special": True})["tokens"]
             assert ids == tok(text)["input_ids"]
-            got = server_post(backend.url, "/completion", {"prompt": ids, "n_predict": 1, "n_probs": 5,
-                                                           "temperature": 0, "cache_prompt": False})
-            top = got["completion_probabilities"][0]["top_logprobs"]
-            with torch.no_grad():
-                want = torch.log_softmax(hf(torch.tensor([ids])).logits[0, -1], -1)
-            assert [t["id"] for t in top][0] == int(want.argmax())  # same greedy token
-            for t in top:
-                assert abs(t["logprob"] - float(want[t["id"]])) < 2e-2 * float(want.abs().max()), (text, t)
+            got = server_post(backend.url, "/completion", {"prompt": ids, "n_predict": 3, "temperature": 0,
+                                                           "return_tokens": True, "cache_prompt": False})["tokens"]
+            with torch.no_grad():  # HF greedy, one token at a time, on the same ids
+                want = list(ids)
+                for _ in range(3):
+                    want.append(int(hf(torch.tensor([want])).logits[0, -1].argmax()))
+            assert got == want[len(ids):], text
     finally:
         backend.close()
 
@@ -130,7 +130,9 @@ def test_every_tier_loads_and_generates_through_llama_server(ladder):
 
     prompts = [t.prompt for t in world.make_tasks("generic_math", 4, "test", 0)]
     for name, (out, m) in ladder.items():
-        backend = LlamaCppBackend(out / m["file"], concurrency=2, server_args=["-c", "256"])
+        # --no-repack: this llama-server segfaults while loading this tiny model's quantized files
+        # when it repacks their weights for the CPU (F16 is not repacked and loads either way)
+        backend = LlamaCppBackend(out / m["file"], concurrency=2, server_args=["-c", "256", "--no-repack"])
         try:
             comps = backend.generate(prompts, 8)
         finally:
