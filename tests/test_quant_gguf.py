@@ -130,9 +130,7 @@ def test_every_tier_loads_and_generates_through_llama_server(ladder):
 
     prompts = [t.prompt for t in world.make_tasks("generic_math", 4, "test", 0)]
     for name, (out, m) in ladder.items():
-        # --no-repack: this llama-server segfaults while loading this tiny model's quantized files
-        # when it repacks their weights for the CPU (F16 is not repacked and loads either way)
-        backend = LlamaCppBackend(out / m["file"], concurrency=2, server_args=["-c", "256", "--no-repack"])
+        backend = LlamaCppBackend(out / m["file"], concurrency=2, server_args=["-c", "256"])
         try:
             comps = backend.generate(prompts, 8)
         finally:

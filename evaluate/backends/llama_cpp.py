@@ -72,7 +72,10 @@ class LlamaCppBackend(Backend):
         server = toolchain.ensure().tool("llama-server")
         port = _free_port()
         cmd = [str(server), "-m", str(self.gguf), "--host", "127.0.0.1", "--port", str(port),
-               "-np", str(self.concurrency), "--reasoning-format", "deepseek", *self.server_args]
+               "-np", str(self.concurrency), "--reasoning-format", "deepseek",
+               # Repacking quantized weights for the CPU segfaults this llama-server at load on the
+               # toy MoE's K-quant / Q8_0 / IQ files; without it they load and compute the same.
+               "--no-repack", *self.server_args]
         if thinking_budget:
             cmd += ["--reasoning-budget", str(thinking_budget)]
         self._log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log", delete=False)
