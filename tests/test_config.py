@@ -97,7 +97,7 @@ def test_a_knob_another_component_owns_is_refused_naming_the_component_and_its_k
 @pytest.mark.parametrize("override, choices", [
     ("strategy.normalize=zscore", "[rank, mean, none]"),
     ("strategy.rank_ties=first", "[stable, min]"),
-    ("strategy.score=sum", "[legacy, mean]"),
+    ("strategy.score=sum", "[legacy, mean, reap, frequency, gate_mass]"),
     ("strategy.outlier_mode=clip", "[keep, median, drop, zero]"),
     ("keep.mode=greedy", "[uniform, budget]"),
     ("profile.mode=fast", "[auto, whole, layerwise]"),
