@@ -161,12 +161,14 @@ def bwrap_argv(tmpfs_bytes: int, work_files: dict[str, int], writable_build: Pat
             argv += ["--symlink", os.readlink(d), d]
         elif os.path.isdir(d):
             argv += ["--ro-bind", d, d]
-    for d in _visible_dirs():
-        argv += ["--ro-bind", d, d]
     for f in _HIDDEN:
         if os.path.exists(f):
             argv += ["--ro-bind", "/dev/null", f]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
+    # After the private /tmp: an interpreter or toolchain that lives under the host's /tmp (a venv in
+    # a clone there) is bound on top of it, where a bind made before the tmpfs would be hidden.
+    for d in _visible_dirs():
+        argv += ["--ro-bind", d, d]
     if writable_build is not None:  # the compiler's run: it writes its output to the host dir
         argv += ["--bind", str(writable_build), BUILD, "--chdir", BUILD]
     else:

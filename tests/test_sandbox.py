@@ -4,6 +4,9 @@ canonical solutions all pass through it. The fake passes and escapes live in tes
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+import sysconfig
 import time
 
 import pytest
@@ -19,6 +22,20 @@ def test_a_normal_program_runs_in_a_fresh_directory():
     res = sandbox.run_program("import os\nprint(sorted(os.listdir('.')), input())", stdin="hi\n", limits=TIGHT)
     assert res.status == "ok" and res.stdout.strip() == "['main.py'] hi"
 
+
+
+@pytest.mark.skipif(sandbox.bwrap_problem() is not None, reason="needs bubblewrap")
+def test_an_interpreter_living_under_the_hosts_tmp_still_runs_inside(tmp_path):
+    """A clone in /tmp with its venv there: the venv is bound over the private /tmp, not hidden by it."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    script = ("import site, sys; site.addsitedir(sys.argv[1])\n"  # moeprune from this environment
+              "from moeprune.evaluate import sandbox\n"
+              "r = sandbox.run_program('import sys; print(sys.prefix)')\n"
+              "print(r.status, r.stdout.strip(), r.stderr.strip())\n")
+    out = subprocess.run([str(venv / "bin" / "python"), "-c", script, sysconfig.get_paths()["purelib"]],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == ["ok", str(venv)], out
 
 def test_infinite_loop_is_killed_at_the_wall_time():
     t0 = time.perf_counter()
