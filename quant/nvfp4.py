@@ -6,8 +6,11 @@ modelopt's NVFP4 block quantizer needs CUDA tensors, so on a machine without a G
 with an error saying so before loading anything. After the export we reload it: every packed weight
 is dequantized with modelopt's own NVFP4QTensor, the per-expert tensors are fused back into
 transformers' layout, and the rebuilt model is checked against modelopt's fake-quantized one (the
-first and last layers' Linear weights: `max_rel_diff_vs_fakequant_linear_weights`, which the GPU test
-holds under 1e-2) and against the 16-bit model (the quantization error); both go in the manifest.
+first and last layers' Linear and expert weights: `max_rel_diff_vs_fakequant_linear_weights` and
+`..._expert_weights`, which the tests hold under 1e-2) and against the 16-bit model (the quantization
+error); both go in the manifest. The fake-quant reference is read after the exporter's first step,
+which gives Linears that vLLM fuses (q/k/v, gate/up) one shared NVFP4 global scale: read before it,
+the group's other members round with block scales the export does not use (`_share_fused_global_scales`).
 
 The same reload is what `evaluate_quant` scores: W4A16 keeps activations in 16 bits, so a model whose
 weights are the dequantized 4-bit values computes the products an NVFP4A16 kernel computes.
@@ -48,6 +51,13 @@ def _batches(texts: list[str], size: int):
 def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], samples_per_class: int,
             max_tokens: int, batch_size: int = 16) -> dict:
     require_gpu()
+    return _produce(model_dir, out_dir, corpus, samples_per_class, max_tokens, batch_size, "cuda")
+
+
+def _produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], samples_per_class: int,
+             max_tokens: int, batch_size: int, device: str) -> dict:
+    """`produce` on `device`; only "cuda" runs modelopt's real kernels (the CPU is for tests that
+    stand in a pure-torch copy of the fake-quant kernel)."""
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
 
@@ -55,26 +65,27 @@ def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sample
     from moeprune.quant.gguf_tier import parameter_count
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    model = load_model(model_dir, "bfloat16", "cuda")
+    model = load_model(model_dir, "bfloat16", device)
     if not model.config.architectures:  # modelopt's exporter keys on it (TypeError on None)
         model.config.architectures = [type(model).__name__]
     tok = load_tokenizer(model_dir)
     texts = [t for texts in corpus.values() for t in texts[:samples_per_class]]
     if not texts:
         raise MoePruneError("the calibration corpus is empty: expected texts for modelopt's amax calibration")
-    probe = tok(texts[:8], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to("cuda")
+    probe = tok(texts[:8], return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(device)
     with torch.no_grad():
         ref_logits = model(**probe).logits.float()
 
     def forward_loop(m):
         with torch.no_grad():
             for batch in _batches(texts, batch_size):
-                m(**tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to("cuda"))
+                m(**tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_tokens).to(device))
 
     t0 = time.perf_counter()
     mtq.quantize(model, mtq.W4A16_NVFP4_CFG, forward_loop)
     quant_s = time.perf_counter() - t0
-    fake_weights = _fakequant_weights(model)
+    shared = _share_fused_global_scales(model)
+    fake_linear, fake_experts = _fakequant_weights(model)
     t0 = time.perf_counter()
     with artifacts.atomic_dir(out_dir / EXPORT_DIR) as tmp:
         export_hf_checkpoint(model, export_dir=tmp)
@@ -87,7 +98,7 @@ def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sample
     torch.cuda.empty_cache()
 
     export = out_dir / EXPORT_DIR
-    reloaded, quantized = reload(export, "cuda")
+    reloaded, quantized = reload(export, device)
     weight_err = _weight_errors(model_dir, reloaded, quantized)
     with torch.no_grad():
         re_logits = reloaded(**probe).logits.float()
@@ -107,9 +118,13 @@ def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sample
         "export_s": round(export_s, 2),
         "reload": {
             "quantized_tensors": len(quantized),
-            # the export holds exactly the weights modelopt simulated (Linear layers of the first and last layer)
-            "max_rel_diff_vs_fakequant_linear_weights": _max_rel_diff(reloaded, fake_weights),
-            "fakequant_tensors_checked": len(fake_weights),
+            # the export holds exactly the weights modelopt simulated (first and last layer), once
+            # q/k/v and gate/up share the global scale the exporter gives them (`shared_global_scales`
+            # quantizers of the model had theirs raised to their group's)
+            "max_rel_diff_vs_fakequant_linear_weights": _max_rel_diff(reloaded, fake_linear),
+            "max_rel_diff_vs_fakequant_expert_weights": _max_rel_diff(reloaded, fake_experts),
+            "fakequant_tensors_checked": len(fake_linear) + len(fake_experts),
+            "shared_global_scales": shared,
             # the 4-bit rounding error against the 16-bit weights, and what it does to the logits
             "weight_rel_err": weight_err,
             "top1_agreement_vs_bf16": float((re_logits.argmax(-1) == ref_logits.argmax(-1))[mask].float().mean()),
@@ -120,25 +135,53 @@ def produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sample
     }
 
 
-def _fakequant_weights(model) -> dict[str, torch.Tensor]:
-    """What modelopt's quantizers make of the Linear weights of the first and last decoder layer
-    (CPU fp32), taken from the quantizers directly: transformers' grouped_mm expert kernels bypass
-    the F.linear that modelopt patches, so a fake-quant forward would not show the experts' rounding.
-    The fused experts are left out: their per-expert quantizers are not exported as-is (the exporter
-    splits gate_up into gate and up) and the comparison there is not yet understood (docs/quantization.md).
-    """
+def _share_fused_global_scales(model) -> int:
+    """Run the exporter's first step now: Linears that read the same input (q/k/v, gate/up, which
+    vLLM fuses into one GEMM with one per-tensor scale) get their group's largest weight amax, i.e.
+    one NVFP4 global scale. W4A16_NVFP4_CFG's dynamic block quantizers keep each Linear's own amax
+    until then (modelopt 0.47 shares it at calibration only for its static NVFP4 quantizers), so a
+    weight fake-quantized before this step gets other E4M3 block scales than the export writes and
+    other E2M1 codes: 0.05-0.10 apart, the size of the 4-bit rounding. The export's own call finds
+    the groups already shared and changes nothing. Returns how many quantizers' amax it raised."""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    def amaxes():
+        return {n: m.weight_quantizer.amax.detach().clone() for n, m in model.named_modules()
+                if _enabled(getattr(m, "weight_quantizer", None)) and m.weight_quantizer.amax is not None}
+
+    before = amaxes()
+    requantize_resmooth_fused_llm_layers(model)
+    after = amaxes()
+    return sum(not torch.equal(before[n], after[n]) for n in before)
+
+
+def _enabled(quantizer) -> bool:
+    return quantizer is not None and getattr(quantizer, "is_enabled", False)
+
+
+def _fakequant_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """What modelopt's quantizers make of the weights of the first and last decoder layer (CPU fp32),
+    taken from the quantizers directly (transformers' grouped_mm expert kernels bypass the F.linear
+    that modelopt patches, so a fake-quant forward would not show the experts' rounding): the Linear
+    weights, and the fused experts' `gate_up_proj` / `down_proj` with each expert's own quantizer
+    (the exporter splits gate_up into gate and up, both under the fused tensor's amax), keyed as the
+    reloaded model names them. Call after `_share_fused_global_scales`."""
     layers = sorted({int(m) for m in re.findall(r"layers\.(\d+)\.", " ".join(n for n, _ in model.named_modules()))})
     keep = {layers[0], layers[-1]} if layers else set()
-    out = {}
+    linear, experts = {}, {}
     with torch.no_grad():
         for name, m in model.named_modules():
             found = re.search(r"layers\.(\d+)\.", name + ".")
             if not found or int(found[1]) not in keep:
                 continue
             wq = getattr(m, "weight_quantizer", None)
-            if wq is not None and getattr(wq, "is_enabled", False) and isinstance(getattr(m, "weight", None), torch.Tensor):
-                out[f"{name}.weight"] = wq(m.weight).float().cpu()
-    return out
+            if _enabled(wq) and isinstance(getattr(m, "weight", None), torch.Tensor):
+                linear[f"{name}.weight"] = wq(m.weight).float().cpu()
+            for proj in ("gate_up_proj", "down_proj"):
+                qs, w = getattr(m, f"{proj}_weight_quantizers", None), getattr(m, proj, None)
+                if isinstance(w, torch.Tensor) and w.dim() == 3 and qs is not None and all(_enabled(q) for q in qs):
+                    experts[f"{name}.{proj}"] = torch.stack([q(w[e]).float().cpu() for e, q in enumerate(qs)])
+    return linear, experts
 
 
 def _max_rel_diff(model, reference: dict[str, torch.Tensor]) -> float:

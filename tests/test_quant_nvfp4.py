@@ -1,6 +1,7 @@
 """NVFP4A16: a clear stop without a GPU; the export's reload and its evaluation on any machine, from a
-synthetic export written from the format's definition; on a CUDA machine, quantize + export + reload
-a tiny Gemma 4 and score the toy model's NVFP4 tier through the CLI."""
+synthetic export written from the format's definition; modelopt's quantize + export + reload on the
+CPU with a pure-torch copy of its fake-quant kernel; on a CUDA machine, the same with modelopt's own
+kernels, and the toy model's NVFP4 tier scored through the CLI."""
 
 from __future__ import annotations
 
@@ -123,6 +124,76 @@ def test_evaluate_quant_scores_an_nvfp4_export_as_its_dequantized_weights(tiny_g
     assert table.splitlines()[0].split() == ["class", "base", "pruned", "nvfp4a16", "delta"]
 
 
+def nvfp4_fake_quant_cpu(inputs, block_size, amax, num_bits, exponent_bits, scale_num_bits, scale_exponent_bits):
+    """modelopt's dynamic NVFP4 fake-quant op as plain torch, for the CPU, where modelopt asserts CUDA.
+    A line-by-line copy of the kernel it dispatches to on Hopper (modelopt/torch/kernels/quantization/
+    gemm/fp4_kernel_hopper.py, fp4_fake_quant_kernel, with common/nvfp4_quant.py's rounding): global
+    scale amax / (6 * 448); per 16 elements, block max / 6 in units of it, saturated at 448 and cast to
+    E4M3; |x| / scale rounded to the nearest E2M1 magnitude, ties as the kernel breaks them."""
+    assert (num_bits, exponent_bits, scale_num_bits, scale_exponent_bits) == (4, 2, 8, 4), "NVFP4 only"
+    shape, dtype = inputs.shape, inputs.dtype
+    x = inputs.reshape(-1, shape[-1]).float().unflatten(-1, (-1, block_size))
+    gs = amax.float().amax() / (6.0 * 448.0)
+    gs = torch.where(gs > 0, gs, torch.tensor(1e-12))
+    scale = torch.clamp(x.abs().amax(-1, keepdim=True) / (6.0 * gs), max=448.0).to(torch.float8_e4m3fn).float() * gs
+    scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale))
+    a = x.abs() / scale
+    q = torch.zeros_like(a)  # E2M1 magnitudes; even codes win ties (<= at 0.25, 1.25, 2.5, 5.0; < elsewhere)
+    for bound, value, inclusive in [(0.25, 0.5, True), (0.75, 1.0, False), (1.25, 1.5, True), (1.75, 2.0, False),
+                                    (2.5, 3.0, True), (3.5, 4.0, False), (5.0, 6.0, True)]:
+        q = torch.where(a > bound if inclusive else a >= bound, value, q)
+    return torch.where(x >= 0, q * scale, -q * scale).reshape(shape).to(dtype)
+
+
+@pytest.mark.parametrize("amax_factor", [1.0, 1.3])
+def test_the_cpu_copy_of_modelopts_nvfp4_kernel_rounds_as_modelopts_exporter(amax_factor):
+    """The stand-in the CPU tests use agrees bit for bit with the exporter's own NVFP4QTensor quantize
+    and dequantize, at the tensor's own amax and at a larger shared one (a fused group's)."""
+    pytest.importorskip("modelopt", reason="pip install -e '.[nvfp4]' (nvidia-modelopt)")
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 256, generator=gen) * torch.rand(96, 1, generator=gen) * 0.1).to(torch.bfloat16)
+    w[3, 16:32] = 0  # an all-zero block
+    amax = w.float().abs().amax() * amax_factor
+    packed, scale, scale_2 = NVFP4QTensor.quantize(w, 16, weights_scaling_factor_2=amax / (6.0 * 448.0))
+    want = packed.dequantize(dtype=torch.bfloat16, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    got = nvfp4_fake_quant_cpu(w, 16, amax, 4, 2, 8, 4)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert 0.05 < float((got.float() - w.float()).norm() / w.float().norm()) < 0.2  # 4-bit rounding happened
+
+
+@pytest.mark.parametrize("share", [True, False], ids=["shared", "own_amax"])
+def test_the_nvfp4_export_holds_modelopts_fake_quant_weights_once_fused_linears_share_a_global_scale(
+        tiny_gemma4, tmp_path, monkeypatch, share):
+    """modelopt quantizes, exports and reloads the tiny Gemma 4 on the CPU (its fake-quant op replaced by
+    the copy above). The export gives q/k/v and gate/up one global scale, their group's largest amax:
+    compared with fake-quant weights read after that step the reload agrees exactly, Linears and experts;
+    read before it (each Linear's own amax), the group's other members are a 4-bit rounding apart."""
+    pytest.importorskip("modelopt", reason="pip install -e '.[nvfp4]' (nvidia-modelopt)")
+    import modelopt.torch.quantization.tensor_quant as tensor_quant
+    from quant_support import toy_corpus
+
+    from moeprune.quant import nvfp4
+
+    monkeypatch.setattr(tensor_quant, "dynamic_block_quantize_op", nvfp4_fake_quant_cpu)
+    if not share:
+        monkeypatch.setattr(nvfp4, "_share_fused_global_scales", lambda model: 0)
+    m = nvfp4._produce(tiny_gemma4, tmp_path / "q", toy_corpus(2), samples_per_class=2, max_tokens=32,
+                       batch_size=16, device="cpu")
+    r = m["reload"]
+    assert r["quantized_tensors"] == 2 * (4 + 3 + 2)  # per layer: q/k/v/o, the dense MLP, the experts
+    assert r["fakequant_tensors_checked"] == 2 * (4 + 3 + 2)
+    assert r["max_rel_diff_vs_fakequant_expert_weights"] < 1e-6  # one amax per expert's gate_up: nothing to share
+    if share:
+        assert r["shared_global_scales"] >= 2  # per layer, q/k/v and gate/up cannot all own their group's max
+        assert r["max_rel_diff_vs_fakequant_linear_weights"] < 1e-6
+    else:
+        assert 0.05 < r["max_rel_diff_vs_fakequant_linear_weights"] < 0.2  # what the H200 run reported
+    assert 0.02 < r["weight_rel_err"]["max"] < 0.2 and m["bits_per_weight"] < 8
+    assert (tmp_path / "q" / "model" / "config.json").is_file()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_nvfp4_tier_says_it_needs_a_gpu(tiny_gemma4, tmp_path):
     from moeprune.quant.stage import quantize
@@ -153,7 +224,10 @@ def test_nvfp4_export_reloads_on_gpu(tmp_path):
     cfg = json.loads((tmp_path / "q" / "model" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_algo"] == "W4A16_NVFP4"
     assert m["reload"]["quantized_tensors"] > 0
-    assert m["reload"]["max_rel_diff_vs_fakequant_linear_weights"] < 1e-2  # the export holds modelopt's weights
+    # the export holds modelopt's weights (read once q/k/v and gate/up share their export global scale)
+    assert m["reload"]["max_rel_diff_vs_fakequant_linear_weights"] < 1e-2
+    assert m["reload"]["max_rel_diff_vs_fakequant_expert_weights"] < 1e-2
+    assert m["reload"]["fakequant_tensors_checked"] == 2 * (4 + 3 + 2) and m["reload"]["shared_global_scales"] > 0
     assert 0.02 < m["reload"]["weight_rel_err"]["max"] < 0.2  # 4-bit rounding, not garbage
     assert m["bits_per_weight"] < 8
 
