@@ -101,6 +101,7 @@ def summarize(bench, rows: list[dict], gen: dict, identity: dict, canonical: dic
         "bench": bench.name, "n": n, "passed": passed, "score": score, "stderr": stderr,
         "per_category": per_cat if any(by_cat) else {},
         "per_category_n": {c: len(v) for c, v in sorted(by_cat.items())} if any(by_cat) else {},
+        "others_mean": others_mean(per_cat),
         "empty_rate": audit["empty_rate"],
         "token_stats": stats.token_stats(rows),
         "rumination": stats.rumination(rows, gen["thinking_budget"], gen["max_new_tokens"]),
@@ -108,6 +109,15 @@ def summarize(bench, rows: list[dict], gen: dict, identity: dict, canonical: dic
         "model": identity, "data_hash": bench.data_hash,
         "settings": {"bench": bench.settings(), "generation": gen},
     }
+
+
+def others_mean(per_cat: dict[str, float]) -> dict[str, float]:
+    """Per category, the unweighted mean of the other categories' scores: what a recipe targeted at
+    one class costs the rest (a sweep objective, `evaluate.others_mean.<class>`). Empty with fewer
+    than two categories."""
+    if len(per_cat) < 2:
+        return {}
+    return {c: sum(v for o, v in per_cat.items() if o != c) / (len(per_cat) - 1) for c in per_cat}
 
 
 def validate_bench(bench, out_dir: Path) -> dict:

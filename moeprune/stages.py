@@ -190,7 +190,7 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) ->
         summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache, cfg.evaluate.empty_threshold)
     finally:
         backend.close()
-    keys = ("bench", "n", "score", "stderr", "per_category", "empty_rate", "flags")
+    keys = ("bench", "n", "score", "stderr", "per_category", "others_mean", "empty_rate", "flags")
     return {**{k: summary[k] for k in keys}, **_model_size(Path(model_path), drop_map)}
 
 
