@@ -94,6 +94,13 @@ def default_pending(study: optuna.Study, default: dict) -> bool:
                for t in study.get_trials(deepcopy=False, states=live))
 
 
+def point_pending(study: optuna.Study, point: dict) -> bool:
+    """Whether an enqueued point has a complete trial, or one waiting or running to become one."""
+    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    return any(t.system_attrs.get("fixed_params") == point or {k: t.params.get(k) for k in point} == point
+               for t in study.get_trials(deepcopy=False, states=live))
+
+
 def make_storage(spec: Optional[str]) -> Any:
     """null -> in memory; journal:<file> -> JournalStorage; a URL -> RDBStorage."""
     if spec is None:
@@ -153,7 +160,7 @@ def _traceback(ret: JobReturn) -> Optional[str]:
 class OptunaSweeperImpl(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: Any, params: Optional[DictConfig], enqueue_default: bool,
-                 allow_test_split: bool = False) -> None:
+                 allow_test_split: bool = False, enqueue: Any = None) -> None:
         self.sampler_cfg = sampler
         self.directions = parse_directions(direction)
         self.storage_spec = storage
@@ -172,6 +179,10 @@ class OptunaSweeperImpl(Sweeper):
         self.params = {str(k): v for k, v in (params or {}).items()}
         self.enqueue_default = bool(enqueue_default)
         self.allow_test_split = bool(allow_test_split)
+        points = OmegaConf.to_container(enqueue) if OmegaConf.is_config(enqueue) else enqueue
+        if points is not None and not isinstance(points, list):
+            raise MoePruneError(f"hydra.sweeper.enqueue={points!r}: expected a list of {{swept key: value}} points")
+        self.enqueue = points or []
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -210,6 +221,7 @@ class OptunaSweeperImpl(Sweeper):
             raise MoePruneError("the Optuna sweeper has nothing to search: set hydra.sweeper.params or pass "
                                 "sweep overrides such as strategy.alpha='interval(0.5,4)'")
         _split_guard.check(self.config, space, self.allow_test_split)  # before the study is created
+        points = _search_space.enqueued_points(space, self.enqueue)
         study = self._study()
         log.info("Search space: %s", {k: repr(d) for k, d in space.distributions.items()})
         fail_stale_trials(study)
@@ -219,6 +231,10 @@ class OptunaSweeperImpl(Sweeper):
             default = _search_space.default_params(space, self.config, choices)
             if not default_pending(study, default):
                 study.enqueue_trial(default, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=False)
+        for point in points:
+            if not point_pending(study, point):
+                study.enqueue_trial(point, user_attrs={"enqueued": True}, skip_if_exists=False)
+                log.info("Enqueued %s", point)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)

@@ -87,6 +87,29 @@ def build(overrides: list[Override]) -> SearchSpace:
     return SearchSpace(dists, prefixes, fixed)
 
 
+def _inside(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
+
+
+def enqueued_points(space: SearchSpace, points: list[dict]) -> list[dict[str, Any]]:
+    """hydra.sweeper.enqueue checked against the space: every key swept, every value inside its
+    distribution (a point outside the space would be a trial the study cannot reproduce)."""
+    out = []
+    for i, point in enumerate(points):
+        if not isinstance(point, dict) or not point:
+            raise MoePruneError(f"hydra.sweeper.enqueue[{i}]={point!r}: expected a mapping of swept keys to values")
+        for key, value in point.items():
+            where = f"hydra.sweeper.enqueue[{i}].{key}={value!r}"
+            if key not in space.distributions:
+                raise MoePruneError(f"{where}: {key} is not swept; expected one of {sorted(space.distributions)}")
+            if not _inside(space.distributions[key], value):
+                raise MoePruneError(f"{where} is outside its search space {space.distributions[key]}")
+        out.append(dict(point))
+    return out
+
+
 def default_params(space: SearchSpace, config, choices: dict) -> dict[str, Any]:
     """The composed config's own value of every swept key (a group's default option for a group),
     checked to lie inside its distribution."""
@@ -98,11 +121,7 @@ def default_params(space: SearchSpace, config, choices: dict) -> dict[str, Any]:
             value = choices[name]
         else:
             value = OmegaConf.select(config, name, default=None)
-        if isinstance(dist, CategoricalDistribution):
-            ok = value in dist.choices
-        else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and dist.low <= value <= dist.high
-        if not ok:
+        if not _inside(dist, value):
             raise MoePruneError(f"enqueue_default: the default {name}={value!r} is outside its search space {dist}; "
                                 "widen the space or set hydra.sweeper.enqueue_default=false")
         out[name] = value

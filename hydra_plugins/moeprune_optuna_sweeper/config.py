@@ -72,6 +72,10 @@ class OptunaSweeperConf:
     # Ask the config's own values of the swept keys first (trial 0 of a new study): the sweep
     # then starts from the default recipe and its best can only match or beat it.
     enqueue_default: bool = False
+    # Points of the space a new study scores first (after the default), each {swept key: value}
+    # (keys left out are sampled): e.g. the baselines a recipe search nests, so its best can only
+    # match or beat them. A rerun enqueues a point again until it has a complete trial.
+    enqueue: Optional[List[Dict[str, Any]]] = None
     # A sweep whose objective reads the bench refuses to optimize on its test split (bench.split=test,
     # or null where the bench's default is test) unless this is set: tables report test.
     allow_test_split: bool = False
