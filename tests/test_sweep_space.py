@@ -66,6 +66,19 @@ def test_default_params_come_from_the_config_and_must_lie_in_the_space():
         _search_space.default_params(space, cfg, {"strategy": "sum"})
 
 
+def test_enqueued_points_must_name_swept_keys_with_values_inside_the_space():
+    space = _search_space.build(parse("strategy=choice(max, sum)", "strategy.breadth_bonus=interval(0.0, 1.0)"))
+    point = {"strategy": "sum", "strategy.breadth_bonus": 0.0}  # the interval's bound is inside
+    assert _search_space.enqueued_points(space, [point]) == [point]
+    for bad, message in (({"strategy": "reap"}, r"enqueue\[0\]\.strategy='reap' is outside its search space"),
+                         ({"strategy.alpha": 2.0}, r"enqueue\[0\]\.strategy\.alpha=2\.0: strategy\.alpha is not swept; "
+                                                   r"expected one of \['strategy', 'strategy\.breadth_bonus'\]"),
+                         ({"strategy.breadth_bonus": 1.5}, r"breadth_bonus=1\.5 is outside"),
+                         ({}, "expected a mapping of swept keys to values")):
+        with pytest.raises(MoePruneError, match=message):
+            _search_space.enqueued_points(space, [bad])
+
+
 def test_storages_and_directions(tmp_path):
     import optuna
 
@@ -114,6 +127,7 @@ def test_hparams_search_presets_compose_with_the_optuna_sweeper(preset):
             for option in dist.choices:
                 with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
                     compose(config_name="run", overrides=[f"{key}={option}"])
+    _search_space.enqueued_points(space, OmegaConf.to_container(sw.enqueue) if sw.get("enqueue") else [])
     metrics = cfg.optimized_metric if not isinstance(cfg.optimized_metric, str) else [cfg.optimized_metric]
     directions = sw.direction if not isinstance(sw.direction, str) else [sw.direction]
     assert len(metrics) == len(directions)
