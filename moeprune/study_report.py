@@ -5,7 +5,12 @@ state) and the runner's `run.json` (each stage's metrics). This command walks th
 them (a study resumed over several sweeps spans several dirs; give them all, or a common parent),
 and writes per study `report-<study>.md` (the table) and `pareto-<study>.png`: the objective
 against a cost (the second objective of a two-objective study, else experts kept), Pareto front
-marked. No W&B or Optuna storage is needed.
+marked in both. No W&B or Optuna storage is needed.
+
+The trials' scores are on the split the study searched (`bench.split`, read from each job's
+resolved config, and said in the report); the report scores nothing itself. The test-split table (Wilson intervals,
+paired McNemar against REAP) is benchmarks/recipe_search.py's; the report prints the command that
+scores its best trial on test as an ordinary run.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class Trial:
     job_dir: Path
     recorded: str
     metrics: dict = field(default_factory=dict)  # "stage.key" -> number, from run.json
+    overrides: list = field(default_factory=list)  # the job's command-line overrides
+    split: Optional[str] = None  # the bench split the trial scored (its resolved config)
 
     def metric(self, name: str) -> Optional[float]:
         if name in self.objectives and self.values is not None:
@@ -42,13 +49,25 @@ class Trial:
         return self.metrics.get(name)
 
 
-def _flat(results: dict) -> dict[str, float]:
+def _flat(results: dict, prefix: str = "") -> dict[str, float]:
+    """{stage: {k: v, per_category: {c: v}}} -> {"stage.k": v, "stage.per_category.c": v}, numbers only."""
     out = {}
-    for stage, metrics in results.items():
-        for k, v in (metrics or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                out[f"{stage}.{k}"] = float(v)
+    for k, v in (results or {}).items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[f"{prefix}{k}"] = float(v)
     return out
+
+
+def _split(job_dir: Path) -> Optional[str]:
+    from omegaconf import OmegaConf
+
+    config = job_dir / ".hydra" / "config.yaml"
+    if not config.is_file():
+        return None
+    split = OmegaConf.select(OmegaConf.load(config), "bench.split", default=None)
+    return None if split is None else str(split)
 
 
 def load_trials(dirs: list[Path]) -> list[Trial]:
@@ -62,7 +81,7 @@ def load_trials(dirs: list[Path]) -> list[Trial]:
             metrics = _flat(artifacts.read_json(run_json)["stages"]) if run_json.exists() else {}
             t = Trial(rec["study"], int(rec["number"]), rec["state"], rec.get("params") or {}, rec.get("values"),
                       rec.get("directions") or ["minimize"], rec.get("objectives") or [], path.parent,
-                      rec.get("recorded", ""), metrics)
+                      rec.get("recorded", ""), metrics, list(rec.get("overrides") or []), _split(path.parent))
             key = (t.study, t.number)
             if key not in found or found[key].recorded <= t.recorded:  # the same trial seen twice: the latest
                 found[key] = t
@@ -85,30 +104,40 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def table(trials: list[Trial], cost: str) -> str:
+def table(trials: list[Trial], cost: str, front: set[int] = frozenset()) -> str:
+    """One row per trial; `front` (trial numbers) marked `*` in the column "front"."""
     params = sorted({k for t in trials for k in t.params})
     objectives = trials[0].objectives or [f"value{i}" for i in range(len(trials[0].directions))]
-    head = ["trial", "state", *objectives, cost if cost not in objectives else None, *params]
+    head = ["trial", "state", "front", *objectives, cost if cost not in objectives else None, *params]
     head = [h for h in head if h is not None]
     rows = []
     for t in trials:
         values = t.values or [None] * len(objectives)
         extra = [] if cost in objectives else [t.metric(cost)]
-        rows.append([t.number, t.state, *values, *extra, *[t.params.get(k) for k in params]])
+        rows.append([t.number, t.state, "*" if t.number in front else "", *values, *extra,
+                     *[t.params.get(k) for k in params]])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def plot(trials: list[Trial], cost: str, out: Path) -> Optional[int]:
-    """Objective (y) against cost (x); returns the number of Pareto-optimal trials, or None (no plot)
-    when no trial completed."""
-    import matplotlib
+@dataclass
+class Front:
+    """The completed trials that have the cost, their (cost, objective) points, and which of them
+    no other trial dominates."""
+    done: list[Trial]
+    points: list[tuple[float, float]]
+    indices: list[int]
+    x_max: bool
+    y_max: bool
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    @property
+    def numbers(self) -> set[int]:
+        return {self.done[i].number for i in self.indices}
 
-    y_name = trials[0].objectives[0] if trials[0].objectives else "value0"
+
+def front_of(trials: list[Trial], cost: str) -> Optional[Front]:
+    """None when no trial completed."""
     y_max = trials[0].directions[0] == "maximize"
     x_max = len(trials[0].directions) > 1 and cost in trials[0].objectives and \
         trials[0].directions[trials[0].objectives.index(cost)] == "maximize"
@@ -120,19 +149,30 @@ def plot(trials: list[Trial], cost: str, out: Path) -> Optional[int]:
         raise MoePruneError(f"report: no completed trial of study {trials[0].study} has the metric {cost}; pass "
                             "--cost STAGE.KEY naming a metric in the trials' run.json")
     pts = [(t.metric(cost), t.values[0]) for t in done]
-    front = pareto_front(pts, (x_max, y_max))
+    return Front(done, pts, pareto_front(pts, (x_max, y_max)), x_max, y_max)
+
+
+def plot(trials: list[Trial], cost: str, front: Front, out: Path) -> None:
+    """Objective (y) against cost (x), the Pareto front drawn and labelled by trial number."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_name = trials[0].objectives[0] if trials[0].objectives else "value0"
+    pts = front.points
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=22, color="0.65", label="trials")
-    fp = sorted((pts[i] for i in front), key=lambda p: p[0])
+    fp = sorted((pts[i] for i in front.indices), key=lambda p: p[0])
     ax.plot([p[0] for p in fp], [p[1] for p in fp], "o-", color="C3", label="Pareto front")
     labels: dict[tuple[float, float], list[str]] = {}  # trials on the same point share one label
-    for i in front:
-        labels.setdefault(pts[i], []).append(str(done[i].number))
+    for i in front.indices:
+        labels.setdefault(pts[i], []).append(str(front.done[i].number))
     for point, names in labels.items():
         ax.annotate(",".join(names), point, textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel(f"{cost} ({'higher' if x_max else 'lower'} is better)")
-    ax.set_ylabel(f"{y_name} ({'higher' if y_max else 'lower'} is better)")
-    ax.set_title(f"study {trials[0].study}: {len(done)} completed trials")
+    ax.set_xlabel(f"{cost} ({'higher' if front.x_max else 'lower'} is better)")
+    ax.set_ylabel(f"{y_name} ({'higher' if front.y_max else 'lower'} is better)")
+    ax.set_title(f"study {trials[0].study}: {len(pts)} completed trials")
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
@@ -141,7 +181,22 @@ def plot(trials: list[Trial], cost: str, out: Path) -> Optional[int]:
     fig.savefig(tmp, format="png")
     plt.close(fig)
     tmp.replace(out)
-    return len(front)
+
+
+def best_trial(trials: list[Trial]) -> Optional[Trial]:
+    """The first objective's best; a two-objective study breaks ties on its second (the coder use
+    case: the target first, then the rest as little hurt as possible)."""
+    done = [t for t in trials if t.state == "COMPLETE" and t.values]
+    if not done:
+        return None
+    signs = [1 if d == "maximize" else -1 for d in done[0].directions]
+    return max(done, key=lambda t: (signs[0] * t.values[0], *(s * v for s, v in zip(signs[1:], t.values[1:])), -t.number))
+
+
+def on_test(trial: Trial) -> str:
+    """The command that scores a trial's recipe on test as an ordinary run (no sweep)."""
+    keep = [o for o in trial.overrides if not o.lstrip("+~").startswith("hydra.") and not o.startswith("bench.split=")]
+    return " ".join(["moeprune", *keep, "bench.split=test"])
 
 
 def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str] = None) -> list[Path]:
@@ -154,19 +209,30 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
     for study in sorted({t.study for t in trials}):
         st = [t for t in trials if t.study == study]
         c = cost or (st[0].objectives[1] if len(st[0].objectives) > 1 else DEFAULT_COST)
-        n_front = plot(st, c, out_dir / f"pareto-{study}.png")
+        y_name = st[0].objectives[0] if st[0].objectives else "value0"
+        front = front_of(st, c)
+        png = out_dir / f"pareto-{study}.png"
+        if front is not None:
+            plot(st, c, front, png)
         done = [t for t in st if t.state == "COMPLETE" and t.values]
-        best = (max if st[0].directions[0] == "maximize" else min)(done, key=lambda t: t.values[0]) if done else None
-        front = (f"{n_front} on the Pareto front of {st[0].objectives[0] if st[0].objectives else 'value0'} vs {c}"
-                 if n_front is not None else "none completed, so no Pareto plot (the table says why they failed)")
+        best = best_trial(st)
+        splits = sorted({t.split for t in st if t.split is not None})
         lines = [f"# study {study}", "",
-                 f"{len(st)} trials ({len(done)} completed), {front}.",
-                 f"Best {st[0].directions[0]}: trial {best.number}, value {_fmt(best.values[0])}." if best else "", "",
-                 table(st, c), ""]
+                 f"{len(st)} trials ({len(done)} completed), "
+                 + (f"{len(front.indices)} on the Pareto front of {y_name} vs {c} (marked *)."
+                    if front is not None else "none completed, so no Pareto plot (the table says why they failed)."),
+                 f"Scores on the split the study searched: bench.split={', '.join(splits) or 'unknown'}. "
+                 "The test-split table (Wilson intervals, paired McNemar vs REAP) comes from "
+                 "benchmarks/recipe_search.py (docs/recipes.md).", ""]
+        if best:
+            values = ", ".join(f"{n} {_fmt(v)}" for n, v in zip(best.objectives or [y_name], best.values))
+            lines += [f"Best ({st[0].directions[0]} {y_name}): trial {best.number}: {values}.",
+                      f"Score it on test: `{on_test(best)}`", ""]
+        lines += [table(st, c, front.numbers if front else set()), ""]
         md = out_dir / f"report-{study}.md"
         _write(md, "\n".join(lines))
         print("\n".join(lines))
-        written += [md] + ([out_dir / f"pareto-{study}.png"] if n_front is not None else [])
+        written += [md] + ([png] if front is not None else [])
     return written
 
 
