@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -29,7 +28,6 @@ from pathlib import Path
 
 import optuna
 import torch
-from scipy.stats import binomtest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_recipes  # noqa: E402  (the pipeline's profile stage, composed the same way)
@@ -38,6 +36,7 @@ import moeprune.cli  # noqa: E402,F401
 from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.evaluate.backends.hf import HFBackend  # noqa: E402
 from moeprune.evaluate.benches.toy_suite import ToySuite  # noqa: E402
+from moeprune.evaluate.stats import mcnemar, wilson  # noqa: E402,F401  (95% Wilson; exact McNemar)
 from moeprune.evaluate.runner import run_bench  # noqa: E402
 from moeprune.models import load_model, load_tokenizer, read_config  # noqa: E402
 from moeprune.prune import dropmap  # noqa: E402
@@ -58,21 +57,6 @@ BASELINES = {  # name -> overrides, all at the study's keep
     "toy_v6_coder (map, α=1)": ["recipe=toy_v6_coder", "prune.shared_ffn_alpha=1.0"],
     "toy_v7_coderx (map, α=1)": ["recipe=toy_v7_coderx", "prune.shared_ffn_alpha=1.0"],
 }
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    p = k / n
-    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
-
-
-def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[float, float]:
-    """Paired difference a - b on the same task ids, and the exact McNemar p (binomial on discordant pairs)."""
-    ids = sorted(a)
-    only_a = sum(a[i] and not b[i] for i in ids)
-    only_b = sum(b[i] and not a[i] for i in ids)
-    p = binomtest(only_a, only_a + only_b, 0.5).pvalue if only_a + only_b else 1.0
-    return (only_a - only_b) / len(ids), p
 
 
 class Lab:

@@ -79,3 +79,25 @@ def audits(rows: list[dict], canonical: dict[str, str], min_canonical_chars: int
 
 def binomial_stderr(p: float, n: int) -> float:
     return math.sqrt(p * (1 - p) / n) if n else 0.0
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The 95% Wilson score interval of k successes in n trials."""
+    if n <= 0:
+        raise ValueError(f"wilson: n={n}, expected at least one trial")
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def mcnemar(a: dict[str, bool], b: dict[str, bool]) -> tuple[float, float]:
+    """Paired difference a - b in pass rate on a's task ids (b must have them all), and the exact
+    McNemar p: the two-sided binomial test at 1/2 on the discordant pairs, 2·P(X <= min) capped at
+    1, in exact integers (the same as scipy's binomtest at p=0.5)."""
+    ids = sorted(a)
+    only_a = sum(a[i] and not b[i] for i in ids)
+    only_b = sum(b[i] and not a[i] for i in ids)
+    n = only_a + only_b
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1))
+    return (only_a - only_b) / len(ids), min(1.0, 2 * tail / 2 ** n) if n else 1.0
+

@@ -23,6 +23,13 @@ def test_mcnemar_counts_only_discordant_pairs_and_is_exact():
     b = {str(i): i < 2 for i in range(20)}   # 2 passes, both shared: 6 discordant, all for a
     diff, p = rs.mcnemar(a, b)
     assert diff == pytest.approx(6 / 20) and p == pytest.approx(2 * 0.5 ** 6)
+    c = {str(i): 1 <= i < 10 for i in range(20)}  # against a: 1 only a (id 0), 2 only c (ids 8, 9)
+    diff, p = rs.mcnemar(a, c)  # two-sided: 2 * P(X <= 1 | n=3) = 2 * (1 + 3) / 8, capped at 1
+    assert diff == pytest.approx(-1 / 20) and p == 1.0
+    d = {str(i): i < 15 for i in range(20)}
+    d["0"] = False
+    diff, p = rs.mcnemar(d, a)  # 7 only d (8..14), 1 only a (0): 2 * (1 + 8) / 256
+    assert diff == pytest.approx(6 / 20) and p == pytest.approx(2 * 9 / 256)
 
 
 def test_a_searched_maps_pruned_checkpoint_gives_the_virtual_trials_greedy_outputs(tmp_path):
