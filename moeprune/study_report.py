@@ -8,7 +8,9 @@ against a cost (the second objective of a two-objective study, else experts kept
 marked in both. No W&B or Optuna storage is needed.
 
 The trials' scores are on the split the study searched (`bench.split`, read from each job's
-resolved config, and said in the report); the report scores nothing itself. The test-split table (Wilson intervals,
+resolved config, and said in the report). `--test` scores the best trial once on the test split,
+next to REAP at the same keep, with Wilson intervals and the exact McNemar p
+(moeprune/study_holdout.py); benchmarks/recipe_search.py makes the docs' fuller table. The test-split table (Wilson intervals,
 paired McNemar against REAP) is benchmarks/recipe_search.py's; the report prints the command that
 scores its best trial on test as an ordinary run.
 """
@@ -199,7 +201,8 @@ def on_test(trial: Trial) -> str:
     return " ".join(["moeprune", *keep, "bench.split=test"])
 
 
-def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str] = None) -> list[Path]:
+def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str] = None, test: bool = False,
+           n_test: Optional[int] = None) -> list[Path]:
     trials = load_trials(dirs)
     if not trials:
         raise MoePruneError(f"report: no {TRIAL_FILE} under {', '.join(map(str, dirs))}; expected the output "
@@ -222,13 +225,21 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
                  + (f"{len(front.indices)} on the Pareto front of {y_name} vs {c} (marked *)."
                     if front is not None else "none completed, so no Pareto plot (the table says why they failed)."),
                  f"Scores on the split the study searched: bench.split={', '.join(splits) or 'unknown'}. "
-                 "The test-split table (Wilson intervals, paired McNemar vs REAP) comes from "
-                 "benchmarks/recipe_search.py (docs/recipes.md).", ""]
+                 "The docs' test-split table (every baseline, Wilson intervals, paired McNemar vs REAP) "
+                 "comes from benchmarks/recipe_search.py (docs/recipes.md)"
+                 + ("; the best trial's own test row is below." if test else "; `--test` scores the best trial "
+                    "on test here."), ""]
         if best:
             values = ", ".join(f"{n} {_fmt(v)}" for n, v in zip(best.objectives or [y_name], best.values))
             lines += [f"Best ({st[0].directions[0]} {y_name}): trial {best.number}: {values}.",
                       f"Score it on test: `{on_test(best)}`", ""]
         lines += [table(st, c, front.numbers if front else set()), ""]
+        if test and best:
+            from moeprune.study_holdout import holdout_table
+
+            lines += [f"## trial {best.number} and REAP on test", "",
+                      "Accuracy % [95% Wilson interval]; Δ: paired difference vs REAP on the same tasks, points "
+                      "(exact McNemar p).", "", holdout_table(best, out_dir / f"test-{study}", n_test), ""]
         md = out_dir / f"report-{study}.md"
         _write(md, "\n".join(lines))
         print("\n".join(lines))
@@ -248,9 +259,14 @@ def main(argv: list[str]) -> int:
     ap.add_argument("dirs", nargs="+", type=Path, help="sweep output dirs (or a parent of them)")
     ap.add_argument("--out", type=Path, default=None, help="where to write report-*.md / pareto-*.png (default: the first dir)")
     ap.add_argument("--cost", default=None, help=f"x axis, a STAGE.KEY metric (default: the 2nd objective, else {DEFAULT_COST})")
+    ap.add_argument("--test", action="store_true", help="score the best trial and REAP once on the test split")
+    ap.add_argument("--n-test", type=int, default=None, help="test tasks per class for --test (default: the study's)")
     args = ap.parse_args(argv)
+    if args.n_test is not None and (args.n_test < 1 or not args.test):
+        print(f"moeprune report: error: --n-test={args.n_test}: expected a count >= 1, with --test", file=sys.stderr)
+        return 2
     try:
-        for p in report(args.dirs, args.out, args.cost):
+        for p in report(args.dirs, args.out, args.cost, args.test, args.n_test):
             print(f"wrote {p}")
     except MoePruneError as e:
         print(f"moeprune report: error: {e}", file=sys.stderr)

@@ -1,0 +1,97 @@
+"""`moeprune report --test`: a study's best trial and REAP, each scored once on the test split.
+
+The study chose its best on the split it searched (val); this runs that recipe as an ordinary run
+with `bench.split=test`, and REAP at the same keep (the trial's overrides less its swept recipe
+knobs, `keep.*` kept, plus `strategy=reap`), then tabulates per class the accuracy with its 95%
+Wilson interval and the paired difference vs REAP on the same tasks with the exact McNemar p.
+Both runs share the study's stage cache, so the profile is not recomputed.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from moeprune import artifacts
+from moeprune.errors import MoePruneError
+from moeprune.evaluate.runner import SAMPLES_FILE, read_jsonl
+from moeprune.evaluate.stats import mcnemar, wilson
+
+REAP = "REAP"
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _cache_dir(job_dir: Path) -> Optional[Path]:
+    """The stage cache the trial used: its artifacts are <cache>/<stage>/<key>."""
+    run_json = job_dir / "run.json"
+    if not run_json.is_file():
+        return None
+    stages = artifacts.read_json(run_json)["stages"]
+    artifact = next((s["artifact"] for s in stages.values() if s.get("artifact")), None)
+    return Path(artifact).parent.parent if artifact else None
+
+
+def commands(trial, n_test: Optional[int]) -> dict[str, list[str]]:
+    """name -> the overrides of its test run: the trial's recipe, and REAP at the trial's keep."""
+    base = [o for o in trial.overrides if not _key(o).startswith("hydra.") and _key(o) != "bench.split"]
+    extra = ["bench.split=test", *([f"bench.n_per_class={n_test}"] if n_test else [])]
+    recipe_free = [o for o in base if _key(o) not in trial.params or _key(o).startswith("keep.")]
+    return {f"trial {trial.number}": [*base, *extra], REAP: [*recipe_free, "strategy=reap", *extra]}
+
+
+def run_on_test(overrides: list[str], run_dir: Path, cache_dir: Optional[Path]) -> dict[str, dict]:
+    """{task id: sample row} of one ordinary run's evaluate stage."""
+    cmd = [sys.executable, "-m", "moeprune", *overrides, f"hydra.run.dir={run_dir}",
+           *([f"paths.cache_dir={cache_dir}"] if cache_dir else [])]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    if proc.returncode != 0:
+        raise MoePruneError(f"report --test: `moeprune {' '.join(overrides)}` failed (exit {proc.returncode}): "
+                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'no message'}")
+    stage = artifacts.read_json(run_dir / "run.json")["stages"]["evaluate"]
+    return {r["id"]: r for r in read_jsonl(Path(stage["artifact"]) / SAMPLES_FILE)}
+
+
+def table(rows: dict[str, dict[str, dict]], targets: list[str]) -> str:
+    """Per class accuracy % [95% Wilson]; Δ vs REAP in points on the same tasks (exact McNemar p)."""
+    ref = rows[REAP]
+    classes = sorted({r["category"] for r in ref.values()})
+    head = ["recipe", *classes, "ALL", *(f"Δ {c} vs {REAP} (p)" for c in ["ALL", *targets])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, tasks in rows.items():
+        if set(tasks) != set(ref):
+            raise MoePruneError(f"report --test: {name} and {REAP} scored different tasks; expected the same test set")
+        cells = []
+        for c in [*classes, "ALL"]:
+            ids = [i for i, r in tasks.items() if c == "ALL" or r["category"] == c]
+            k = sum(bool(tasks[i]["pass"]) for i in ids)
+            lo, hi = wilson(k, len(ids))
+            cells.append(f"{100 * k / len(ids):.1f} [{100 * lo:.0f}, {100 * hi:.0f}]")
+        for c in ["ALL", *targets]:
+            ids = [i for i, r in tasks.items() if c == "ALL" or r["category"] == c]
+            d, p = mcnemar({i: bool(tasks[i]["pass"]) for i in ids}, {i: bool(ref[i]["pass"]) for i in ids})
+            cells.append(f"{100 * d:+.1f} (p={p:.2g})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets_of(objectives: list[str]) -> list[str]:
+    """The classes a study's objectives single out (evaluate.per_category.<c>, evaluate.others_mean.<c>)."""
+    out = []
+    for o in objectives:
+        parts = o.split(".")
+        if len(parts) == 3 and parts[1] in ("per_category", "others_mean") and parts[2] not in out:
+            out.append(parts[2])
+    return out
+
+
+def holdout_table(trial, out_dir: Path, n_test: Optional[int] = None) -> str:
+    cache = _cache_dir(trial.job_dir)
+    rows = {name: run_on_test(overrides, out_dir / name.replace(" ", "-"), cache)
+            for name, overrides in commands(trial, n_test).items()}
+    return table(rows, targets_of(trial.objectives))
