@@ -45,20 +45,13 @@ def test_the_coder_study_runs_from_the_cli_on_val_and_the_report_marks_its_paret
         assert summary["settings"]["bench"]["split"] == "val", "the study scores val, never test"
         values[number] = rec["values"]
 
-    # the REAP point of the space writes strategy=reap's own map
-    reap = tmp_path / "reap"
-    moeprune(["stage=dropmap", "strategy=reap", "keep.drop_fraction=0.5", *fixed, f"hydra.run.dir={reap}"],
-             tmp_path, sweep_cache)
-    maps = [Path(json.loads((d / "run.json").read_text())["stages"]["dropmap"]["artifact"]) / "drop_map.json"
-            for d in (reap, records[1]["dir"])]
-    got = json.loads(maps[1].read_text())
-    assert got == json.loads(maps[0].read_text()) and all(len(v) == 8 for v in got.values())
-
-    proc = moeprune(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "report")], tmp_path, sweep_cache)
-    md = (tmp_path / "report" / "report-toy_coder_8of16.md").read_text()
-    assert (tmp_path / "report" / "pareto-toy_coder_8of16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = tmp_path / "report"
+    proc = moeprune(["report", str(tmp_path / "sweep"), "--out", str(out), "--test"], tmp_path, sweep_cache)
+    md = (out / "report-toy_coder_8of16.md").read_text()
+    assert (out / "pareto-toy_coder_8of16.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "bench.split=val" in md and "benchmarks/recipe_search.py" in md and "wrote" in proc.stdout
-    head, *rows = [line.split("|")[1:-1] for line in md.splitlines() if line.startswith("| ")]
+    trials_md, _, test_md = md.partition("and REAP on test")
+    head, *rows = [line.split("|")[1:-1] for line in trials_md.splitlines() if line.startswith("| ")]
     col = {h.strip(): i for i, h in enumerate(head)}
     assert len(rows) == 5 and list(col)[3:5] == OBJECTIVES
     marked = {int(r[col["trial"]]) for r in rows if r[col["front"]].strip() == "*"}
@@ -68,6 +61,22 @@ def test_the_coder_study_runs_from_the_cli_on_val_and_the_report_marks_its_paret
     best = max(values, key=lambda n: (values[n][0], values[n][1], -n))
     command = next(line for line in md.splitlines() if line.startswith("Score it on test"))
     assert f"trial {best}:" in md and command.endswith("bench.split=test`") and "hydra." not in command
+
+    # --test: the best trial and REAP, each run once on test; the table's cells are those runs' scores
+    runs = {name: json.loads((out / "test-toy_coder_8of16" / name / "run.json").read_text())["stages"]
+            for name in (f"trial-{best}", "REAP")}
+    lines = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+             for line in test_md.splitlines() if line.startswith("| ") and not line.startswith("| recipe")}
+    assert list(lines) == [f"trial {best}", "REAP"] and lines["REAP"][-2:] == ["+0.0 (p=1)", "+0.0 (p=1)"]
+    for name, row in zip(runs, lines.values()):
+        summary = json.loads((Path(runs[name]["evaluate"]["artifact"]) / "summary.json").read_text())
+        assert summary["settings"]["bench"]["split"] == "test"
+        assert [float(c.split()[0]) for c in row[:7]] == \
+            [round(100 * v, 1) for v in [*summary["per_category"].values(), summary["score"]]]
+    # the REAP point of the nested space (trial 1) wrote strategy=reap's own map
+    maps = [json.loads((Path(stages["dropmap"]["artifact"]) / "drop_map.json").read_text())
+            for stages in (runs["REAP"], json.loads((records[1]["dir"] / "run.json").read_text())["stages"])]
+    assert maps[0] == maps[1] and all(len(v) == 8 for v in maps[0].values())
 
 
 def test_an_enqueued_point_outside_the_space_stops_the_sweep_before_any_trial(sweep_model, sweep_cache, tmp_path):
