@@ -349,7 +349,7 @@ STAGES = [
           enabled=lambda c: c.stages.prune, preflight=_prune_fits),
     # between prune and evaluate; evaluate_quant runs the bench through the quantized file itself.
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on,
-          preflight=_quant_can_run),
+          preflight=_quant_can_run, version=2),  # 2: llama-imatrix reads special tokens as such
     Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=4,
           enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=4, enabled=lambda c: c.stages.evaluate,

@@ -34,8 +34,8 @@ def token_count(tc: Toolchain, gguf: Path, text: bytes) -> int:
     """Tokens llama-imatrix sees in `text`, counted by llama-tokenize from the same llama.cpp build:
     the GGUF's own vocabulary (loaded alone, no weights), its BOS rule, the text verbatim (llama-imatrix
     leaves a -f file's escape sequences as they are; llama-tokenize would process them without
-    --no-escape), special-token strings read as text (llama-tokenize cannot parse
-    them, so llama-imatrix runs without --parse-special: both read the text the same way)."""
+    --no-escape), special-token strings (a chat template's turn markers) read as the special tokens
+    they are: llama-tokenize parses them by default and llama-imatrix runs with --parse-special."""
     proc = subprocess.run([str(tc.tool("llama-tokenize")), "-m", str(gguf), "--stdin", "--show-count", "--ids",
                            "--no-escape", "--log-disable"], input=text, capture_output=True)
     found = re.search(rb"Total number of tokens: (\d+)", proc.stdout)
@@ -59,6 +59,6 @@ def compute(tc: Toolchain, f16_gguf: Path, text_file: Path, out: Path, ctx: int,
                             "or a smaller quant_tier.imatrix_ctx")
     with staged(out) as tmp:
         return run_tool([tc.tool("llama-imatrix"), "-m", f16_gguf, "-f", text_file, "-o", tmp, "-c", str(ctx),
-                         "-b", str(ctx), "--no-ppl", "-t", str(threads or os.cpu_count() or 1),
+                         "-b", str(ctx), "--no-ppl", "--parse-special", "-t", str(threads or os.cpu_count() or 1),
                          "--output-format", "gguf"], "llama-imatrix",
                         log_file=log_file or Path(out).with_name(LOG_FILE))

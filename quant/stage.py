@@ -40,8 +40,8 @@ def _context_length(model_dir: Path) -> int:
 def corpus_texts(calibration: DictConfig, model_dir: Path) -> dict[str, list[str]]:
     """The calibration passes the profile ran, as text (class -> texts): the imatrix and NVFP4
     calibration see the same tokens, chat templates included. The leading BOS is dropped since
-    llama-imatrix and the tokenizer add their own; other special tokens stay as text (llama-imatrix
-    runs with --parse-special)."""
+    llama-imatrix and the tokenizer add their own; other special tokens (turn markers) are written
+    as their strings, which llama-imatrix (--parse-special) reads back as the special tokens."""
     from moeprune.models import load_tokenizer
     from moeprune.prune.calibration import build_corpus
 
