@@ -8,6 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from moeprune import artifacts
 from moeprune.errors import MoePruneError
 from moeprune.models import read_config, resolve_model_dir
 from moeprune.runner import Stage, StageContext
@@ -76,6 +77,41 @@ def run_dropmap(ctx: StageContext) -> dict:
     # the one check against the model: layers, ids, top_k, one count (uniform), routing rules (groups...)
     DropMap.for_model(result.as_json(), adapter, config, physical=cfg.keep.mode == "uniform", layers=profile.layers)
     return _write_dropmap(ctx, result, profile)
+
+
+def given_map(cfg: DictConfig):
+    """keep.drop_map checked against the model it will prune: layers, ids, top_k, routing rules."""
+    from moeprune.adapters import adapter_for
+    from moeprune.models import check_checkpoint
+    from moeprune.prune.drop_map import DropMap
+
+    config, layers = read_config(model_dir(cfg)), check_checkpoint(model_dir(cfg))
+    adapter = adapter_for(config)
+    try:
+        return DropMap.read(cfg.keep.drop_map, lambda m: DropMap.for_model(
+            m, adapter, config, physical=cfg.keep.mode == "uniform", layers=layers))
+    except MoePruneError as e:
+        raise MoePruneError(f"keep.drop_map={cfg.keep.drop_map}: {e}") from None
+
+
+def run_given_dropmap(ctx: StageContext) -> dict:
+    """keep.drop_map in a run that builds no profile (stage=prune, evaluate ...): the map, checked
+    against the model, is the artifact. Its summary counts experts but scores none: scoring it by
+    the recipe needs the profile, which only stage=all / dropmap / quant compute (a large model
+    would pay a calibration pass, and need a tokenizer, for a map it was given)."""
+    from moeprune.prune.dropmap import DROP_MAP_FILE, SUMMARY_FILE
+
+    cfg, drop_map = ctx.cfg, given_map(ctx.cfg)
+    kept = drop_map.kept_counts()
+    summary = {"imported_from": str(cfg.keep.drop_map), "scored": False, "num_experts": drop_map.num_experts,
+               "keep_mode": cfg.keep.mode, "keep_per_layer": kept[0] if len(kept) == 1 else None,
+               "kept_total": sum(len(ids) for ids in drop_map.kept().values()),
+               "layers": {str(layer): {"kept": drop_map.num_experts - len(ids), "dropped": len(ids)}
+                          for layer, ids in drop_map.items()}}
+    artifacts.write_json(ctx.out_dir / DROP_MAP_FILE, drop_map.as_json())
+    artifacts.write_json(ctx.out_dir / SUMMARY_FILE, summary)
+    return {"keep_per_layer": summary["keep_per_layer"], "num_experts": drop_map.num_experts,
+            "kept_total": summary["kept_total"], "outliers_treated": None, "mean_overlap_with_baseline": None}
 
 
 def recorded_top_k(cfg: DictConfig, profile) -> int:
@@ -270,16 +306,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
         dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
         return
     if cfg.keep.drop_map is not None:  # the map fits the model: known before any profile
-        from moeprune.models import check_checkpoint
-        from moeprune.prune.drop_map import DropMap
-
-        model_config = read_config(model_dir(cfg))
-        adapter, layers = adapter_for(model_config), check_checkpoint(model_dir(cfg))
-        try:
-            DropMap.read(cfg.keep.drop_map, lambda m: DropMap.for_model(
-                m, adapter, model_config, physical=cfg.keep.mode == "uniform", layers=layers))
-        except MoePruneError as e:
-            raise MoePruneError(f"keep.drop_map={cfg.keep.drop_map}: {e}") from None
+        given_map(cfg)
     else:
         model_config = read_config(model_dir(cfg))
         dropmap.fit_keep_to_model(cfg.keep, adapter_for(model_config), model_config)
@@ -364,6 +391,10 @@ STAGES = [
 EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, (*_EVAL_KEYS, "prune.shared_ffn_alpha"), inputs=("dropmap",),
                          external=_model_input, version=4, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
 VALIDATE = Stage("validate", run_validate, ("bench",), version=3)
+# keep.drop_map in a run that computes no profile: the same "dropmap" stage, without the profile.
+GIVEN_DROPMAP = Stage("dropmap", run_given_dropmap, ("keep",),
+                      external=lambda c: {**_dropmap_inputs(c), **_model_input(c)},
+                      enabled=lambda c: c.stages.dropmap, preflight=_recipe_fits)
 
 
 def stages_for(cfg: DictConfig) -> list[Stage]:
@@ -372,13 +403,16 @@ def stages_for(cfg: DictConfig) -> list[Stage]:
     everything built on it (nothing is written for a virtual trial)."""
     if cfg.evaluate.validate:
         return [VALIDATE]
+    stages = STAGES
+    if cfg.keep.drop_map is not None and not _profiles(cfg):
+        stages = [GIVEN_DROPMAP if s.name == "dropmap" else s for s in STAGES]
     if not cfg.evaluate.virtual:
-        return STAGES
+        return stages
     if cfg.backend.name != "hf":  # before any work: the profile would be wasted
         raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                             f"expected backend=hf, got {cfg.backend.name!r}")
     out, gone = [], {"prune"}
-    for stage in STAGES:
+    for stage in stages:
         if stage.name == "evaluate":
             out.append(EVALUATE_VIRTUAL)
         elif stage.name in gone or gone & set(stage.inputs):
@@ -386,3 +420,21 @@ def stages_for(cfg: DictConfig) -> list[Stage]:
         else:
             out.append(stage)
     return out
+
+
+def _profiles(cfg: DictConfig) -> bool:
+    """Whether the run computes the profile for a reason other than building a drop map: stage=all
+    (or profile, dropmap: with keep.drop_map, the point of the dropmap stage is scoring the given
+    map) or a stage that reads it (quant's calibration texts)."""
+    if not cfg.stages.profile:
+        return False
+    target = cfg.get("stage")
+    if target in (None, "all", "profile", "dropmap"):
+        return True
+    by_name, needed, todo = {s.name: s for s in STAGES}, set(), [target]
+    while todo:
+        name = todo.pop()
+        if name in by_name and name not in needed:
+            needed.add(name)
+            todo.extend(by_name[name].inputs if name != "dropmap" else ())
+    return "profile" in needed

@@ -112,6 +112,8 @@ CASES = [
      _drop_map('{"0": [1, 2], "0": [3, 4], "1": [1, 2]}')),
     ("drop map naming a missing layer", ["keep.drop_map={tmp}/map.json"], "keep.drop_map=",
      _drop_map('{"0": [1, 2], "7": [1, 2]}')),
+    ("a malformed map for the prune stage alone", ["stage=prune", "keep.drop_map={tmp}/map.json"],
+     "keep.drop_map=", _drop_map('{"0": [1, 2], "1": [1, 2, 3]}')),
     ("a quant tier that cannot be produced", ["quant_tier=q4_k_m", "quant_tier.type=Q9_X"],
      "type='Q9_X' is not a llama-quantize type", None),
     ("URL without a scheme", ["backend=openai", "backend.base_url=localhost:8000/v1"],
@@ -288,3 +290,45 @@ def test_a_zero_shared_ffn_alpha_runs_when_the_ablation_is_asked_for(shared_mode
     assert code == 0, err
     pruned = load_file(str(run / "prune" / "model" / "model.safetensors"))
     assert not pruned["model.layers.0.mlp.down_proj.weight"].any(), "alpha=0 zeroes the shared FFN's down projection"
+
+
+def test_the_prune_stage_with_a_given_map_profiles_nothing_and_prunes_what_the_map_says(tmp_path):
+    """No calibration pass and no tokenizer for a map the run was given: a copy of the shipped toy
+    model without its tokenizer prunes, the cache holds no profile, the checkpoint drops the map's ids."""
+    import torch
+    from safetensors.torch import load_file
+
+    from moeprune.cli import PKG_DIR
+
+    model = Path(shutil.copytree(PKG_DIR / "toy" / "model", tmp_path / "model"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    drop = {"0": [0, 5, 9, 15], "1": [1, 2, 3, 4], "2": [6, 7, 8, 10], "3": [11, 12, 13, 14]}
+    (tmp_path / "map.json").write_text(json.dumps(drop))
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    code, err = cli([f"model.path={model}", f"hydra.run.dir={run}", "stage=prune",
+                     f"keep.drop_map={tmp_path / 'map.json'}"], {"MOEPRUNE_CACHE": str(cache)})
+    assert code == 0, err
+    assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == ["dropmap", "prune"]
+    summary = json.loads((run / "dropmap" / "summary.json").read_text())
+    assert summary["scored"] is False and summary["keep_per_layer"] == 12
+    meta = json.loads((run / "prune" / "model" / "expert_drop_metadata.json").read_text())
+    assert meta["dropped"] == drop
+    source, pruned = load_file(str(model / "model.safetensors")), load_file(str(run / "prune" / "model" / "model.safetensors"))
+    for layer, ids in drop.items():
+        kept = [e for e in range(16) if e not in ids]
+        for name in ("experts.gate_up_proj", "experts.down_proj", "router.proj.weight"):
+            key = f"model.layers.{layer}.{name}"
+            assert torch.equal(pruned[key], source[key][kept]), key
+
+
+def test_a_given_map_is_scored_by_the_profile_when_the_run_computes_one(shared_model, tmp_path):
+    drop = {"0": [0, 1], "1": [2, 3]}
+    (tmp_path / "map.json").write_text(json.dumps(drop))
+    run = tmp_path / "run"
+    code, err = cli([f"model.path={shared_model}", f"hydra.run.dir={run}", *SMALL, "stage=dropmap",
+                     f"keep.drop_map={tmp_path / 'map.json'}"], {"MOEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert code == 0, err
+    summary = json.loads((run / "dropmap" / "summary.json").read_text())
+    assert (run / "profile").is_symlink() and "scored" not in summary and summary["layers"]["0"]["agg_max"] > 0
+    assert json.loads((run / "dropmap" / "drop_map.json").read_text()) == drop
