@@ -67,6 +67,33 @@ def check_checkpoint(model_dir: Path) -> list[int]:
     return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
 
 
+ACCELERATE_MIN = "1.1.0"  # transformers' own floor for the MXFP4 loader
+
+
+def check_loadable(model_dir: Path) -> None:
+    """What transformers needs beyond the core install to load this checkpoint: an MXFP4 one (gpt-oss
+    as released) goes through accelerate, which only the `mxfp4` extra installs; without it
+    transformers stops with an ImportError after the run has started."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    quant = read_config(model_dir).get("quantization_config")
+    if not isinstance(quant, dict) or quant.get("quant_method") != "mxfp4":
+        return
+    try:
+        import accelerate  # noqa: F401
+
+        found = metadata.version("accelerate")
+    except (ImportError, metadata.PackageNotFoundError):
+        found = None
+    if found is None or Version(found) < Version(ACCELERATE_MIN):
+        have = "is not installed" if found is None else f"is {found}"
+        raise MoePruneError(f"{Path(model_dir) / 'config.json'}: quantization_config.quant_method=mxfp4 loads through "
+                            f"accelerate, which {have}: expected accelerate>={ACCELERATE_MIN} "
+                            '(pip install -e ".[mxfp4]")')
+
+
 def check_device(device: str) -> None:
     """model.device before anything loads onto it: a name torch knows, a GPU that is there."""
     kind, _, index = str(device).partition(":")
@@ -92,6 +119,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "auto"):
 
     if dtype not in DTYPES:
         raise MoePruneError(f"model.dtype={dtype!r}: expected one of {', '.join(DTYPES)}")
+    check_loadable(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype])
     return model.to(pick_device(device)).eval()
 

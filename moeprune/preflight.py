@@ -84,7 +84,7 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     inputs = inputs_of(cfg, [runner.stages[n] for n in wanted])
     check_locations(run_dir, runner.cache_dir, inputs)
     if "model" in inputs:
-        check_model(cfg, inputs["model"], needs_tokenizer=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
+        check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     runner.preflight(cfg.stage)
     if cfg.evaluate.resume and any(n.startswith("evaluate") for n in wanted):
         from moeprune.evaluate.cache import GenerationCache
@@ -176,13 +176,16 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tekken.json")
 
 
-def check_model(cfg: DictConfig, model_dir: Path, needs_tokenizer: bool) -> None:
+def check_model(cfg: DictConfig, model_dir: Path, loads: bool) -> None:
     """The checkpoint as far as headers tell (before transformers loads it and fails with a
-    traceback), its tokenizer when a stage runs text through it, and the device it goes to."""
-    from moeprune.models import check_checkpoint, check_device
+    traceback), and, when a stage loads it and runs text through it, what transformers needs to
+    load it and its tokenizer; the device it goes to."""
+    from moeprune.models import check_checkpoint, check_device, check_loadable
 
     check_device(cfg.model.device)
     check_checkpoint(model_dir)
-    if needs_tokenizer and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+    if loads:
+        check_loadable(model_dir)
+    if loads and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         raise MoePruneError(f"model dir {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
                             "expected the checkpoint's tokenizer files beside config.json")

@@ -129,6 +129,35 @@ CASES = [
 
 @pytest.mark.parametrize("overrides, message, breakage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_path, overrides, message, breakage):
+    assert_refused(shared_model, tmp_path, overrides, message, breakage)
+
+
+def test_an_mxfp4_checkpoint_without_accelerate_names_the_extra(shared_model, tmp_path, monkeypatch):
+    """gpt-oss as released (MXFP4 experts) loads through accelerate, which only the mxfp4 extra installs."""
+    from tiny_moe import save_family
+
+    def gpt_oss_mxfp4(model: Path) -> None:
+        shutil.rmtree(model)
+        save_family("gpt_oss", model, "mxfp4")
+
+    monkeypatch.setitem(sys.modules, "accelerate", None)  # `import accelerate` raises ImportError
+    assert_refused(shared_model, tmp_path, ["stage=profile"],
+                   'quantization_config.quant_method=mxfp4 loads through accelerate, which is not installed: '
+                   'expected accelerate>=1.1.0 (pip install -e ".[mxfp4]")', gpt_oss_mxfp4)
+
+
+def test_with_accelerate_the_loader_reads_an_mxfp4_checkpoint(tmp_path):
+    pytest.importorskip("accelerate", reason='pip install -e ".[mxfp4]" to load MXFP4 checkpoints')
+    from tiny_moe import save_family
+
+    from moeprune.models import load_model
+
+    model = load_model(save_family("gpt_oss", tmp_path / "gpt_oss", "mxfp4"), "float32", "cpu")
+    assert model.model.layers[0].mlp.experts.gate_up_proj.dtype.is_floating_point  # dequantized on CPU
+
+
+def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, breakage) -> None:
+    """The CLI on (a broken copy of) the model: exit 2, one error line with `message`, nothing written."""
     model = shared_model
     if breakage is not None:
         model = Path(shutil.copytree(shared_model, tmp_path / "model"))
