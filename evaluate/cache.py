@@ -19,6 +19,7 @@ class GenerationCache:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        existed = self.path.exists()
         self.db = sqlite3.connect(self.path, timeout=60, check_same_thread=False)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")  # readers never block the writer of another job
@@ -26,6 +27,12 @@ class GenerationCache:
             self.db.commit()
         except sqlite3.DatabaseError as e:
             self.db.close()
+            if not existed:  # a file this call created and could not finish is no cache
+                for suffix in ("", "-wal", "-shm"):
+                    Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+            if artifacts.out_of_space(e):
+                raise MoePruneError(f"{self.path}: {e}: expected free space under paths.cache_dir for the generation "
+                                    "cache (or evaluate.resume=false, which keeps none)") from None
             raise MoePruneError(f"{self.path} is not a usable generation cache ({e}): expected an sqlite file "
                                 "moeprune wrote; delete it (its completions are regenerated) or run with "
                                 "evaluate.resume=false") from None
@@ -49,9 +56,15 @@ class GenerationCache:
         return out
 
     def put_many(self, items: dict[str, Completion]) -> None:
-        with self.db:  # one transaction: a batch is stored whole or not at all
-            self.db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?)",
-                                [(k, json.dumps(asdict(c))) for k, c in items.items()])
+        try:
+            with self.db:  # one transaction: a batch is stored whole or not at all
+                self.db.executemany("INSERT OR REPLACE INTO generations VALUES (?, ?)",
+                                    [(k, json.dumps(asdict(c))) for k, c in items.items()])
+        except sqlite3.OperationalError as e:
+            if not artifacts.out_of_space(e):
+                raise
+            raise MoePruneError(f"{self.path}: {e}: expected free space under paths.cache_dir; the batches stored "
+                                "so far stay, and the same command resumes from them") from None
 
     def close(self) -> None:
         self.db.close()

@@ -7,6 +7,7 @@ renamed only when complete, so a crash never leaves a half-written artifact that
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -144,6 +145,32 @@ def writable(path: Path) -> bool:
     while not path.exists() and path.parent != path:
         path = path.parent
     return path.is_dir() and os.access(path, os.W_OK | os.X_OK)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system that holds `path` (or would, once created)."""
+    path = Path(path)
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+_FULL = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT), "database or disk is full")
+
+
+def out_of_space(e: BaseException | None) -> bool:
+    """Whether `e`, or what it was raised from, is a full disk or quota: an OSError, or a library's
+    own error carrying the OS message (safetensors' SafetensorError "No space left on device (os
+    error 28)", sqlite's "database or disk is full")."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if any(m in str(e) for m in _FULL):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def remove_dead_temps(cache_dir: Path, stages, lock_path) -> list[Path]:

@@ -86,12 +86,13 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     runner.preflight(cfg.stage)
-    if cfg.evaluate.resume and any(n.startswith("evaluate") for n in wanted):
+    sqlite = runner.cache_dir / "generations.sqlite"
+    # a corrupt one would fail after the profile and prune; an evaluation served from the cache never
+    # opens it (nor can, in a read-only cache: sqlite's WAL writes beside it)
+    if cfg.evaluate.resume and sqlite.exists() and any(n.startswith("evaluate") for n in runner.to_build(wanted)):
         from moeprune.evaluate.cache import GenerationCache
 
-        sqlite = runner.cache_dir / "generations.sqlite"
-        if sqlite.exists():  # a corrupt one would fail after the profile and prune
-            GenerationCache.check(sqlite)
+        GenerationCache.check(sqlite)
 
 
 def check_groups(cfg: DictConfig) -> None:
@@ -150,6 +151,9 @@ def inputs_of(cfg: DictConfig, stages) -> dict[str, Path]:
     return out
 
 
+RUN_DIR_MIN_FREE = 1 << 20
+
+
 def check_locations(run_dir: Path, cache_dir: Path, inputs: dict[str, Path]) -> None:
     """The run dir and the cache are directories this run can write, and neither lies inside an input
     (a run dir inside the model dir would ship `.hydra/` and `run.json` with the checkpoint)."""
@@ -170,6 +174,10 @@ def check_locations(run_dir: Path, cache_dir: Path, inputs: dict[str, Path]) -> 
     if not artifacts.writable(run_dir):
         raise MoePruneError(f"the run dir (hydra.run.dir) {run_dir} is not writable: expected a directory this user "
                             "can write")
+    free = artifacts.free_bytes(run_dir)
+    if free < RUN_DIR_MIN_FREE:  # Hydra writes .hydra/ next, where no moeprune code can catch a full disk
+        raise MoePruneError(f"the run dir (hydra.run.dir) {run_dir} is on a disk with {free} bytes free: expected at "
+                            f"least {RUN_DIR_MIN_FREE >> 20} MiB for .hydra/, moeprune.log and run.json")
 
 
 DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")

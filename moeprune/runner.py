@@ -103,12 +103,12 @@ class Runner:
         for check in checks:
             check(self.cfg)
         if not artifacts.writable(self.cache_dir):
-            to_build = self._to_build(wanted)
+            to_build = self.to_build(wanted)
             if to_build:
                 raise MoePruneError(f"paths.cache_dir={self.cache_dir} is not writable, and this run has to build "
                                     f"{', '.join(to_build)}: expected a writable cache dir (MOEPRUNE_CACHE)")
 
-    def _to_build(self, wanted: list[str]) -> list[str]:
+    def to_build(self, wanted: list[str]) -> list[str]:
         """The stages whose artifact is not in the cache yet (keys only: nothing runs)."""
         keys, out = dict(self.keys), []
         try:
@@ -143,6 +143,15 @@ class Runner:
         """Make the run dir's stage links and run.json describe the stages done so far, and only
         those: a reused run dir keeps no link of another run, an interrupted one no link that
         run.json does not list."""
+        try:
+            self._write_links()
+        except OSError as e:  # links and run.json are each replaced atomically: nothing is half-written
+            if not artifacts.out_of_space(e):
+                raise
+            raise MoePruneError(f"the run dir (hydra.run.dir) {self.run_dir} ran out of disk space ({e}): expected "
+                                "free space there; the stages built so far stay cached") from None
+
+    def _write_links(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         for link in self.run_dir.iterdir():
             if link.is_symlink() and link.name not in self.dirs and _is_artifact_link(link):
@@ -197,19 +206,26 @@ class Runner:
                 self.results[stage.name] = {"cached": True, **manifest["metrics"]}
             else:
                 t0 = time.perf_counter()
-                with artifacts.atomic_dir(final) as tmp:
-                    ctx = StageContext(self.cfg, tmp, {n: self.dirs[n] for n in stage.inputs}, self.results)
-                    metrics = stage.fn(ctx) or {}
-                    wall = time.perf_counter() - t0
-                    artifacts.write_json(tmp / artifacts.MANIFEST, {
-                        "stage": stage.name,
-                        "key": key,
-                        **payload,
-                        "metrics": metrics,
-                        "wall_time_s": round(wall, 3),
-                        "versions": artifacts.package_versions(),
-                        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    })
+                try:
+                    with artifacts.atomic_dir(final) as tmp:
+                        ctx = StageContext(self.cfg, tmp, {n: self.dirs[n] for n in stage.inputs}, self.results)
+                        metrics = stage.fn(ctx) or {}
+                        wall = time.perf_counter() - t0
+                        artifacts.write_json(tmp / artifacts.MANIFEST, {
+                            "stage": stage.name,
+                            "key": key,
+                            **payload,
+                            "metrics": metrics,
+                            "wall_time_s": round(wall, 3),
+                            "versions": artifacts.package_versions(),
+                            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                        })
+                except Exception as e:  # the temp dir is gone (atomic_dir); say why in one line
+                    if isinstance(e, MoePruneError) or not artifacts.out_of_space(e):
+                        raise
+                    raise MoePruneError(f"the {stage.name} stage ran out of disk space building {final} ({e}): "
+                                        f"expected free space under paths.cache_dir={self.cache_dir} (or MOEPRUNE_CACHE "
+                                        "on a larger disk); nothing of the stage was kept") from None
                 log.info("%-14s built    %s (%.1f s)", stage.name, final, wall)
                 self.results[stage.name] = {"cached": False, "wall_time_s": round(wall, 3), **metrics}
         self.keys[stage.name], self.dirs[stage.name] = key, final
