@@ -64,7 +64,13 @@ def check_checkpoint(model_dir: Path) -> list[int]:
         value = text.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise MoePruneError(f"{Path(model_dir) / 'config.json'}: {key}={value!r}: expected a positive integer")
-    return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
+    try:
+        return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
+    except MoePruneError as e:  # a tensor's shape against config.json: say which checkpoint
+        if str(model_dir) in str(e):
+            raise
+        raise MoePruneError(f"{model_dir}: {e} (config.json: {adapter.num_experts_key}="
+                            f"{text.get(adapter.num_experts_key)!r})") from None
 
 
 ACCELERATE_MIN = "1.1.0"  # transformers' own floor for the MXFP4 loader
