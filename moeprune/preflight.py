@@ -77,8 +77,11 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     from moeprune.runner import Runner
     from moeprune.stages import stages_for
 
+    from moeprune.config import build
+
     check_groups(cfg)
     check_knobs(cfg)
+    build(cfg.logger)  # its package is there (wandb): said before Hydra writes the run dir
     runner = Runner(cfg, stages_for(cfg), run_dir)
     wanted = [n for n in runner.wanted(cfg.stage) if runner.stages[n].enabled(cfg)]
     inputs = inputs_of(cfg, [runner.stages[n] for n in wanted])

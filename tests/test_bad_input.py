@@ -147,6 +147,11 @@ def test_an_mxfp4_checkpoint_without_accelerate_names_the_extra(shared_model, tm
                    'expected accelerate>=1.1.0 (pip install -e ".[mxfp4]")', gpt_oss_mxfp4)
 
 
+def test_logger_wandb_without_wandb_writes_no_run_dir(shared_model, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    assert_refused(shared_model, tmp_path, ["logger=wandb"], "logger=wandb needs the wandb package", None)
+
+
 def test_with_accelerate_the_loader_reads_an_mxfp4_checkpoint(tmp_path):
     pytest.importorskip("accelerate", reason='pip install -e ".[mxfp4]" to load MXFP4 checkpoints')
     from tiny_moe import save_family
