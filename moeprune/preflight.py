@@ -146,7 +146,10 @@ def inputs_of(cfg: DictConfig, stages) -> dict[str, Path]:
     """The files and dirs the run reads (resolved): no output may land inside one."""
     out = {}
     for stage in stages:
-        out.update(stage.external(cfg))
+        for name, path in stage.external(cfg).items():
+            if not Path(path).exists():  # else the runner finds it missing when it hashes the stage's key
+                raise MoePruneError(f"input {name} not found: {path}: expected it to exist before the run starts")
+            out[name] = path
     for key in ("bench.data.path", "backend.gguf"):
         value = OmegaConf.select(cfg, key)
         if value:

@@ -302,16 +302,33 @@ def _recipe_fits(cfg: DictConfig) -> None:
     given = given_profile(cfg)
     if given is not None:  # no model needed: its classes, experts and top_k are the profile's
         if cfg.keep.drop_map is None:
-            dropmap.keep_rule(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
+            rule = dropmap.keep_rule(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
+            _floor_fits(cfg, given.layers, given.num_experts, rule.per_layer)
         dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
         return
     if cfg.keep.drop_map is not None:  # the map fits the model: known before any profile
         given_map(cfg)
     else:
+        from moeprune.models import check_checkpoint
+
         model_config = read_config(model_dir(cfg))
-        dropmap.fit_keep_to_model(cfg.keep, adapter_for(model_config), model_config)
+        adapter = adapter_for(model_config)
+        dropmap.fit_keep_to_model(cfg.keep, adapter, model_config)
+        rule = dropmap.keep_rule(cfg.keep, adapter.num_experts(model_config), adapter.top_k(model_config))
+        _floor_fits(cfg, check_checkpoint(model_dir(cfg)), adapter.num_experts(model_config), rule.per_layer)
     recipe = _recipe(cfg)
     dropmap.class_weight_vector(list(cfg.calibration.classes), recipe.class_weights)
+
+
+def _floor_fits(cfg: DictConfig, layers: list[int], num_experts: int, keep: int) -> None:
+    """The floor's knobs against the keep count and the layers (a band above keep, a floor map's
+    counts), which need no profile: the floor computed on placeholder scores, only for its checks."""
+    import numpy as np
+
+    from moeprune.prune import floor
+
+    if floor.is_active(cfg.floor_clamp):
+        floor.floor_counts(cfg.floor_clamp, layers, keep, np.ones((len(layers), num_experts)))
 
 
 def _quant_can_run(cfg: DictConfig) -> None:
@@ -359,6 +376,23 @@ def _bench_loads(cfg: DictConfig) -> None:
     build(cfg.bench).samples()
 
 
+def _evaluations_can_run(cfg: DictConfig) -> None:
+    """The bench's data loads, and backend=llama_cpp has a GGUF for each model it serves: the base
+    model's (backend.gguf, else the one *.gguf in its dir), and none for the pruned checkpoint,
+    which surgery writes as safetensors. Found before the profile, not after the prune."""
+    _bench_loads(cfg)
+    if cfg.backend.name != "llama_cpp":
+        return
+    from moeprune.evaluate.backends.llama_cpp import find_gguf
+
+    if cfg.backend.gguf is None and cfg.stage in (None, "all", "evaluate"):
+        raise MoePruneError("backend=llama_cpp serves a .gguf, and the pruned checkpoint holds none (surgery writes "
+                            "safetensors): expected backend=hf for the base and pruned checkpoints (with a "
+                            "quant_tier, evaluate_quant runs its GGUF through llama_cpp either way), backend.gguf=PATH, "
+                            "or stages.evaluate=false")
+    find_gguf(model_dir(cfg), cfg.backend.gguf)
+
+
 def _quant_on(c: DictConfig) -> bool:
     return bool(c.stages.quant) and c.quant_tier.name != "none"
 
@@ -378,9 +412,9 @@ STAGES = [
     Stage("quant", run_quant, ("quant_tier",), inputs=("profile", "prune"), enabled=_quant_on,
           preflight=_quant_can_run, version=2),  # 2: llama-imatrix reads special tokens as such
     Stage("evaluate_base", run_evaluate_base, _EVAL_KEYS, external=_model_input, version=4,
-          enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_bench_loads),
+          enabled=lambda c: c.stages.evaluate_base and c.stages.evaluate, preflight=_evaluations_can_run),
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=4, enabled=lambda c: c.stages.evaluate,
-          preflight=_bench_loads),
+          preflight=_evaluations_can_run),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
           version=4, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind in ("gguf", "nvfp4"),
           preflight=_bench_loads),
