@@ -85,7 +85,7 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     runner = Runner(cfg, stages_for(cfg), run_dir)
     wanted = [n for n in runner.wanted(cfg.stage) if runner.stages[n].enabled(cfg)]
     inputs = inputs_of(cfg, [runner.stages[n] for n in wanted])
-    check_locations(run_dir, runner.cache_dir, inputs)
+    check_locations(run_dir, runner.cache_dir, inputs, cfg.profile.work_dir if "profile" in wanted else None)
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     runner.preflight(cfg.stage)
@@ -160,12 +160,15 @@ def inputs_of(cfg: DictConfig, stages) -> dict[str, Path]:
 RUN_DIR_MIN_FREE = 1 << 20
 
 
-def check_locations(run_dir: Path, cache_dir: Path, inputs: dict[str, Path]) -> None:
-    """The run dir and the cache are directories this run can write, and neither lies inside an input
-    (a run dir inside the model dir would ship `.hydra/` and `run.json` with the checkpoint)."""
+def check_locations(run_dir: Path, cache_dir: Path, inputs: dict[str, Path], work_dir: str | None = None) -> None:
+    """The run dir and the cache are directories this run can write, and neither (nor a layer-wise
+    profile's work dir) lies inside an input (a run dir inside the model dir would ship `.hydra/`
+    and `run.json` with the checkpoint)."""
     from moeprune import artifacts
 
     outputs = {"the run dir (hydra.run.dir)": run_dir, "paths.cache_dir": cache_dir}
+    if work_dir:
+        outputs["profile.work_dir"] = Path(os.path.abspath(Path(work_dir).expanduser()))
     for what, path in outputs.items():
         if path.exists() and not path.is_dir():
             raise MoePruneError(f"{what} {path} is a file: expected a directory (or a path to create)")

@@ -83,6 +83,8 @@ CASES = [
     ("run dir is the model dir", ["hydra.run.dir={model}"], "is inside the input model", None),
     ("run dir inside the model dir", ["hydra.run.dir={model}/run"], "is inside the input model", None),
     ("cache inside the model dir", ["env:MOEPRUNE_CACHE={model}/cache"], "paths.cache_dir", None),
+    ("layer-wise work dir inside the model dir", ["profile.work_dir={model}/work"],
+     "profile.work_dir {model}/work is inside the input model", None),
     ("empty MOEPRUNE_CACHE", ["env:MOEPRUNE_CACHE="], "paths.cache_dir is empty", None),
     ("empty run dir", ["hydra.run.dir="], "hydra.run.dir is empty", None),
     ("run dir is a file", ["hydra.run.dir={tmp}/afile"], "is a file: expected a directory", None),
@@ -198,7 +200,7 @@ def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, 
         os.chdir(cwd)
     errors = [line for line in stderr.splitlines() if line.startswith("moeprune: error:")]
     assert code == 2, stderr
-    assert len(errors) == 1 and message in errors[0], stderr
+    assert len(errors) == 1 and message.format(**fill) in errors[0], stderr
     assert "Traceback" not in stderr
     assert _tree(tmp_path) == before, "a refused run writes nothing (no run dir, no cache)"
     assert _tree(shared_model) == source, "the source model stays byte-identical"
