@@ -2,18 +2,21 @@
 moeprune error: one `moeprune: error: ...` line, exit 2, naming the knob and what was expected.
 
 Hydra reports a failed composition itself (its own message, exit 1) from inside its main; composing
-the same overrides first with the compose API catches the error where it can be explained: a knob
-another component owns gets the component and its real knobs (`strategy=reap has no knob 'alpha'`).
+the same overrides first catches the error where it can be explained: a knob another component owns
+gets the component and its real knobs (`strategy=reap has no knob 'alpha'`), a missing preset the
+group's presets. `verify` is the one check: the CLI runs it on a run's overrides (a sweep's fixed
+ones), the Optuna sweeper on each choice of its search space with its own config loader.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable, Mapping
 
-from hydra import compose, initialize_config_module
 from hydra._internal.utils import get_args_parser
+from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, OverrideParseException
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -22,50 +25,108 @@ from moeprune.errors import MoePruneError
 
 CONFIG_MODULE, CONFIG_NAME = "moeprune.conf", "run"
 _NOT_KNOBS = ("_target_", "name")
+Compose = Callable[[list], DictConfig]  # overrides -> the composed config, its hydra node included
+Presets = Callable[[str], list]  # a config group -> its presets
 
 
 def check(argv: list[str]) -> None:
     """Compose `argv`'s overrides as `moeprune` would; raise MoePruneError explaining the first
-    mistake. Sweeps, help and other config dirs are left to Hydra."""
+    mistake. A sweep (-m) composes its fixed overrides here, as Hydra does before it starts the
+    sweeper; the sweeper checks the swept ones. Help and other config dirs are left to Hydra."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
     args = get_args_parser().parse_args(argv)
-    if (args.multirun or args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
+    if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
             or args.config_name or args.config_dir or args.experimental_rerun):
         return
-    try:
-        cfg = _compose(args.overrides)
-    except (ConfigCompositionException, OverrideParseException) as e:
-        raise MoePruneError(explain(e, args.overrides)) from None
-    for group in components.SCHEMAS:  # `+strategy.seed=7` appends past the schema: its component never reads it
-        schema = OmegaConf.get_type(cfg[group])
-        known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set(cfg[group])
-        for key in cfg[group]:
-            if key not in known:
-                raise MoePruneError(_unknown_knob(f"{group}.{key}", args.overrides))
-
-
-def _compose(overrides: list[str]) -> DictConfig:
+    given = [o for o in args.overrides if not (args.multirun and _is_sweep(o))]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return compose(config_name=CONFIG_NAME, overrides=list(overrides), return_hydra_config=True)
+        loader = GlobalHydra.instance().config_loader()
+        searchpath = any("hydra.searchpath" in o for o in given)  # presets the loader does not list
+        verify(given, lambda o: loader.load_configuration(CONFIG_NAME, list(o), RunMode.RUN, from_shell=False),
+               None if searchpath else presets_of(loader))
 
 
-def explain(error: Exception, overrides: list[str]) -> str:
+def presets_of(loader) -> Presets:
+    return lambda group: loader.get_group_options(group, results_filter=ObjectType.CONFIG)
+
+
+def verify(overrides: list[str], compose: Compose, presets: Presets | None,
+           shown: Mapping[str, str] | None = None) -> None:
+    """Raise MoePruneError explaining the first mistake of `overrides`: a missing preset, a knob its
+    component does not have, a wrong type or enum value. `presets` lists a group's presets (None
+    where an extra search path adds some); `shown` names an override as the user wrote it (a
+    sweep's `search space strategy.alpha=interval(1,4)`)."""
+    shown = shown or {}
+    try:
+        cfg = compose(overrides)
+    except (ConfigCompositionException, OverrideParseException) as e:
+        if presets is not None:
+            _presets_exist(overrides, presets, shown)  # a missing preset first: the rest follows from it
+        raise MoePruneError(explain(e, overrides, compose, shown)) from None
+    if presets is not None and not OmegaConf.select(cfg, "hydra.searchpath"):
+        _presets_exist(overrides, presets, shown)  # an optional group (recipe, hparams_search) skips a missing one
+    for group in components.SCHEMAS:  # `+strategy.seed=7` appends past the schema: its component never reads it
+        node = cfg.get(group)
+        if not isinstance(node, DictConfig):
+            continue
+        schema = OmegaConf.get_type(node)
+        known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set(node)
+        for key in node:
+            if key not in known:
+                raise MoePruneError(_unknown_knob(f"{group}.{key}", overrides, compose, shown))
+
+
+def _is_sweep(override: str) -> bool:
+    try:
+        return OverridesParser.create().parse_override(override).is_sweep_override()
+    except OverrideParseException:
+        return False  # composing says what is wrong with it
+
+
+def _presets_exist(overrides: list[str], presets: Presets, shown: Mapping[str, str]) -> None:
+    for override in overrides:
+        try:
+            parsed = OverridesParser.create().parse_override(override)
+        except OverrideParseException:
+            continue
+        value = parsed.value()
+        if parsed.is_delete() or parsed.is_sweep_override() or not isinstance(value, str):
+            continue
+        group = parsed.key_or_group
+        options = presets(group)
+        if options and value not in options:
+            raise MoePruneError(_no_preset(shown.get(override, override), group, value, options))
+
+
+def _no_preset(given: str, group: str, name: str, options) -> str:
+    return f"{given}: {group} has no preset {name!r}; expected one of: {', '.join(options)}"
+
+
+def explain(error: Exception, overrides: list[str], compose: Compose, shown: Mapping[str, str]) -> str:
+    if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition("/")
+        given = next((o for o in overrides if _sets(o, group, name)), None)  # else a preset's defaults name it
+        return _no_preset(shown.get(given, given) if given else f"{group}={name}", group, name, error.options)
     cause = error.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
-        return _unknown_knob(cause.full_key, overrides)
+        return _unknown_knob(cause.full_key, overrides, compose, shown)
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         given = _override_of(cause.full_key, overrides)
-        return f"{given or cause.full_key}: {str(cause).splitlines()[0]}"
+        return f"{shown.get(given, given) if given else cause.full_key}: {str(cause).splitlines()[0]}"
     text = str(error).split("Config search path:")[0]  # Hydra appends its search path: noise here
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
-def _unknown_knob(full_key: str, overrides: list[str]) -> str:
+def _unknown_knob(full_key: str, overrides: list[str], compose: Compose, shown: Mapping[str, str]) -> str:
     given = _override_of(full_key, overrides) or full_key
     parent, _, knob = full_key.rpartition(".")
-    try:  # the config without the bad override: what the node really holds
-        cfg = _compose([o for o in overrides if o != given])
+    try:  # the config without the bad override, nor others inside that node: what the node really holds
+        cfg = compose([o for o in overrides if o != given and not (parent and _sets_inside(o, parent))])
     except (ConfigCompositionException, OverrideParseException):
-        return f"{given}: no such knob"
+        return f"{shown.get(given, given)}: no such knob"
     node = OmegaConf.select(cfg, parent) if parent else cfg
     knobs = [k for k in node if k not in _NOT_KNOBS] if isinstance(node, DictConfig) else []
     group = parent.split(".")[0]
@@ -74,7 +135,22 @@ def _unknown_knob(full_key: str, overrides: list[str]) -> str:
         expected = "; its knobs: " + ", ".join(knobs)
     else:
         owner, expected = parent or "the run config", "; expected one of: " + ", ".join(knobs)
-    return f"{given}: {owner} has no knob {knob!r}{expected}"
+    return f"{shown.get(given, given)}: {owner} has no knob {knob!r}{expected}"
+
+
+def _sets(override: str, group: str, name: str) -> bool:
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except OverrideParseException:
+        return False
+    return parsed.key_or_group == group and parsed.value() == name
+
+
+def _sets_inside(override: str, node: str) -> bool:
+    try:
+        return OverridesParser.create().parse_override(override).key_or_group.startswith(node + ".")
+    except OverrideParseException:
+        return False
 
 
 def _override_of(full_key: str, overrides: list[str]) -> str | None:

@@ -145,3 +145,17 @@ def test_the_three_misplaced_knobs_exit_2_through_the_cli_before_any_work():
         knob = args[1].split("=")[0].split(".")[1]
         assert proc.stderr.startswith(f"moeprune: error: {args[1]}: {args[0]} has no knob {knob!r}; its knobs: ")
         assert proc.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("override, group", [("strategy=maxx", "strategy"), ("recipe=v7_coderz", "recipe"),
+                                             ("hparams_search=toy", "hparams_search")],
+                         ids=["a group every run has", "an optional group", "the sweep presets"])
+def test_a_missing_preset_is_refused_naming_the_group_and_its_presets(override, group):
+    from moeprune import overrides as cli_overrides
+    from moeprune.errors import MoePruneError
+
+    name = override.split("=")[1]
+    presets = ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
+    with pytest.raises(MoePruneError) as e:  # an optional group would be skipped silently by Hydra
+        cli_overrides.check([override])
+    assert str(e.value) == f"{override}: {group} has no preset {name!r}; expected one of: {presets}"
