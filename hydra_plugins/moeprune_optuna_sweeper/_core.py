@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
-from . import _search_space, _split_guard
+from . import _choices, _search_space, _split_guard
 
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
@@ -220,15 +220,19 @@ class OptunaSweeperImpl(Sweeper):
         if not space.distributions:
             raise MoePruneError("the Optuna sweeper has nothing to search: set hydra.sweeper.params or pass "
                                 "sweep overrides such as strategy.alpha='interval(0.5,4)'")
-        _split_guard.check(self.config, space, self.allow_test_split)  # before the study is created
+        # Mistakes of the space are said before the study is created: none leaves an empty study behind.
+        _split_guard.check(self.config, space, self.allow_test_split)
+        _choices.check(space, self.hydra_context.config_loader, self.config)
         points = _search_space.enqueued_points(space, self.enqueue)
+        default = None
+        if self.enqueue_default:
+            choices = OmegaConf.to_container(self.config.hydra.runtime.choices)
+            default = _search_space.default_params(space, self.config, choices)
         study = self._study()
         log.info("Search space: %s", {k: repr(d) for k, d in space.distributions.items()})
         fail_stale_trials(study)
-        if self.enqueue_default:
+        if default is not None:
             # Until the default recipe has a complete trial (a kill, a crash), every run enqueues it.
-            choices = OmegaConf.to_container(self.config.hydra.runtime.choices)
-            default = _search_space.default_params(space, self.config, choices)
             if not default_pending(study, default):
                 study.enqueue_trial(default, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=False)
         for point in points:

@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep, Transformer
@@ -24,6 +24,7 @@ class SearchSpace:
     distributions: dict[str, BaseDistribution]  # optuna param name (the config key) -> distribution
     prefixes: dict[str, str]  # param name -> its override prefix ("", "+", "++")
     fixed: list[str]  # overrides every trial gets unchanged
+    lines: dict[str, str] = field(default_factory=dict)  # param name -> its sweep as written (messages)
 
     def overrides(self, params: dict[str, Any]) -> list[str]:
         swept = [f"{self.prefixes[k]}{k}={Transformer.str(v)}" for k, v in params.items()]
@@ -78,13 +79,13 @@ def _name(o: Override) -> str:
 def build(overrides: list[Override]) -> SearchSpace:
     """The last override of a key wins, so a command-line argument replaces the preset's params."""
     by_key = {_name(o): o for o in overrides}
-    dists, prefixes, fixed = {}, {}, []
+    dists, prefixes, fixed, lines = {}, {}, [], {}
     for name, o in by_key.items():
         if o.is_sweep_override():
-            dists[name], prefixes[name] = distribution(o), _prefix(o)
+            dists[name], prefixes[name], lines[name] = distribution(o), _prefix(o), o.input_line
         else:
             fixed.append(f"{o.get_key_element()}={o.get_value_element_as_str()}")
-    return SearchSpace(dists, prefixes, fixed)
+    return SearchSpace(dists, prefixes, fixed, lines)
 
 
 def _inside(dist: BaseDistribution, value: Any) -> bool:
