@@ -60,7 +60,8 @@ class OutlierMode(Choice):
 
 @dataclass
 class StrategyConfig:
-    """Every strategy: the pooled single-criterion baselines (frequency, gate_mass, reap) take these."""
+    """Every strategy: the pooled single-criterion baselines (frequency, gate_mass, reap) take these.
+    A floor under one ranks by the reference score at ClassAggregateConfig's defaults."""
 
     _target_: str = MISSING
     name: str = MISSING

@@ -145,6 +145,11 @@ class ClassWeightsConfig:
 
 @dataclass
 class FloorClampConfig:
+    """How many experts per layer the floor guarantees. The floor ranking's score is not a knob of
+    its own: it is the reference score, at the strategy's alpha, score and outlier knobs under a
+    class aggregate, and at their defaults (2.0 * wnorm + count, median outliers) under a pooled
+    baseline, which has none (prune/strategies/base.py, Strategy)."""
+
     name: str = MISSING
     profile: Optional[str] = None  # floor profile artifact dir; null = the run's own profile
     map: Optional[str] = None  # floor map JSON: {"floor_per_layer": {layer: n}} or {layer: n}

@@ -9,6 +9,7 @@ import pytest
 
 from moeprune.config import build, preset
 from moeprune.errors import MoePruneError
+from moeprune.prune import floor
 from moeprune.prune.strategies.base import mean_normalize, rank_normalize, treat_outliers
 from moeprune.prune.strategies.frequency import FrequencyStrategy
 from moeprune.prune.strategies.gate_mass import GateMassStrategy
@@ -144,12 +145,27 @@ def test_a_count_only_score_ignores_the_weight_norm_threshold():
     (MaxStrategy, {"protect_class_top": -1}, "strategy.protect_class_top=-1"),
     (MaxStrategy, {"outlier_mode": "clip"}, "strategy.outlier_mode='clip': expected one of keep, median, drop, zero"),
     (MaxStrategy, {"outlier_threshold": 0.0}, "strategy.outlier_threshold=0.0"),
-    (FrequencyStrategy, {"breadth_bonus": 0.5}, "single-criterion baseline"),
 ])
 def test_bad_knobs_name_the_knob_and_the_expectation(cls, kwargs, message):
     with pytest.raises(MoePruneError) as e:
         cls(name="x", **kwargs)
     assert message in str(e.value)
+
+
+@pytest.mark.parametrize("cls, knob", [(FrequencyStrategy, "breadth_bonus"), (ReapStrategy, "alpha"),
+                                       (GateMassStrategy, "outlier_mode"), (MaxStrategy, "seed"),
+                                       (RandomStrategy, "score")])
+def test_a_strategy_takes_only_the_knobs_of_its_own_schema(cls, knob):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{knob}'"):
+        cls(name="x", **{knob: 1})
+
+
+def test_a_floor_under_a_baseline_ranks_by_the_reference_score_at_its_defaults():
+    s = stats([[[4, 1, 0]], [[2, 3, 1]]], [[[1.0, 2.0, 3.0]], [[0.5, 0.5, 0.5]]])
+    reap, default_max = ReapStrategy(name="reap"), MaxStrategy(name="max")
+    assert (reap.alpha, reap.score, reap.outlier_mode, reap.outlier_threshold) == (2.0, "legacy", "median", None)
+    np.testing.assert_array_equal(floor.floor_scores(s, reap, CLASSES), floor.floor_scores(s, default_max, CLASSES))
+    np.testing.assert_allclose(floor.floor_scores(s, reap, CLASSES)[0], [9.0, 6.5, 3.0])  # max_c 2*wnorm + count
 
 
 def test_every_strategy_preset_instantiates_its_own_file():

@@ -126,44 +126,31 @@ def treat_outliers(s: np.ndarray, wnorm: np.ndarray | None, mode: str, threshold
 
 
 class Strategy:
-    """Knobs common to every strategy; subclasses implement `scores`."""
+    """Knobs every strategy has (StrategyConfig in moeprune/components.py); subclasses implement
+    `scores`. Each family's constructor takes its own schema's knobs and no other."""
 
-    uses_breadth = True
+    # The reference score's knobs (ClassAggregateConfig). A class aggregate sets them; a pooled
+    # baseline has none, and a floor under it (floor_clamp) ranks by the reference score at these
+    # defaults: 2.0 * wnorm + count, non-finite cells replaced by the row median.
+    alpha, score, breadth_bonus = 2.0, "legacy", 0.0
+    outlier_mode, outlier_threshold = "median", None
 
-    def __init__(self, name: str, normalize: str = "rank", alpha: float = 2.0, score: str = "legacy",
-                 breadth_bonus: float = 0.0, protect_top: int = 0, protect_class_top: int = 0,
-                 outlier_mode: str = "median", outlier_threshold: float | None = None, seed: int = 0,
+    def __init__(self, name: str, normalize: str = "rank", protect_top: int = 0, protect_class_top: int = 0,
                  rank_ties: str = "min"):
-        def bad(knob, value, expected):
-            return MoePruneError(f"strategy={name}: strategy.{knob}={value!r}: expected {expected}")
-
+        self.name = name
         if normalize not in NORMALIZERS:
-            raise bad("normalize", normalize, f"one of {', '.join(NORMALIZERS)}")
-        if score not in BASE_SCORES:
-            raise bad("score", score, "legacy (alpha*wnorm + count), mean (alpha*wnorm), reap, frequency or gate_mass")
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise bad("alpha", alpha, "a finite number >= 0")
-        if alpha == 0 and score == "mean":
-            raise bad("alpha", alpha, "> 0 with score=mean (alpha * wnorm would be 0 for every expert), "
-                                      "or score=legacy to rank by routed count alone")
-        if not (math.isfinite(breadth_bonus) and breadth_bonus >= 0):
-            raise bad("breadth_bonus", breadth_bonus, "a finite number >= 0")
-        if breadth_bonus and not self.uses_breadth:
-            raise bad("breadth_bonus", breadth_bonus, "0: a single-criterion baseline has no per-class scores to reward")
+            raise self._bad("normalize", normalize, f"one of {', '.join(NORMALIZERS)}")
         for knob, value in (("protect_top", protect_top), ("protect_class_top", protect_class_top)):
             if value < 0:
-                raise bad(knob, value, "an integer >= 0")
-        if outlier_mode not in OUTLIER_MODES:
-            raise bad("outlier_mode", outlier_mode, f"one of {', '.join(OUTLIER_MODES)}")
-        if outlier_threshold is not None and not outlier_threshold > 0:
-            raise bad("outlier_threshold", outlier_threshold, "null or a number > 0")
+                raise self._bad(knob, value, "an integer >= 0")
         if rank_ties not in RANK_TIES:
-            raise bad("rank_ties", rank_ties, "stable (the reference's: ties ranked by expert id) or min "
-                                              "(ties share the lowest rank)")
-        self.name, self.normalize, self.alpha, self.score = name, normalize, alpha, score
-        self.breadth_bonus, self.protect_top, self.protect_class_top = breadth_bonus, protect_top, protect_class_top
-        self.outlier_mode, self.outlier_threshold, self.seed = outlier_mode, outlier_threshold, seed
+            raise self._bad("rank_ties", rank_ties, "stable (the reference's: ties ranked by expert id) or min "
+                                                    "(ties share the lowest rank)")
+        self.normalize, self.protect_top, self.protect_class_top = normalize, protect_top, protect_class_top
         self.rank_ties = rank_ties
+
+    def _bad(self, knob: str, value, expected: str) -> MoePruneError:
+        return MoePruneError(f"strategy={self.name}: strategy.{knob}={value!r}: expected {expected}")
 
     def reference_needs(self) -> tuple[str, ...]:
         """What `reference_score` reads: wnorm only when alpha > 0 (so a profile without it, such as
@@ -205,6 +192,27 @@ class Strategy:
 class ClassAggregate(Strategy):
     """The multi-class recipe; subclasses define `combine` (how weighted class scores merge)."""
 
+    def __init__(self, name: str, normalize: str = "rank", alpha: float = 2.0, score: str = "legacy",
+                 breadth_bonus: float = 0.0, protect_top: int = 0, protect_class_top: int = 0,
+                 outlier_mode: str = "median", outlier_threshold: float | None = None, rank_ties: str = "min"):
+        super().__init__(name, normalize, protect_top, protect_class_top, rank_ties)
+        if score not in BASE_SCORES:
+            raise self._bad("score", score, "legacy (alpha*wnorm + count), mean (alpha*wnorm), reap, frequency or "
+                                            "gate_mass")
+        if not (math.isfinite(alpha) and alpha >= 0):
+            raise self._bad("alpha", alpha, "a finite number >= 0")
+        if alpha == 0 and score == "mean":
+            raise self._bad("alpha", alpha, "> 0 with score=mean (alpha * wnorm would be 0 for every expert), "
+                                            "or score=legacy to rank by routed count alone")
+        if not (math.isfinite(breadth_bonus) and breadth_bonus >= 0):
+            raise self._bad("breadth_bonus", breadth_bonus, "a finite number >= 0")
+        if outlier_mode not in OUTLIER_MODES:
+            raise self._bad("outlier_mode", outlier_mode, f"one of {', '.join(OUTLIER_MODES)}")
+        if outlier_threshold is not None and not outlier_threshold > 0:
+            raise self._bad("outlier_threshold", outlier_threshold, "null or a number > 0")
+        self.alpha, self.score, self.breadth_bonus = alpha, score, breadth_bonus
+        self.outlier_mode, self.outlier_threshold = outlier_mode, outlier_threshold
+
     def combine(self, s: np.ndarray, w: np.ndarray) -> np.ndarray:  # s [C, L, E], w [C] -> [L, E]
         raise NotImplementedError
 
@@ -223,8 +231,6 @@ class ClassAggregate(Strategy):
 class PooledCriterion(Strategy):
     """A single statistic pooled over the weighted classes; `normalize` then acts per layer, which
     only matters when a global keep budget compares layers."""
-
-    uses_breadth = False
 
     def per_class(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         raise NotImplementedError

@@ -8,6 +8,10 @@ from moeprune.prune.strategies.base import PooledCriterion
 class RandomStrategy(PooledCriterion):
     needs = ("count",)
 
+    def __init__(self, name: str, seed: int = 0, **knobs):
+        super().__init__(name, **knobs)
+        self.seed = seed
+
     def per_class(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         C, L, E = stats["count"].shape
         return np.broadcast_to(np.random.default_rng(self.seed).random((L, E)), (C, L, E))
