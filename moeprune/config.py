@@ -312,6 +312,12 @@ def presets(group: str) -> list[str]:
         return sorted(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
 
 
+def typed(node, schema: type):
+    """A config node as its schema's dataclass (interpolations resolved): the plain typed value a
+    stage hands to domain code. A plain dict is checked against the schema on the way."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), node))
+
+
 def build(node, **runtime):
     """hydra.utils.instantiate for a strategy / bench / backend / logger node, called with the
     `runtime` values; a MoePruneError is raised as itself (Hydra wraps one from a nested node in an

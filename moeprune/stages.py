@@ -72,7 +72,7 @@ def run_dropmap(ctx: StageContext) -> dict:
         return _write_dropmap(ctx, result, profile)
     config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
-    groups = None if cfg.keep.drop_map is not None else dropmap.fit_keep_to_model(cfg.keep, adapter, config)
+    groups = None if cfg.keep.drop_map is not None else dropmap.fit_keep_to_model(_keep(cfg), adapter, config)
     result = dropmap.build(profile, _recipe(cfg), adapter.top_k(config), groups)
     # the one check against the model: layers, ids, top_k, one count (uniform), routing rules (groups...)
     DropMap.for_model(result.as_json(), adapter, config, physical=cfg.keep.mode == "uniform", layers=profile.layers)
@@ -138,6 +138,12 @@ def _recipe(cfg: DictConfig):
     from moeprune.prune.dropmap import Recipe
 
     return Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep)
+
+
+def _keep(cfg: DictConfig):
+    from moeprune.config import KeepConfig, typed
+
+    return typed(cfg.keep, KeepConfig)
 
 
 def _drop_map(ctx: StageContext, model_path: Path, physical: bool):
@@ -302,7 +308,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
     given = given_profile(cfg)
     if given is not None:  # no model needed: its classes, experts and top_k are the profile's
         if cfg.keep.drop_map is None:
-            rule = dropmap.keep_rule(cfg.keep, given.num_experts, recorded_top_k(cfg, given))
+            rule = dropmap.keep_rule(_keep(cfg), given.num_experts, recorded_top_k(cfg, given))
             _floor_fits(cfg, given.layers, given.num_experts, rule.per_layer)
         dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
         return
@@ -313,8 +319,8 @@ def _recipe_fits(cfg: DictConfig) -> None:
 
         model_config = read_config(model_dir(cfg))
         adapter = adapter_for(model_config)
-        dropmap.fit_keep_to_model(cfg.keep, adapter, model_config)
-        rule = dropmap.keep_rule(cfg.keep, adapter.num_experts(model_config), adapter.top_k(model_config))
+        dropmap.fit_keep_to_model(_keep(cfg), adapter, model_config)
+        rule = dropmap.keep_rule(_keep(cfg), adapter.num_experts(model_config), adapter.top_k(model_config))
         _floor_fits(cfg, check_checkpoint(model_dir(cfg)), adapter.num_experts(model_config), rule.per_layer)
     recipe = _recipe(cfg)
     dropmap.class_weight_vector(list(cfg.calibration.classes), recipe.class_weights)
@@ -325,10 +331,12 @@ def _floor_fits(cfg: DictConfig, layers: list[int], num_experts: int, keep: int)
     counts), which need no profile: the floor computed on placeholder scores, only for its checks."""
     import numpy as np
 
+    from moeprune.config import FloorClampConfig, typed
     from moeprune.prune import floor
 
-    if floor.is_active(cfg.floor_clamp):
-        floor.floor_counts(cfg.floor_clamp, layers, keep, np.ones((len(layers), num_experts)))
+    floor_clamp = typed(cfg.floor_clamp, FloorClampConfig)
+    if floor.is_active(floor_clamp):
+        floor.floor_counts(floor_clamp, layers, keep, np.ones((len(layers), num_experts)))
 
 
 def _quant_can_run(cfg: DictConfig) -> None:
@@ -367,7 +375,7 @@ def _prune_fits(cfg: DictConfig) -> None:
                                 f"{cfg.model.path} {adapter.num_experts(model_config)}: expected the profile of "
                                 "this model (or stage=dropmap, which needs no model)")
         if cfg.keep.drop_map is None:
-            dropmap.fit_keep_to_model(cfg.keep, adapter, model_config)
+            dropmap.fit_keep_to_model(_keep(cfg), adapter, model_config)
 
 
 def _bench_loads(cfg: DictConfig) -> None:

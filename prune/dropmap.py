@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
 from moeprune import config
-from moeprune.config import preset, presets
+from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig, preset, presets
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.drop_map import DropMap
@@ -43,7 +43,7 @@ class KeepRule:
     hi: int
 
 
-def keep_rule(keep_cfg: DictConfig, num_experts: int, top_k: int) -> KeepRule:
+def keep_rule(keep_cfg: KeepConfig, num_experts: int, top_k: int) -> KeepRule:
     """The keep node resolved against a model's expert count and top_k (the only place it is)."""
     if keep_cfg.experts_per_layer is not None:
         T = int(keep_cfg.experts_per_layer)
@@ -67,7 +67,7 @@ def keep_rule(keep_cfg: DictConfig, num_experts: int, top_k: int) -> KeepRule:
     return KeepRule(str(keep_cfg.mode), T, lo, hi)
 
 
-def fit_keep_to_model(keep_cfg: DictConfig, adapter, config_dict: dict) -> tuple[int, list] | None:
+def fit_keep_to_model(keep_cfg: KeepConfig, adapter, config_dict: dict) -> tuple[int, list] | None:
     """Refuse a keep rule the architecture cannot run with; returns its group-limited routing
     rule (adapter.expert_groups), if any, for build()."""
     rule = keep_rule(keep_cfg, adapter.num_experts(config_dict), adapter.top_k(config_dict))
@@ -85,7 +85,7 @@ def check_mode_fits_groups(mode: str, groups) -> None:
                             "keep.mode=uniform, whose maps are chosen legal group by group")
 
 
-def class_weight_vector(classes: list[str], class_weights: DictConfig) -> np.ndarray:
+def class_weight_vector(classes: list[str], class_weights: ClassWeightsConfig) -> np.ndarray:
     cfg = class_weights
     unknown = sorted(set(cfg.weights) - set(classes))
     if unknown:
@@ -133,18 +133,20 @@ def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile
 # ---- the recipe ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Recipe:
-    """What build() reads: the built strategy and the class_weights, floor_clamp and keep nodes."""
+    """What build() reads: the built strategy and the class_weights, floor_clamp and keep settings,
+    as their schemas' dataclasses (moeprune/config.py). `of` is where the four config nodes are read."""
 
     strategy: Any  # a prune.strategies Strategy
-    class_weights: DictConfig
-    floor_clamp: DictConfig
-    keep: DictConfig
+    class_weights: ClassWeightsConfig
+    floor_clamp: FloorClampConfig
+    keep: KeepConfig
     settings: dict  # the four nodes as plain data: the summary's record of the recipe
 
     @classmethod
     def of(cls, strategy: DictConfig, class_weights: DictConfig, floor_clamp: DictConfig, keep: DictConfig) -> "Recipe":
         nodes = {"strategy": strategy, "class_weights": class_weights, "floor_clamp": floor_clamp, "keep": keep}
-        return cls(config.build(strategy), class_weights, floor_clamp, keep,
+        return cls(config.build(strategy), config.typed(class_weights, ClassWeightsConfig),
+                   config.typed(floor_clamp, FloorClampConfig), config.typed(keep, KeepConfig),
                    {k: OmegaConf.to_container(v, resolve=True) for k, v in nodes.items()})
 
 
@@ -161,7 +163,7 @@ class BuildResult:
         return {str(layer): d for layer, d in zip(self.layers, self.dropped)}
 
 
-def _floor_profile(floor_clamp: DictConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
+def _floor_profile(floor_clamp: FloorClampConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
     if floor_clamp.profile is None:
         return profile.classes, stats
     try:

@@ -11,18 +11,21 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
-from omegaconf import DictConfig
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
+if TYPE_CHECKING:
+    from moeprune.config import FloorClampConfig
+
 _SIGNAL_KEY = re.compile(r"^top\d+_mean_per_layer$")
 
 
-def is_active(cfg: DictConfig) -> bool:
-    return any(cfg.get(k) is not None for k in ("map", "top", "band", "band_ratio"))
+def is_active(cfg: FloorClampConfig) -> bool:
+    return any(getattr(cfg, k) is not None for k in ("map", "top", "band", "band_ratio"))
 
 
 def floor_scores(stats: dict[str, np.ndarray], strategy, classes: list[str]) -> np.ndarray:
@@ -72,7 +75,7 @@ def read_floor_map(path: str, layers: list[int]) -> tuple[np.ndarray, np.ndarray
     return _layer_values(obj, "the flat map", path, layers, integer=True), None
 
 
-def _band(cfg: DictConfig, keep: int) -> tuple[int, int] | None:
+def _band(cfg: FloorClampConfig, keep: int) -> tuple[int, int] | None:
     if cfg.band is not None and cfg.band_ratio is not None:
         raise MoePruneError("floor_clamp: set band or band_ratio, not both")
     if cfg.band is not None:
@@ -90,7 +93,7 @@ def _band(cfg: DictConfig, keep: int) -> tuple[int, int] | None:
     return None
 
 
-def floor_counts(cfg: DictConfig, layers: list[int], keep: int, scores: np.ndarray | None) -> np.ndarray:
+def floor_counts(cfg: FloorClampConfig, layers: list[int], keep: int, scores: np.ndarray | None) -> np.ndarray:
     """F_l per layer; `keep` is the per-layer keep count, `scores` the pooled floor scores [L, E]."""
     if cfg.map is not None and cfg.top is not None:
         raise MoePruneError("floor_clamp: set map or top, not both (a map gives one count per layer, top one for all)")
