@@ -201,6 +201,8 @@ def run_prune(ctx: StageContext) -> dict:
 def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) -> dict:
     """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning;
     model = an already loaded model for the hf backend (the NVFP4 reload)."""
+    from hydra.utils import get_class
+
     from moeprune.config import build
     from moeprune.evaluate.backends.base import Backend
     from moeprune.evaluate.runner import run_bench
@@ -223,10 +225,12 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) ->
             runtime["shared_ffn_alpha"] = cfg.prune.shared_ffn_alpha
     if model is not None:
         runtime["model"] = model
-    backend = build(cfg.backend, **runtime)
-    if not isinstance(backend, Backend):
+    takes = getattr(get_class(cfg.backend._target_), "runtime", None)
+    backend = build(cfg.backend, **{k: v for k, v in runtime.items() if k in (takes or ())})
+    if takes is None or not isinstance(backend, Backend):
         raise MoePruneError(f"backend={cfg.backend.name}: {cfg.backend._target_} builds a {type(backend).__name__}, "
-                            f"expected a Backend (chunk_size, generate, identity, close: evaluate/backends/base.py)")
+                            f"expected a Backend (runtime, chunk_size, generate, identity, close: "
+                            f"evaluate/backends/base.py)")
     cache = Path(cfg.paths.cache_dir).expanduser() / "generations.sqlite" if cfg.evaluate.resume else None
     try:
         summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache, cfg.evaluate.empty_threshold)

@@ -159,3 +159,39 @@ def test_a_missing_preset_is_refused_naming_the_group_and_its_presets(override, 
     with pytest.raises(MoePruneError) as e:  # an optional group would be skipped silently by Hydra
         cli_overrides.check([override])
     assert str(e.value) == f"{override}: {group} has no preset {name!r}; expected one of: {presets}"
+
+
+# Constructor parameters a config never sets: the hf backend's preloaded tokenizer, llama-server's start-up wait.
+PYTHON_ONLY = {"HFBackend": {"tokenizer"}, "LlamaCppBackend": {"startup_timeout_s"}}
+
+
+@pytest.mark.parametrize("group", ["strategy", "backend"])
+def test_each_component_constructor_takes_its_schemas_knobs_and_no_other(group):
+    import dataclasses
+    import inspect
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    for name in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
+        node = _compose([f"{group}={name}"])[group]
+        cls = get_class(node._target_)
+        params = inspect.signature(cls).parameters.values()
+        assert not [p.name for p in params if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)], cls  # nothing swallowed
+        knobs = {f.name for f in dataclasses.fields(OmegaConf.get_type(node))} - {"_target_"}
+        extra = set(getattr(cls, "runtime", ())) | PYTHON_ONLY.get(cls.__name__, set())
+        assert {p.name for p in params} == knobs | extra, f"{group}={name}"
+
+
+@pytest.mark.parametrize("target, knob", [("hf.HFBackend", "base_url"), ("openai.OpenAIBackend", "batch_size"),
+                                          ("llama_cpp.LlamaCppBackend", "api_key_env")])
+def test_a_backend_built_with_another_backends_knob_is_refused(target, knob, tmp_path):
+    from hydra.utils import get_class
+
+    cls = get_class(f"moeprune.evaluate.backends.{target}")
+    runtime = {"model_dir": tmp_path} if "model_dir" in cls.runtime else {}
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{knob}'"):
+        cls(**runtime, **{knob: 1})
+    if not runtime:  # nor the run values it does not take
+        with pytest.raises(TypeError, match="unexpected keyword argument 'model_dir'"):
+            cls(model_dir=tmp_path)

@@ -10,6 +10,11 @@ from moeprune.evaluate.types import Completion
 
 @runtime_checkable
 class Backend(Protocol):
+    """Built from its schema's knobs (moeprune/components.py) and no other, plus the run values it
+    names in `runtime`, which the evaluate stage passes it."""
+
+    # of model_dir, dtype, device (the run's model), drop_map, shared_ffn_alpha (virtual pruning), model
+    runtime: tuple[str, ...]
     # prompts worth generating (and caching) together: a batch, or enough to keep the requests busy
     chunk_size: int
 

@@ -52,10 +52,13 @@ class ThinkingBudget(LogitsProcessor):
 
 
 class HFBackend(Backend):
+    runtime = ("model_dir", "dtype", "device", "drop_map", "shared_ffn_alpha", "model")
+
     def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto", batch_size: int = 128,
                  drop_map=None, shared_ffn_alpha: float = 1.0, model=None, tokenizer=None,
                  reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
-                 **_other_backends_knobs):
+                 name: str = "hf", max_new_tokens: int | None = None):
+        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
         if batch_size <= 0:
             raise MoePruneError(f"backend.batch_size={batch_size}: expected a positive number of prompts per batch")
         self.model_dir = Path(model_dir)

@@ -48,13 +48,23 @@ def _free_port() -> int:
 
 
 class LlamaCppBackend(Backend):
+    runtime = ("model_dir",)  # the quant dir (or a dir holding one GGUF)
+
     def __init__(self, model_dir: Path, gguf: str | None = None, concurrency: int = 2, server_args: list | None = None,
-                 startup_timeout_s: float = 300.0, **openai_knobs):
+                 startup_timeout_s: float = 300.0, max_retries: int = 5, timeout_s: float = 1800.0,
+                 thinking_budget_field: str | None = None, extra_body: dict | None = None,
+                 reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
+                 name: str = "llama_cpp", max_new_tokens: int | None = None):
+        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
         self.gguf = find_gguf(model_dir, gguf)
         self.concurrency, self.server_args = concurrency, [str(a) for a in (server_args or [])]
         self.chunk_size = 4 * concurrency  # enough prompts per chunk to keep every server slot busy
         self.startup_timeout_s = startup_timeout_s
-        self.openai_knobs = {k: v for k, v in openai_knobs.items() if k not in ("base_url", "model", "name")}
+        # what the OpenAI client of the started server is built with
+        self.openai_knobs = {"max_retries": max_retries, "timeout_s": timeout_s,
+                             "thinking_budget_field": thinking_budget_field, "extra_body": extra_body,
+                             "reasoning_start": reasoning_start, "reasoning_end": reasoning_end,
+                             "enable_thinking": enable_thinking}
         self._server: subprocess.Popen | None = None
         self._budget: int | None = None
         self._client: OpenAIBackend | None = None

@@ -33,12 +33,16 @@ def request_identity(enable_thinking: bool = False, thinking_budget_field: str |
 
 
 class OpenAIBackend(Backend):
+    runtime = ()  # the server holds the model
+
     def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
                  concurrency: int = 8, max_retries: int = 5, timeout_s: float = 1800.0, enable_thinking: bool = False,
                  thinking_budget_field: str | None = None, extra_body: dict | None = None,
-                 reasoning_start: str | None = None, reasoning_end: str | None = None, **_other_backends_knobs):
+                 reasoning_start: str | None = None, reasoning_end: str | None = None, name: str = "openai",
+                 max_new_tokens: int | None = None):
         from openai import OpenAI
 
+        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
         if not base_url:
             raise MoePruneError("backend.base_url is not set: expected the server's OpenAI API root, "
                                 "e.g. http://127.0.0.1:8000/v1")

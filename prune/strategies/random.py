@@ -8,8 +8,9 @@ from moeprune.prune.strategies.base import PooledCriterion
 class RandomStrategy(PooledCriterion):
     needs = ("count",)
 
-    def __init__(self, name: str, seed: int = 0, **knobs):
-        super().__init__(name, **knobs)
+    def __init__(self, name: str, normalize: str = "rank", protect_top: int = 0, protect_class_top: int = 0,
+                 rank_ties: str = "min", seed: int = 0):
+        super().__init__(name, normalize, protect_top, protect_class_top, rank_ties)
         self.seed = seed
 
     def per_class(self, stats: dict[str, np.ndarray]) -> np.ndarray:
