@@ -195,3 +195,23 @@ def test_a_backend_built_with_another_backends_knob_is_refused(target, knob, tmp
     if not runtime:  # nor the run values it does not take
         with pytest.raises(TypeError, match="unexpected keyword argument 'model_dir'"):
             cls(model_dir=tmp_path)
+
+
+def test_each_bench_reads_exactly_the_knobs_its_schema_adds_and_refuses_another_benchs():
+    import dataclasses
+
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from moeprune.components import BenchConfig
+    from moeprune.errors import MoePruneError
+
+    every = {f.name for f in dataclasses.fields(BenchConfig)}
+    for name in sorted(p.stem for p in (CONF / "bench").glob("*.yaml")):
+        node = _compose([f"bench={name}"]).bench
+        cls = get_class(node._target_)
+        own = {f.name for f in dataclasses.fields(OmegaConf.get_type(node))} - every
+        assert set(cls.reads) == own, f"bench={name}"
+        foreign = sorted({"seed", "sandbox", "n_per_class", "task_ids", "languages", "classes"} - own)[0]
+        with pytest.raises(MoePruneError, match=f"bench.{foreign} is set but this bench has no {foreign}"):
+            cls(name=name, **{foreign: {} if foreign == "sandbox" else 7})

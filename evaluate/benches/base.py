@@ -29,17 +29,21 @@ class Bench:
     default_split = "test"
     default_max_new_tokens = 2048
     default_prompt = "{prompt}"
-    options: tuple[str, ...] = ()  # the optional knobs (task_ids, languages, classes) this bench reads
+    # The knobs beyond every bench's that this bench reads, as its schema lists them (moeprune/components.py):
+    # of sandbox, seed, task_ids, languages, classes, n_per_class. Another bench's knob is refused, not ignored.
+    reads: tuple[str, ...] = ()
     runs_code = False  # scored in the sandbox, several samples at a time
 
     def __init__(self, name: str | None = None, data: dict | None = None, split: str | None = None, n: int | None = None,
-                 n_per_class: int = 100, seed: int = 0, chat: bool = True, prompt: str | None = None,
+                 n_per_class: int | None = None, seed: int | None = None, chat: bool = True, prompt: str | None = None,
                  max_new_tokens: int | None = None, thinking_budget: int | None = None,
                  sampler: dict | None = None, sandbox: dict | None = None, filter: dict | None = None,
                  task_ids: list | None = None, languages: list | None = None, classes: list | None = None):
-        for knob, value in (("task_ids", task_ids), ("languages", languages), ("classes", classes)):
-            if value is not None and knob not in self.options:
+        for knob, value in (("task_ids", task_ids), ("languages", languages), ("classes", classes), ("seed", seed),
+                            ("sandbox", sandbox), ("n_per_class", n_per_class)):
+            if value is not None and knob not in self.reads:
                 raise MoePruneError(f"bench {name}: bench.{knob} is set but this bench has no {knob}; expected null")
+        n_per_class, seed = 100 if n_per_class is None else n_per_class, 0 if seed is None else seed
         if n is not None and n <= 0:
             raise MoePruneError(f"bench {name}: bench.n={n}: expected a positive count or null (all)")
         if thinking_budget is not None and thinking_budget <= 0:
@@ -132,8 +136,9 @@ class Bench:
                "sampler": self.sampler, "filter": self.filter}
         if self.runs_code:
             out["sandbox"] = {**self.limits.__dict__, **isolation_record(self.limits)}
-        for knob in self.options:
-            out[knob] = getattr(self, knob)
+        for knob in ("task_ids", "languages", "classes"):  # the optional knobs' record
+            if knob in self.reads:
+                out[knob] = getattr(self, knob)
         return out
 
 

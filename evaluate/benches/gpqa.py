@@ -14,6 +14,7 @@ LETTERS = "ABCD"
 
 
 class GPQA(Bench):
+    reads = ("seed",)  # the option order
     default_name = "gpqa_diamond"
     default_data = {"hf_id": "Idavidrein/gpqa", "config": "gpqa_diamond"}
     default_split = "train"

@@ -23,6 +23,7 @@ class HumanEval(Bench):
         "signature and any imports it needs, in a single ```python code block.\n\n```python\n{prompt}```"
     )
     default_max_new_tokens = 4096
+    reads = ("sandbox",)
     runs_code = True
 
     def __init__(self, name: str | None = None, **kw):

@@ -83,7 +83,7 @@ class LiveCodeBench(Bench):
     default_prompt = ("You will be given a question (problem specification) and will generate a correct Python "
                       "program that matches the specification and passes all tests.\n\nQuestion: {question}\n\n{format}")
     default_max_new_tokens = 16384
-    options = ("task_ids",)
+    reads = ("sandbox", "task_ids")
     runs_code = True
 
     def select(self, rows: list[dict]) -> list[dict]:

@@ -21,6 +21,7 @@ class MBPP(Bench):
         "Reply with the complete solution in a single ```python code block."
     )
     default_max_new_tokens = 4096
+    reads = ("sandbox",)
     runs_code = True
 
     def build(self, rows: list[dict]) -> list[Sample]:

@@ -84,7 +84,7 @@ class MultiPLE(Bench):
     default_prompt = ("Complete the following {language} function. Reply with the complete function in a "
                       "single ```{tag} code block.\n\n```{tag}\n{prompt}\n```")
     default_max_new_tokens = 4096
-    options = ("languages",)
+    reads = ("sandbox", "languages")
     macro_average = True  # the score is the mean of the per-language scores
     runs_code = True
 

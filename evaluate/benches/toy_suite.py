@@ -14,7 +14,7 @@ class ToySuite(Bench):
     default_name = "toy_suite"
     default_split = "test"
     default_max_new_tokens = world.MAX_NEW_TOKENS  # toy answers are short
-    options = ("classes",)
+    reads = ("n_per_class", "seed", "classes")
 
     def __init__(self, name: str | None = None, **kw):
         kw.setdefault("chat", False)
