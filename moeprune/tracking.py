@@ -29,8 +29,8 @@ MAX_ARTIFACT_FILE = 20 << 20  # stage files above this (checkpoints, GGUF) stay 
 class NullTracker:
     """logger=none."""
 
-    def __init__(self, **_: Any) -> None:
-        pass
+    def __init__(self, name: str = "none") -> None:
+        self.name = name
 
     def log_run(self, cfg: DictConfig, results: dict, run_dir: Path, objective: Any = None) -> None:
         pass
@@ -81,7 +81,8 @@ class WandbTracker:
 
     def __init__(self, project: str = "moeprune", entity: Optional[str] = None, mode: str = "offline",
                  group: Optional[str] = None, dir: Optional[str] = None, tags: Optional[list] = None,
-                 **_: Any) -> None:
+                 name: str = "wandb") -> None:
+        self.name = name
         if mode not in ("offline", "online", "disabled"):
             raise MoePruneError(f"logger.mode={mode!r}: expected offline, online or disabled")
         try:

@@ -165,7 +165,7 @@ def test_a_missing_preset_is_refused_naming_the_group_and_its_presets(override, 
 PYTHON_ONLY = {"HFBackend": {"tokenizer"}, "LlamaCppBackend": {"startup_timeout_s"}}
 
 
-@pytest.mark.parametrize("group", ["strategy", "backend"])
+@pytest.mark.parametrize("group", ["strategy", "backend", "logger"])
 def test_each_component_constructor_takes_its_schemas_knobs_and_no_other(group):
     import dataclasses
     import inspect
