@@ -102,7 +102,8 @@ def _presets_exist(overrides: list[str], presets: Presets, shown: Mapping[str, s
 
 
 def _no_preset(given: str, group: str, name: str, options) -> str:
-    return f"{given}: {group} has no preset {name!r}; expected one of: {', '.join(options)}"
+    which = "" if given == f"{group}={name}" else f" {group}={name}"  # a sweep: which of its choices
+    return f"{given}: no such preset{which}; expected one of: {', '.join(options)}"
 
 
 def explain(error: Exception, overrides: list[str], compose: Compose, shown: Mapping[str, str]) -> str:

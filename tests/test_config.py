@@ -154,11 +154,10 @@ def test_a_missing_preset_is_refused_naming_the_group_and_its_presets(override, 
     from moeprune import overrides as cli_overrides
     from moeprune.errors import MoePruneError
 
-    name = override.split("=")[1]
     presets = ", ".join(sorted(p.stem for p in (CONF / group).glob("*.yaml")))
     with pytest.raises(MoePruneError) as e:  # an optional group would be skipped silently by Hydra
         cli_overrides.check([override])
-    assert str(e.value) == f"{override}: {group} has no preset {name!r}; expected one of: {presets}"
+    assert str(e.value) == f"{override}: no such preset; expected one of: {presets}"
 
 
 # Constructor parameters a config never sets: the hf backend's preloaded tokenizer, llama-server's start-up wait.

@@ -42,7 +42,7 @@ def assert_refused(proc, tmp_path: Path, message: str) -> None:
     (["strategy.normalize=zscore"],
      "strategy.normalize=zscore: Invalid value 'zscore', expected one of [rank, mean, none]"),
     (["class_weights=choice(uniform,nosuch)"],
-     "search space class_weights=choice(uniform,nosuch): class_weights has no preset 'nosuch'; expected one of: "
+     "search space class_weights=choice(uniform,nosuch): no such preset class_weights=nosuch; expected one of: "
      "c6v3, coder, five_class, lcb_only, science, toy_lcb_only, uniform, v7_coder, v7_coderx"),
     (["strategy.alhpa=interval(0.5,4)"],
      f"search space strategy.alhpa=interval(0.5,4): strategy=max has no knob 'alhpa'; its knobs: {STRATEGY_MAX_KNOBS}"),
@@ -66,7 +66,7 @@ CLASS_WEIGHTS = "c6v3, coder, five_class, lcb_only, science, toy_lcb_only, unifo
 
 @pytest.mark.parametrize("line, message", [
     ("class_weights: choice(uniform, five_class, nosuch)",
-     f"search space class_weights=choice(uniform, five_class, nosuch): class_weights has no preset 'nosuch'; "
+     f"search space class_weights=choice(uniform, five_class, nosuch): no such preset class_weights=nosuch; "
      f"expected one of: {CLASS_WEIGHTS}"),
     ("strategy.alhpa: interval(0.5, 4.0)",  # before, enqueue_default was blamed for its missing default
      f"search space strategy.alhpa=interval(0.5, 4.0): strategy=max has no knob 'alhpa'; its knobs: "
@@ -86,7 +86,7 @@ def test_a_preset_whose_search_space_cannot_compose_stops_before_the_study(tmp_p
 
 def test_a_missing_sweep_preset_is_named_not_skipped_as_an_optional_group(tmp_path):
     assert_refused(sweep(tmp_path, "hparams_search=toy_recipe", "hparams_search=nosuch", "strategy.alpha=interval(1,2)"),
-                   tmp_path, "hparams_search=nosuch: hparams_search has no preset 'nosuch'; expected one of: "
+                   tmp_path, "hparams_search=nosuch: no such preset; expected one of: "
                    "gemma4_98e, toy_mean_12of16, toy_mean_8of16, toy_pareto, toy_recipe, toy_recipe_physical")
 
 
