@@ -18,6 +18,7 @@ from hydra_plugins.moeprune_optuna_sweeper import _choices, _search_space
 from moeprune.errors import MoePruneError
 from tests.conftest import REPO
 
+CLASS_WEIGHTS = ", ".join(sorted(p.stem for p in (REPO / "conf" / "class_weights").glob("*.yaml")))
 STRATEGY_MAX_KNOBS = ("normalize, protect_top, protect_class_top, rank_ties, alpha, score, breadth_bonus, "
                       "outlier_mode, outlier_threshold")
 
@@ -43,7 +44,7 @@ def assert_refused(proc, tmp_path: Path, message: str) -> None:
      "strategy.normalize=zscore: Invalid value 'zscore', expected one of [rank, mean, none]"),
     (["class_weights=choice(uniform,nosuch)"],
      "search space class_weights=choice(uniform,nosuch): no such preset class_weights=nosuch; expected one of: "
-     "c6v3, coder, five_class, lcb_only, science, toy_lcb_only, uniform, v7_coder, v7_coderx"),
+     f"{CLASS_WEIGHTS}"),
     (["strategy.alhpa=interval(0.5,4)"],
      f"search space strategy.alhpa=interval(0.5,4): strategy=max has no knob 'alhpa'; its knobs: {STRATEGY_MAX_KNOBS}"),
     (["strategy.normalize=choice(rank,zscore)"],
@@ -61,7 +62,6 @@ def test_a_sweep_on_the_command_line_that_cannot_compose_stops_before_the_study(
     assert_refused(sweep(tmp_path, "hparams_search=toy_recipe", *args), tmp_path, message)
 
 
-CLASS_WEIGHTS = "c6v3, coder, five_class, lcb_only, science, toy_lcb_only, uniform, v7_coder, v7_coderx"
 
 
 @pytest.mark.parametrize("line, message", [
@@ -85,9 +85,9 @@ def test_a_preset_whose_search_space_cannot_compose_stops_before_the_study(tmp_p
 
 
 def test_a_missing_sweep_preset_is_named_not_skipped_as_an_optional_group(tmp_path):
+    presets = ", ".join(sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")))
     assert_refused(sweep(tmp_path, "hparams_search=toy_recipe", "hparams_search=nosuch", "strategy.alpha=interval(1,2)"),
-                   tmp_path, "hparams_search=nosuch: no such preset; expected one of: "
-                   "gemma4_98e, toy_mean_12of16, toy_mean_8of16, toy_pareto, toy_recipe, toy_recipe_physical")
+                   tmp_path, f"hparams_search=nosuch: no such preset; expected one of: {presets}")
 
 
 def test_probes_take_every_choice_and_both_ends_of_every_range():
