@@ -120,3 +120,22 @@ def test_a_knob_of_one_option_of_a_swept_group_is_refused_in_process():
         with pytest.raises(MoePruneError, match=r"^search space strategy.seed=range\(0, 3\): strategy=max has no "
                                                 r"knob 'seed'"):
             _choices.check(space, loader, master)
+
+
+@pytest.mark.parametrize("storage, cause", [
+    ("bogus://x", "Can't load plugin: sqlalchemy.dialects:bogus"),
+    ("sqlite:///{tmp}", "(sqlite3.OperationalError) unable to open database file"),
+], ids=["unknown dialect", "sqlite file that is a directory"])
+def test_a_storage_that_cannot_be_opened_is_named_in_one_line(tmp_path, storage, cause):
+    from sweep_support import moeprune
+
+    spec = storage.format(tmp=tmp_path / "adir")
+    (tmp_path / "adir").mkdir()
+    proc = moeprune(["-m", "hparams_search=toy_recipe", "hydra.sweeper.n_trials=2", f"hydra.sweeper.storage={spec}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path, tmp_path / "cache", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moeprune: error:")]
+    assert errors == [f"moeprune: error: hydra.sweeper.storage={spec!r}: cannot open it ({cause}); expected a "
+                      "reachable SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or journal:<file>"], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr

@@ -121,7 +121,14 @@ def make_storage(spec: Optional[str]) -> Any:
     if spec.startswith("sqlite:///"):
         Path(spec[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several sweepers on one file wait, not fail
-    return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs)
+    except (SQLAlchemyError, ImportError) as e:  # an unknown dialect, a missing driver, a server not there
+        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MoePruneError(f"hydra.sweeper.storage={spec!r}: cannot open it ({cause}); expected a reachable "
+                            "SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or journal:<file>") from None
 
 
 def parse_directions(direction: Any) -> list[str]:
