@@ -46,7 +46,8 @@ def profile_checkpoint(model_dir: Path, out_dir: Path, calibration, settings, dt
         profile = profile_layerwise(model_dir, adapter, corpus, work, dtype, torch_device, cal.batch_size,
                                     cal.batch_tokens, tok.pad_token_id, settings.neuron_energy,
                                     settings.on_nonfinite, settings.hidden_ram_bytes, settings.progress)
-    profile.meta.update(mode=mode, model_dir=str(model_dir), dtype=dtype)
+    # top_k: a drop map built later from this profile alone (profile.path=, no model) checks its keep count
+    profile.meta.update(mode=mode, model_dir=str(model_dir), dtype=dtype, top_k=adapter.top_k(config))
     profile.save(out_dir)
     return {"classes": profile.classes, "tokens": sum(profile.tokens.values()), "mode": mode}
 

@@ -172,3 +172,17 @@ def test_the_recipe_with_a_baselines_score_writes_that_baselines_map_from_a_real
                  ["strategy=sum", f"strategy.score={baseline}", "strategy.normalize=none", *common])
     read = lambda d: json.loads((d / "dropmap" / "drop_map.json").read_text())  # noqa: E731
     assert read(got) == read(want) and all(len(v) == 4 for v in read(want).values())
+
+
+def test_a_profile_the_profile_stage_wrote_builds_the_same_map_with_no_model_dir(tiny_run):
+    """Profile on the machine with the model, derive maps elsewhere: the artifact records top_k."""
+    model, cache, root = tiny_run
+    results, run_dir = run(model, cache, root / "with_model", ["recipe=toy_v7_coderx"])
+    artifact = run_dir / "profile"
+    assert json.loads((artifact / "profile.json").read_text())["top_k"] == 2
+    cfg = _compose(["recipe=toy_v7_coderx", f"profile.path={artifact}", "model.path=/no/model/here",
+                    f"paths.output_dir={root / 'no_model'}", f"paths.cache_dir={root / 'other_cache'}"])
+    (root / "no_model").mkdir()
+    Runner(cfg, STAGES, root / "no_model").run("dropmap")
+    maps = [json.loads((d / "dropmap" / "drop_map.json").read_text()) for d in (run_dir, root / "no_model")]
+    assert maps[0] == maps[1]
