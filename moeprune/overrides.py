@@ -11,6 +11,8 @@ ones), the Optuna sweeper on each choice of its search space with its own config
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import math
 from typing import Callable, Mapping
 
 from hydra._internal.utils import get_args_parser
@@ -32,7 +34,8 @@ Presets = Callable[[str], list]  # a config group -> its presets
 def check(argv: list[str]) -> None:
     """Compose `argv`'s overrides as `moeprune` would; raise MoePruneError explaining the first
     mistake. A sweep (-m) composes its fixed overrides here, as Hydra does before it starts the
-    sweeper; the sweeper checks the swept ones. Help and other config dirs are left to Hydra."""
+    sweeper, and each value of a grid sweep; the Optuna sweeper checks its own search space. Help and
+    other config dirs are left to Hydra."""
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from hydra.types import RunMode
@@ -45,8 +48,33 @@ def check(argv: list[str]) -> None:
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         searchpath = any("hydra.searchpath" in o for o in given)  # presets the loader does not list
-        verify(given, lambda o: loader.load_configuration(CONFIG_NAME, list(o), RunMode.RUN, from_shell=False),
-               None if searchpath else presets_of(loader))
+        compose = lambda o: loader.load_configuration(CONFIG_NAME, list(o), RunMode.RUN, from_shell=False)  # noqa: E731
+        presets = None if searchpath else presets_of(loader)
+        verify(given, compose, presets)
+        if args.multirun:
+            _grid_values_compose([o for o in args.overrides if _is_sweep(o)], given, compose, presets)
+
+
+GRID_POINTS_CHECKED = 64  # ~0.35 s a composition: a larger grid has each value checked alone
+
+
+def _grid_values_compose(sweeps: list[str], given: list[str], compose: Compose, presets: Presets | None) -> None:
+    """Hydra's own grid sweeper (`-m strategy=max,reap strategy.alpha=1,2` with no Optuna preset)
+    composes each job as it launches it and fails there in its own words: compose every grid point
+    first (a knob may exist for one choice of a group and not another); past GRID_POINTS_CHECKED
+    points, each value of each swept override with the others as given."""
+    if not sweeps or not str(OmegaConf.select(compose(given), "hydra.sweeper._target_")).endswith("BasicSweeper"):
+        return  # the Optuna sweeper checks its search space itself
+    axes = []
+    for sweep in sweeps:
+        parsed = OverridesParser.create().parse_override(sweep)
+        axes.append([(f"{parsed.get_key_element()}={v}", sweep) for v in parsed.sweep_string_iterator()])
+    if math.prod(len(a) for a in axes) <= GRID_POINTS_CHECKED:
+        points = itertools.product(*axes)
+    else:
+        points = ((value,) for axis in axes for value in axis)
+    for point in points:
+        verify([*given, *(one for one, _ in point)], compose, presets, {one: f"sweep {sweep}" for one, sweep in point})
 
 
 def presets_of(loader) -> Presets:

@@ -139,3 +139,27 @@ def test_a_storage_that_cannot_be_opened_is_named_in_one_line(tmp_path, storage,
                       "reachable SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or journal:<file>"], \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def grid(tmp_path: Path, *args: str):
+    from sweep_support import moeprune
+
+    return moeprune(["-m", *args, "stage=dropmap", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path,
+                    tmp_path / "cache", check=False)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["strategy=max,nosuch"], "sweep strategy=max,nosuch: no such preset strategy=nosuch; expected one of: "
+     "frequency, gate_mass, geomean, max, mean, random, reap, sum"),
+    (["strategy.normalize=rank,zscore"],
+     "sweep strategy.normalize=rank,zscore: Invalid value 'zscore', expected one of [rank, mean, none]"),
+    # each value composes alone; the grid point reap x alpha does not
+    (["strategy=max,reap", "strategy.alpha=1,2"], "sweep strategy.alpha=1,2: strategy=reap has no knob 'alpha'; "
+     "its knobs: normalize, protect_top, protect_class_top, rank_ties"),
+], ids=["missing preset", "bad enum", "a knob one grid point lacks"])
+def test_a_grid_sweep_that_cannot_compose_stops_before_its_first_job(tmp_path, args, message):
+    proc = grid(tmp_path, *args)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moeprune: error:")]
+    assert errors == [f"moeprune: error: {message}"], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "sweep").exists()
