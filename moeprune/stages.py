@@ -64,13 +64,13 @@ def run_dropmap(ctx: StageContext) -> dict:
     from moeprune.prune.profile import Profile
 
     cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
-    if cfg.profile.path is not None:  # the map from the profile alone; the model's own checks come at prune time
+    config = profiled_config(cfg)
+    if config is None:  # an imported profile, no model: the map from the profile alone; the model's checks at prune
         top_k = recorded_top_k(cfg, profile)
         result = dropmap.build(profile, _recipe(cfg), top_k)
         DropMap.parse(result.as_json(), num_experts=profile.num_experts, top_k=top_k, layers=profile.layers,
                       physical=cfg.keep.mode == "uniform")
         return _write_dropmap(ctx, result, profile)
-    config = read_config(model_dir(cfg))
     adapter = adapter_for(config)
     groups = None if cfg.keep.drop_map is not None else dropmap.fit_keep_to_model(_keep(cfg), adapter, config)
     result = dropmap.build(profile, _recipe(cfg), adapter.top_k(config), groups)
@@ -112,6 +112,17 @@ def run_given_dropmap(ctx: StageContext) -> dict:
     artifacts.write_json(ctx.out_dir / SUMMARY_FILE, summary)
     return {"keep_per_layer": summary["keep_per_layer"], "num_experts": drop_map.num_experts,
             "kept_total": summary["kept_total"], "outliers_treated": None, "mean_overlap_with_baseline": None}
+
+
+def profiled_config(cfg: DictConfig) -> dict | None:
+    """The config.json of the model the drop map is for: the model dir's, or with `profile.path` the
+    one the profile stage recorded beside its profile (None for an imported reference profile)."""
+    from moeprune.prune.profile_run import MODEL_CONFIG_FILE
+
+    if cfg.profile.path is None:
+        return read_config(model_dir(cfg))
+    recorded = Path(cfg.profile.path) / MODEL_CONFIG_FILE
+    return artifacts.read_json(recorded) if recorded.is_file() else None
 
 
 def recorded_top_k(cfg: DictConfig, profile) -> int:

@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 
 from moeprune.adapters import adapter_for
-from moeprune.artifacts import hash_json
+from moeprune.artifacts import hash_json, write_json
 from moeprune.errors import MoePruneError
 from moeprune.models import load_model, load_tokenizer, pick_device, read_config
 from moeprune.prune.calibration import build_corpus, continue_greedy
 from moeprune.prune.profile import profile_model
 from moeprune.prune.profile_batches import corpus_meta
 from moeprune.prune.profile_layerwise import profile_layerwise
+
+MODEL_CONFIG_FILE = "model_config.json"  # the profiled model's config.json, as read
 
 
 def profile_checkpoint(model_dir: Path, out_dir: Path, calibration, settings, dtype: str, device: str,
@@ -49,6 +51,9 @@ def profile_checkpoint(model_dir: Path, out_dir: Path, calibration, settings, dt
     # top_k: a drop map built later from this profile alone (profile.path=, no model) checks its keep count
     profile.meta.update(mode=mode, model_dir=str(model_dir), dtype=dtype, top_k=adapter.top_k(config))
     profile.save(out_dir)
+    # ...and the model's config beside it, so that such a map follows every rule of the architecture
+    # (group-limited routing included) exactly as with the model on disk
+    write_json(out_dir / MODEL_CONFIG_FILE, config)
     return {"classes": profile.classes, "tokens": sum(profile.tokens.values()), "mode": mode}
 
 

@@ -66,6 +66,13 @@ def test_deepseek_run_builds_a_legal_map_and_prunes_it(tmp_path):
     config = json.loads((dirs["prune"] / "model" / "config.json").read_text())
     assert config["n_routed_experts"] == 12 and config["n_group"] == summary["groups"]["groups_kept"]
 
+    # the profile artifact alone, the model gone: the recorded config.json keeps the map legal, the same map
+    moeprune([f"profile.path={dirs['profile']}", "model.path=/no/model/here", "keep.experts_per_layer=12",
+              "stage=dropmap"], tmp_path / "cache_no_model", tmp_path / "run_no_model")
+    alone = stage_dirs(tmp_path / "run_no_model")["dropmap"]
+    assert json.loads((alone / "summary.json").read_text())["groups"] == summary["groups"]
+    assert (alone / "drop_map.json").read_text() == (dirs["dropmap"] / "drop_map.json").read_text()
+
     out = moeprune([*args, "keep.mode=budget", "evaluate.virtual=true", "stage=all"], tmp_path / "cache2", tmp_path / "run2",
                    check=False)
     assert out.returncode == 2 and "keep.mode=budget cannot follow group-limited routing" in out.stderr
