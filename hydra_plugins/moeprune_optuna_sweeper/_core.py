@@ -87,17 +87,12 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     return failed
 
 
-def default_pending(study: optuna.Study, default: dict) -> bool:
-    """Whether the default recipe has a complete trial, or one waiting or running to become one."""
+def point_pending(study: optuna.Study, point: dict, marker: Optional[str] = None) -> bool:
+    """Whether an enqueued point (every swept key, or some) has a complete trial, or one waiting or
+    running to become one; with `marker`, a trial carrying that user attr counts as the point."""
     live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    return any(t.user_attrs.get(DEFAULT_ATTR) or t.params == default or t.system_attrs.get("fixed_params") == default
-               for t in study.get_trials(deepcopy=False, states=live))
-
-
-def point_pending(study: optuna.Study, point: dict) -> bool:
-    """Whether an enqueued point has a complete trial, or one waiting or running to become one."""
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    return any(t.system_attrs.get("fixed_params") == point or {k: t.params.get(k) for k in point} == point
+    return any((marker and t.user_attrs.get(marker)) or t.system_attrs.get("fixed_params") == point
+               or {k: t.params.get(k) for k in point} == point
                for t in study.get_trials(deepcopy=False, states=live))
 
 
@@ -240,7 +235,7 @@ class OptunaSweeperImpl(Sweeper):
         fail_stale_trials(study)
         if default is not None:
             # Until the default recipe has a complete trial (a kill, a crash), every run enqueues it.
-            if not default_pending(study, default):
+            if not point_pending(study, default, DEFAULT_ATTR):
                 study.enqueue_trial(default, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=False)
         for point in points:
             if not point_pending(study, point):
