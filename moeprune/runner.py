@@ -178,12 +178,7 @@ class Runner:
     def _with_upstream(self, name: str) -> list[str]:
         if name not in self.stages:
             raise MoePruneError(f"unknown stage {name!r}; expected all or one of: {', '.join(self.order)}")
-        needed, todo = set(), [name]
-        while todo:
-            n = todo.pop()
-            if n not in needed:
-                needed.add(n)
-                todo.extend(self.stages[n].inputs)
+        needed = upstream(self.stages, name)
         return [n for n in self.order if n in needed]
 
     def _run_stage(self, stage: Stage) -> None:
@@ -229,6 +224,17 @@ class Runner:
                 log.info("%-14s built    %s (%.1f s)", stage.name, final, wall)
                 self.results[stage.name] = {"cached": False, "wall_time_s": round(wall, 3), **metrics}
         self.keys[stage.name], self.dirs[stage.name] = key, final
+
+
+def upstream(stages: dict[str, Stage], name: str) -> set[str]:
+    """`name` and every stage whose artifact it reads, transitively."""
+    needed, todo = set(), [name]
+    while todo:
+        n = todo.pop()
+        if n not in needed:
+            needed.add(n)
+            todo.extend(stages[n].inputs)
+    return needed
 
 
 def cache_dir(cfg: DictConfig) -> Path:

@@ -81,15 +81,11 @@ def run_dropmap(ctx: StageContext) -> dict:
 
 def given_map(cfg: DictConfig):
     """keep.drop_map checked against the model it will prune: layers, ids, top_k, routing rules."""
-    from moeprune.adapters import adapter_for
     from moeprune.models import check_checkpoint
-    from moeprune.prune.drop_map import DropMap
 
-    config, layers = read_config(model_dir(cfg)), check_checkpoint(model_dir(cfg))
-    adapter = adapter_for(config)
     try:
-        return DropMap.read(cfg.keep.drop_map, lambda m: DropMap.for_model(
-            m, adapter, config, physical=cfg.keep.mode == "uniform", layers=layers))
+        return _map_for_model(Path(cfg.keep.drop_map), model_dir(cfg), physical=cfg.keep.mode == "uniform",
+                              layers=check_checkpoint(model_dir(cfg)))
     except MoePruneError as e:
         raise MoePruneError(f"keep.drop_map={cfg.keep.drop_map}: {e}") from None
 
@@ -159,14 +155,19 @@ def _keep(cfg: DictConfig):
 
 def _drop_map(ctx: StageContext, model_path: Path, physical: bool):
     """The dropmap stage's map, checked against the model it is applied to."""
-    from moeprune.adapters import adapter_for
     from moeprune.prune.dropmap import DROP_MAP_FILE
+
+    return _map_for_model(ctx.inputs["dropmap"] / DROP_MAP_FILE, model_path, physical)
+
+
+def _map_for_model(path: Path, model_path: Path, physical: bool, layers: list[int] | None = None):
+    """The drop map JSON at `path`, parsed once against the model at `model_path` (DropMap.for_model)."""
+    from moeprune.adapters import adapter_for
     from moeprune.prune.drop_map import DropMap
 
     config = read_config(model_path)
     adapter = adapter_for(config)
-    return DropMap.read(ctx.inputs["dropmap"] / DROP_MAP_FILE,
-                        lambda m: DropMap.for_model(m, adapter, config, physical=physical))
+    return DropMap.read(path, lambda m: DropMap.for_model(m, adapter, config, physical=physical, layers=layers))
 
 
 _DROPMAP_FILES = {"floor_clamp.profile": ("floor profile artifact dir", "to rank the floor by the run's own profile"),
@@ -483,15 +484,12 @@ def _profiles(cfg: DictConfig) -> bool:
     """Whether the run computes the profile for a reason other than building a drop map: stage=all
     (or profile, dropmap: with keep.drop_map, the point of the dropmap stage is scoring the given
     map) or a stage that reads it (quant's calibration texts)."""
+    from moeprune.runner import upstream
+
     if not cfg.stages.profile:
         return False
     target = cfg.get("stage")
     if target in (None, "all", "profile", "dropmap"):
         return True
-    by_name, needed, todo = {s.name: s for s in STAGES}, set(), [target]
-    while todo:
-        name = todo.pop()
-        if name in by_name and name not in needed:
-            needed.add(name)
-            todo.extend(by_name[name].inputs if name != "dropmap" else ())
-    return "profile" in needed
+    given = {s.name: GIVEN_DROPMAP if s.name == "dropmap" else s for s in STAGES}  # its map reads no profile
+    return target in given and "profile" in upstream(given, target)  # an unknown stage: the runner says so
