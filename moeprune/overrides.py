@@ -18,6 +18,7 @@ from typing import Callable, Mapping
 from hydra._internal.utils import get_args_parser
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Override
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
@@ -67,7 +68,7 @@ def _grid_values_compose(sweeps: list[str], given: list[str], compose: Compose, 
         return  # the Optuna sweeper checks its search space itself
     axes = []
     for sweep in sweeps:
-        parsed = OverridesParser.create().parse_override(sweep)
+        parsed = _parsed(sweep)
         axes.append([(f"{parsed.get_key_element()}={v}", sweep) for v in parsed.sweep_string_iterator()])
     if math.prod(len(a) for a in axes) <= GRID_POINTS_CHECKED:
         points = itertools.product(*axes)
@@ -107,22 +108,25 @@ def verify(overrides: list[str], compose: Compose, presets: Presets | None,
                 raise MoePruneError(_unknown_knob(f"{group}.{key}", overrides, compose, shown))
 
 
-def _is_sweep(override: str) -> bool:
+def _parsed(override: str) -> Override | None:
+    """`override` parsed, or None where it does not parse (composing says what is wrong with it)."""
     try:
-        return OverridesParser.create().parse_override(override).is_sweep_override()
+        return OverridesParser.create().parse_override(override)
     except OverrideParseException:
-        return False  # composing says what is wrong with it
+        return None
+
+
+def _is_sweep(override: str) -> bool:
+    parsed = _parsed(override)
+    return parsed is not None and parsed.is_sweep_override()
 
 
 def _presets_exist(overrides: list[str], presets: Presets, shown: Mapping[str, str]) -> None:
     for override in overrides:
-        try:
-            parsed = OverridesParser.create().parse_override(override)
-        except OverrideParseException:
+        parsed = _parsed(override)
+        if parsed is None or parsed.is_delete() or parsed.is_sweep_override() or not isinstance(parsed.value(), str):
             continue
         value = parsed.value()
-        if parsed.is_delete() or parsed.is_sweep_override() or not isinstance(value, str):
-            continue
         group = parsed.key_or_group
         options = presets(group)
         if options and value not in options:
@@ -168,27 +172,19 @@ def _unknown_knob(full_key: str, overrides: list[str], compose: Compose, shown: 
 
 
 def _sets(override: str, group: str, name: str) -> bool:
-    try:
-        parsed = OverridesParser.create().parse_override(override)
-    except OverrideParseException:
-        return False
-    return parsed.key_or_group == group and parsed.value() == name
+    parsed = _parsed(override)
+    return parsed is not None and parsed.key_or_group == group and parsed.value() == name
 
 
 def _sets_inside(override: str, node: str) -> bool:
-    try:
-        return OverridesParser.create().parse_override(override).key_or_group.startswith(node + ".")
-    except OverrideParseException:
-        return False
+    parsed = _parsed(override)
+    return parsed is not None and parsed.key_or_group.startswith(node + ".")
 
 
 def _override_of(full_key: str, overrides: list[str]) -> str | None:
     """The command-line override that set `full_key` or a key inside it (as typed), if one did."""
     for override in overrides:
-        try:
-            parsed = OverridesParser.create().parse_override(override)
-        except OverrideParseException:
-            continue
-        if parsed.key_or_group == full_key or parsed.key_or_group.startswith(full_key + "."):
+        parsed = _parsed(override)
+        if parsed is not None and (parsed.key_or_group == full_key or parsed.key_or_group.startswith(full_key + ".")):
             return override
     return None

@@ -74,10 +74,9 @@ def _hydra_dir(config: DictConfig, key: str) -> Path:
 
 def check_run(cfg: DictConfig, run_dir: Path) -> None:
     """The whole preflight of one run: config, locations, then each stage's own checks."""
+    from moeprune.config import build
     from moeprune.runner import Runner
     from moeprune.stages import stages_for
-
-    from moeprune.config import build
 
     check_groups(cfg)
     check_knobs(cfg)
