@@ -37,9 +37,19 @@ def _cache_dir(job_dir: Path) -> Optional[Path]:
     return Path(artifact).parent.parent if artifact else None
 
 
+def _run_overrides(trial) -> list[str]:
+    """The trial's overrides as an ordinary run: no sweep (hydra.*), no split."""
+    return [o for o in trial.overrides if not _key(o).startswith("hydra.") and _key(o) != "bench.split"]
+
+
+def on_test(trial) -> str:
+    """The command that scores a trial's recipe on test as an ordinary run (no sweep)."""
+    return " ".join(["moeprune", *_run_overrides(trial), "bench.split=test"])
+
+
 def commands(trial, n_test: Optional[int]) -> dict[str, list[str]]:
     """name -> the overrides of its test run: the trial's recipe, and REAP at the trial's keep."""
-    base = [o for o in trial.overrides if not _key(o).startswith("hydra.") and _key(o) != "bench.split"]
+    base = _run_overrides(trial)
     extra = ["bench.split=test", *([f"bench.n_per_class={n_test}"] if n_test else [])]
     recipe_free = [o for o in base if _key(o) not in trial.params or _key(o).startswith("keep.")]
     return {f"trial {trial.number}": [*base, *extra], REAP: [*recipe_free, "strategy=reap", *extra]}

@@ -10,9 +10,9 @@ marked in both. No W&B or Optuna storage is needed.
 The trials' scores are on the split the study searched (`bench.split`, read from each job's
 resolved config, and said in the report). `--test` scores the best trial once on the test split,
 next to REAP at the same keep, with Wilson intervals and the exact McNemar p
-(moeprune/study_holdout.py); benchmarks/recipe_search.py makes the docs' fuller table. The test-split table (Wilson intervals,
-paired McNemar against REAP) is benchmarks/recipe_search.py's; the report prints the command that
-scores its best trial on test as an ordinary run.
+(moeprune/study_holdout.py); without it the report prints the command that scores the best trial
+on test as an ordinary run. benchmarks/recipe_search.py makes the docs' fuller table (every
+baseline on test).
 """
 
 from __future__ import annotations
@@ -195,12 +195,6 @@ def best_trial(trials: list[Trial]) -> Optional[Trial]:
     return max(done, key=lambda t: (signs[0] * t.values[0], *(s * v for s, v in zip(signs[1:], t.values[1:])), -t.number))
 
 
-def on_test(trial: Trial) -> str:
-    """The command that scores a trial's recipe on test as an ordinary run (no sweep)."""
-    keep = [o for o in trial.overrides if not o.lstrip("+~").startswith("hydra.") and not o.startswith("bench.split=")]
-    return " ".join(["moeprune", *keep, "bench.split=test"])
-
-
 def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str] = None, test: bool = False,
            n_test: Optional[int] = None) -> list[Path]:
     trials = load_trials(dirs)
@@ -230,16 +224,16 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
                  + ("; the best trial's own test row is below." if test else "; `--test` scores the best trial "
                     "on test here."), ""]
         if best:
+            from moeprune import study_holdout
+
             values = ", ".join(f"{n} {_fmt(v)}" for n, v in zip(best.objectives or [y_name], best.values))
             lines += [f"Best ({st[0].directions[0]} {y_name}): trial {best.number}: {values}.",
-                      f"Score it on test: `{on_test(best)}`", ""]
+                      f"Score it on test: `{study_holdout.on_test(best)}`", ""]
         lines += [table(st, c, front.numbers if front else set()), ""]
         if test and best:
-            from moeprune.study_holdout import holdout_table
-
             lines += [f"## trial {best.number} and REAP on test", "",
                       "Accuracy % [95% Wilson interval]; Δ: paired difference vs REAP on the same tasks, points "
-                      "(exact McNemar p).", "", holdout_table(best, out_dir / f"test-{study}", n_test), ""]
+                      "(exact McNemar p).", "", study_holdout.holdout_table(best, out_dir / f"test-{study}", n_test), ""]
         md = out_dir / f"report-{study}.md"
         _write(md, "\n".join(lines))
         print("\n".join(lines))
