@@ -129,3 +129,13 @@ def test_a_backend_target_that_is_not_a_backend_is_refused_by_name(tiny_gemma4, 
         cfg = compose(config_name="run", overrides=[f"model.path={tiny_gemma4}", "backend._target_=builtins.dict"])
     with pytest.raises(MoePruneError, match=r"backend=hf: builtins.dict builds a dict, expected a Backend"):
         run_evaluate_base(StageContext(cfg, tmp_path / "out", {}))
+
+
+def test_others_mean_is_each_class_against_the_unweighted_mean_of_the_rest():
+    import pytest
+
+    from moeprune.evaluate.runner import others_mean
+
+    got = others_mean({"code": 0.9, "math": 0.6, "science": 0.3})
+    assert got == pytest.approx({"code": 0.45, "math": 0.6, "science": 0.75})
+    assert others_mean({"code": 0.9}) == {} and others_mean({}) == {}  # no other class to average
