@@ -118,7 +118,17 @@ def profiled_config(cfg: DictConfig) -> dict | None:
     if cfg.profile.path is None:
         return read_config(model_dir(cfg))
     recorded = Path(cfg.profile.path) / MODEL_CONFIG_FILE
-    return artifacts.read_json(recorded) if recorded.is_file() else None
+    if not recorded.is_file():
+        return None
+    try:
+        config = artifacts.read_json(recorded)
+    except (OSError, ValueError) as e:
+        config = e
+    if not isinstance(config, dict):
+        raise MoePruneError(f"profile.path={cfg.profile.path}: {recorded} is not a config.json ({config}): expected "
+                            "the model's config.json as the profile stage recorded it, or no such file (the map "
+                            "then follows the profile alone)")
+    return config
 
 
 def recorded_top_k(cfg: DictConfig, profile) -> int:
@@ -323,6 +333,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
     _dropmap_inputs(cfg)  # the recipe's files exist and are what each knob expects
     given = given_profile(cfg)
     if given is not None:  # no model needed: its classes, experts and top_k are the profile's
+        profiled_config(cfg)  # a recorded config.json that cannot be read: said before any stage
         if cfg.keep.drop_map is None:
             rule = dropmap.keep_rule(_keep(cfg), given.num_experts, recorded_top_k(cfg, given))
             _floor_fits(cfg, given.layers, given.num_experts, rule.per_layer)

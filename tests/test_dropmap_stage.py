@@ -186,3 +186,18 @@ def test_a_profile_the_profile_stage_wrote_builds_the_same_map_with_no_model_dir
     Runner(cfg, STAGES, root / "no_model").run("dropmap")
     maps = [json.loads((d / "dropmap" / "drop_map.json").read_text()) for d in (run_dir, root / "no_model")]
     assert maps[0] == maps[1]
+
+
+def test_an_unreadable_recorded_model_config_stops_the_run_before_any_stage(tiny_run, tmp_path):
+    import shutil
+
+    model, cache, root = tiny_run
+    _, run_dir = run(model, cache, root / "for_a_copy", ["recipe=toy_v7_coderx"])
+    broken = tmp_path / "profile"
+    shutil.copytree(run_dir / "profile", broken)
+    (broken / "model_config.json").write_text("{ not json")
+    cfg = _compose(["recipe=toy_v7_coderx", f"profile.path={broken}", "model.path=/no/model/here",
+                    f"paths.output_dir={tmp_path / 'run'}", f"paths.cache_dir={tmp_path / 'cache'}"])
+    with pytest.raises(MoePruneError, match=r"model_config.json is not a config.json .*expected the model's config"):
+        Runner(cfg, STAGES, tmp_path / "run").run("dropmap")
+    assert not (tmp_path / "cache").exists()
