@@ -95,6 +95,7 @@ class BenchDataConfig:  # docs/evaluation.md
     revision: Optional[str] = None
     data_files: Optional[List[str]] = None  # files of the dataset repo to read (LiveCodeBench releases)
     path: Optional[str] = None  # a local JSONL / JSON / parquet file in the dataset's own format; wins over hf_id
+    split: Optional[str] = None  # the dataset's own split the rows come from; null = the bench's (test, or train)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class BenchConfig:
     _target_: str = MISSING
     name: str = MISSING
     data: BenchDataConfig = field(default_factory=BenchDataConfig)  # unset fields: the bench's own source
-    split: Optional[str] = None  # null: the bench's own split
+    split: Optional[str] = None  # all | val | test (halves by task-id hash); null = all (toy_suite: its own splits)
     n: Optional[int] = None  # the first n problems (per language for multipl_e); null = all
     chat: bool = True  # send the prompt as a user turn through the chat template
     prompt: Optional[str] = None  # a str.format template over the problem's fields; null = the bench's own

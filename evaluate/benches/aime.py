@@ -11,7 +11,7 @@ from moeprune.evaluate.types import Sample, Verdict
 class AIME(Bench):
     default_name = "aime_2024"
     default_data = {"hf_id": "HuggingFaceH4/aime_2024"}
-    default_split = "train"
+    default_data_split = "train"
     default_prompt = ("Solve the following problem step by step. The answer is an integer from 0 to 999; put it "
                       "in \\boxed{{}}.\n\n{problem}")
     default_max_new_tokens = 16384

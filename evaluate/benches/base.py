@@ -7,6 +7,7 @@ completion that must pass: what `evaluate.validate=true` feeds the scorer).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,17 @@ from moeprune.evaluate.types import Sample, Verdict
 
 log = logging.getLogger("moeprune")
 GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
+# bench.split on a dataset bench: the whole set (standalone evaluation, comparable with published
+# numbers), or one of two halves chosen by a hash of each task's id, so the halves are the same
+# whatever the dataset's row order or version (a task keeps its half as long as it keeps its id).
+TASK_SPLITS = ("all", "val", "test")
+VAL_FRACTION = 0.5
+
+
+def task_split(task_id: str) -> str:
+    """`val` or `test`: the half a task id hashes into."""
+    h = int.from_bytes(hashlib.sha256(task_id.encode()).digest()[:8], "big")
+    return "val" if h < VAL_FRACTION * 2**64 else "test"
 
 
 def fence(code: str, language: str = "python") -> str:
@@ -26,7 +38,8 @@ def fence(code: str, language: str = "python") -> str:
 class Bench:
     default_name = ""  # the preset name a bench built without config gets
     default_data: dict = {}
-    default_split = "test"
+    default_split = "all"  # the task split (TASK_SPLITS); toy_suite has the toy world's splits instead
+    default_data_split = "test"  # the dataset's own split the rows are read from (bench.data.split)
     default_max_new_tokens = 2048
     default_prompt = "{prompt}"
     # The knobs beyond every bench's that this bench reads, as its schema lists them (moeprune/components.py):
@@ -50,7 +63,9 @@ class Bench:
             raise MoePruneError(f"bench {name}: bench.thinking_budget={thinking_budget}: expected > 0 or null")
         self.name, self.n, self.n_per_class, self.seed, self.chat = name or self.default_name, n, n_per_class, seed, chat
         self.data = {**self.default_data, **{k: v for k, v in (data or {}).items() if v is not None}}
+        self.data_split = self.data.pop("split", None) or self.default_data_split
         self.split = split or self.default_split
+        self.check_split()
         self.prompt = prompt or self.default_prompt
         self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
         self.thinking_budget = thinking_budget
@@ -65,9 +80,21 @@ class Bench:
         self._samples: list[Sample] | None = None
 
     # ---- data ---------------------------------------------------------------------------------
+    def check_split(self) -> None:
+        if self.split not in TASK_SPLITS:
+            raise MoePruneError(f"bench {self.name}: bench.split={self.split}: expected one of {TASK_SPLITS} (all: the "
+                                f"whole set; val / test: the halves by a hash of each task id); the dataset's own "
+                                f"split is bench.data.split (default {self.default_data_split})")
+
     def rows(self) -> list[dict]:
-        rows, self.data_hash = load_rows(self.data, self.split, self.name)
+        rows, self.data_hash = load_rows(self.data, self.data_split, self.name)
         return rows
+
+    def in_split(self, samples: list[Sample]) -> list[Sample]:
+        """The samples of bench.split, after bench.n: the halves partition the set a bench reports."""
+        if self.split == "all":
+            return samples
+        return [s for s in samples if task_split(s.id) == self.split]
 
     def select(self, rows: list[dict]) -> list[dict]:
         """The rows whose fields equal every `bench.filter` value (e.g. difficulty: medium)."""
@@ -90,7 +117,7 @@ class Bench:
             ids = [s.id for s in samples]
             if len(set(ids)) != len(ids):
                 raise MoePruneError(f"bench {self.name}: duplicate problem ids in the data")
-            self._samples = samples
+            self._samples = self.in_split(samples)
         return self._samples
 
     def render(self, **fields) -> str:
@@ -130,7 +157,8 @@ class Bench:
         return None
 
     def settings(self) -> dict:
-        out = {"name": self.name, "class": type(self).__name__, "data": self.data, "split": self.split,
+        out = {"name": self.name, "class": type(self).__name__, "data": {**self.data, "split": self.data_split},
+               "split": self.split,
                "n": self.n, "seed": self.seed, "chat": self.chat, "prompt": self.prompt,
                "max_new_tokens": self.max_new_tokens, "thinking_budget": self.thinking_budget,
                "sampler": self.sampler, "filter": self.filter}

@@ -17,7 +17,7 @@ class GPQA(Bench):
     reads = ("seed",)  # the option order
     default_name = "gpqa_diamond"
     default_data = {"hf_id": "Idavidrein/gpqa", "config": "gpqa_diamond"}
-    default_split = "train"
+    default_data_split = "train"
     default_prompt = ("Answer the following multiple choice question. Think step by step, then end your reply "
                       "with \"Answer: (X)\" where X is one of A, B, C, D.\n\n{question}\n\n{options}")
     default_max_new_tokens = 16384

@@ -20,7 +20,7 @@ from moeprune.evaluate.types import Sample, Verdict
 class IFEval(Bench):
     default_name = "ifeval_100"
     default_data = {"hf_id": "google/IFEval"}
-    default_split = "train"
+    default_data_split = "train"
     default_max_new_tokens = 4096
 
     def build(self, rows: list[dict]) -> list[Sample]:

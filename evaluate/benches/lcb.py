@@ -79,7 +79,7 @@ class LiveCodeBench(Bench):
     # release_v4 of code_generation_lite is the union of its first four files.
     default_data = {"hf_id": "livecodebench/code_generation_lite",
                     "data_files": ["test.jsonl", "test2.jsonl", "test3.jsonl", "test4.jsonl"]}
-    default_split = "train"
+    default_data_split = "train"
     default_prompt = ("You will be given a question (problem specification) and will generate a correct Python "
                       "program that matches the specification and passes all tests.\n\nQuestion: {question}\n\n{format}")
     default_max_new_tokens = 16384

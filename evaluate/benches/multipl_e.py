@@ -104,13 +104,13 @@ class MultiPLE(Bench):
         if self._samples is None:
             run = [lang for lang in self.languages if lang not in self.skipped]
             if self.data.get("path"):  # one local file holding every language (rows carry `language`)
-                rows, self.data_hash = load_rows(self.data, self.split, self.name)
+                rows, self.data_hash = load_rows(self.data, self.data_split, self.name)
                 per_lang = {lang: [r for r in rows if r["language"] == DATASET_CODES[lang]] for lang in run}
             else:
                 per_lang, hashes = {}, []
                 for lang in run:
                     src = {**self.data, "config": f"humaneval-{DATASET_CODES[lang]}"}
-                    per_lang[lang], h = load_rows(src, self.split, self.name)
+                    per_lang[lang], h = load_rows(src, self.data_split, self.name)
                     hashes.append(h)
                 self.data_hash = artifacts.hash_json(hashes)
             out = []
@@ -121,7 +121,7 @@ class MultiPLE(Bench):
                         raise MoePruneError(f"bench {self.name}: {lang}: n={self.n} but the data has {len(rows)} problems")
                     rows = rows[: self.n]
                 out += self.build_language(lang, rows)
-            self._samples = out
+            self._samples = self.in_split(out)
         return self._samples
 
     def build_language(self, lang: str, rows: list[dict]) -> list[Sample]:

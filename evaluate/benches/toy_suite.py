@@ -25,6 +25,13 @@ class ToySuite(Bench):
         self.classes = list(self.classes or world.CLASSES)
         self._tasks: dict[str, world.Task] = {}
 
+    def check_split(self) -> None:
+        if self.split not in world.SPLITS:  # the toy world's own splits, disjoint by construction
+            raise MoePruneError(f"bench {self.name}: bench.split={self.split}: expected one of {world.SPLITS}")
+
+    def in_split(self, samples: list[Sample]) -> list[Sample]:
+        return samples  # rows() already drew the split's tasks
+
     def rows(self) -> list[dict]:
         rows = [{"cls": c, "i": i, "prompt": t.prompt, "answer": t.answer}
                 for c in self.classes for i, t in enumerate(world.make_tasks(c, self.n_per_class, self.split, self.seed))]

@@ -2,9 +2,9 @@
 
 The split a trial's bench scores is what the sweep optimizes on: `bench.split` as the search space
 fixes or sweeps it, else the config's, else the bench's own default (`default_split`, `test` for
-most benches, toy_suite included). A sweep whose objective reads the bench and whose split is
-`test` is refused unless `hydra.sweeper.allow_test_split=true` says it is meant (a bench with no
-other split, e.g. HumanEval+).
+toy_suite; `all`, the whole set, for the dataset benches). A sweep whose objective reads the bench
+and whose split is `test` or `all` (which holds the test half) is refused unless
+`hydra.sweeper.allow_test_split=true` says it is meant.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from moeprune.errors import MoePruneError
 
 from ._search_space import SearchSpace
 
-TEST = "test"
+REPORTED = ("test", "all")  # the splits reported tables score (all holds the test half)
 KEY = "bench.split"
 
 
@@ -55,8 +55,8 @@ def check(config: DictConfig, space: SearchSpace, allow_test_split: bool) -> Non
     if allow_test_split or OmegaConf.select(config, "bench") is None or not _reads_the_bench(config):
         return
     for where, split in swept_splits(config, space):
-        if split == TEST:
+        if split in REPORTED:
             raise MoePruneError(
-                f"the sweep would choose its best trial on {where}, the split reported tables score: expected "
-                f"{KEY}=val (toy_suite's validation split) or another held-out split, or "
-                f"hydra.sweeper.allow_test_split=true to optimize on the test split knowingly")
+                f"the sweep would choose its best trial on {where}, which holds the split reported tables score: "
+                f"expected {KEY}=val (every bench has one: toy_suite's own, the others' half by task-id hash), or "
+                f"hydra.sweeper.allow_test_split=true to optimize on it knowingly")
