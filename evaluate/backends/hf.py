@@ -27,6 +27,7 @@ from moeprune.evaluate.types import Completion
 from moeprune.models import load_model, load_tokenizer, read_config
 
 log = logging.getLogger("moeprune")
+TEACHER_LOGITS = 2**28  # next-token log-probs held at once when teacher-forcing (1 GiB in float32)
 
 
 class ThinkingBudget(LogitsProcessor):
@@ -120,28 +121,83 @@ class HFBackend(Backend):
                  thinking_budget: int | None = None, sampler: dict | None = None) -> list[Completion]:
         if sampler and (sampler.get("temperature", 0) != 0):
             raise MoePruneError(f"backend hf generates greedily; bench.sampler={sampler}: expected temperature 0")
-        tok = self.tokenizer
         texts = self._texts(prompts, chat)
-        # Sorting by length keeps padding (and wasted compute) per batch small.
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        results: dict[int, Completion] = {}
-        eos = self.model.generation_config.eos_token_id
-        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        # A chat template already writes <bos>; raw prompts get the tokenizer's own specials.
+        ids = [self.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in texts]
         with self._routing():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                # A chat template already writes <bos>; raw prompts get the tokenizer's own specials.
-                enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True,
-                          add_special_tokens=not chat).to(self.model.device)
-                gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                          pad_token_id=tok.pad_token_id,
-                                          logits_processor=self._budget(enc["input_ids"].shape[1], thinking_budget))
-                new = gen[:, enc["input_ids"].shape[1]:]
-                for row, i in zip(new.tolist(), idx):
-                    n = next((k for k, t in enumerate(row) if t in eos_ids), None)
-                    body = row if n is None else row[:n]
-                    results[i] = self._completion(body, "length" if n is None else "stop")
+            rows = self._greedy(ids, max_new_tokens, thinking_budget)
+        eos_ids = self._eos_ids()
+        out = []
+        for row in rows:
+            n = next((k for k, t in enumerate(row) if t in eos_ids), None)
+            out.append(self._completion(row if n is None else row[:n], "length" if n is None else "stop"))
+        return out
+
+    @torch.no_grad()
+    def greedy_ids(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """Each tokenized prompt's greedy continuation as token ids, up to and including its first EOS
+        (virtual pruning applied): the base side of the teacher-forced objective."""
+        eos_ids = self._eos_ids()
+        with self._routing():
+            rows = self._greedy(prompts, max_new_tokens, None)
+        return [row[:next((k + 1 for k, t in enumerate(row) if t in eos_ids), len(row))] for row in rows]
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.model.generation_config.eos_token_id
+        return set(eos if isinstance(eos, list) else [eos])
+
+    def _greedy(self, prompts: list[list[int]], max_new_tokens: int, thinking_budget: int | None) -> list[list[int]]:
+        """The generated ids of each prompt (max_new_tokens of them; past an EOS they are padding)."""
+        # Sorting by length keeps padding (and wasted compute) per batch small.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        pad = self.tokenizer.pad_token_id
+        results: dict[int, list[int]] = {}
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = self._left_padded([prompts[i] for i in idx])
+            gen = self.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                      logits_processor=self._budget(enc["input_ids"].shape[1], thinking_budget))
+            for row, i in zip(gen[:, enc["input_ids"].shape[1]:].tolist(), idx):
+                results[i] = row
         return [results[i] for i in range(len(prompts))]
+
+    def _left_padded(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return {"input_ids": ids.to(self.model.device), "attention_mask": mask.to(self.model.device)}
+
+    @torch.no_grad()
+    def teacher_forced(self, prompts: list[list[int]], continuations: list[list[int]], reduce) -> list:
+        """Teacher-force each prompt + continuation (virtual pruning applied) and hand each batch's
+        next-token log-probabilities at the continuation's positions to `reduce(rows, logprobs
+        [B, L, V] float32, mask [B, L], targets [B, L])`, which returns one small result per row.
+        Only a batch's continuation logits are ever held: at a 262,144-token vocabulary the batch
+        is cut so that they stay under TEACHER_LOGITS elements."""
+        order = sorted(range(len(prompts)), key=lambda i: (len(continuations[i]), len(prompts[i])))
+        vocab = self.model.get_output_embeddings().weight.shape[0]
+        out: dict[int, object] = {}
+        with self._routing():
+            start = 0
+            while start < len(order):
+                longest = len(continuations[order[min(start + self.batch_size, len(order)) - 1]])
+                rows = max(1, min(self.batch_size, TEACHER_LOGITS // max(1, longest * vocab)))
+                idx = order[start:start + rows]
+                start += rows
+                width = max(len(continuations[i]) for i in idx)
+                enc = self._left_padded([prompts[i] + continuations[i] for i in idx])
+                # Left padding: positions count from each row's first real token, as in generate.
+                position_ids = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+                logits = self.model(**enc, position_ids=position_ids, logits_to_keep=width + 1).logits[:, :-1]
+                logprobs = torch.log_softmax(logits.float(), dim=-1)
+                del logits
+                targets = enc["input_ids"][:, -width:]
+                lengths = torch.tensor([len(continuations[i]) for i in idx], device=targets.device)
+                mask = torch.arange(width, device=targets.device)[None, :] >= (width - lengths)[:, None]
+                for i, result in zip(idx, reduce(idx, logprobs, mask, targets)):
+                    out[i] = result
+        return [out[i] for i in range(len(prompts))]
 
     def _budget(self, prompt_len: int, thinking_budget: int | None) -> LogitsProcessorList:
         if not thinking_budget:
