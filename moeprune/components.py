@@ -170,6 +170,23 @@ class ToySuiteBenchConfig(BenchConfig):
     classes: Optional[List[str]] = None  # null = every class
 
 
+class DivergenceMetric(Choice):
+    kl = "kl"  # mean KL(base || pruned) over the continuation tokens (lower is better)
+    nll = "nll"  # mean negative log-likelihood of the base's tokens (lower is better)
+    agreement = "agreement"  # share of positions whose argmax is the base's token (higher is better)
+
+
+@dataclass
+class DivergenceBenchConfig(BenchConfig):
+    """divergence: the teacher-forced objective (evaluate/benches/divergence.py)."""
+
+    texts: str = "toy"  # toy (the toy world's tasks) or a dir of held-out <class>.jsonl prompts
+    metric: DivergenceMetric = DivergenceMetric.kl  # what score and per_category hold
+    top_logprobs: int = 256  # base distribution entries kept per position (the KL is exact when >= vocab)
+    n_per_class: int = 100
+    classes: Optional[List[str]] = None  # null = every class (toy) / every file in texts
+
+
 # ---- backends (evaluate/backends) -------------------------------------------------------------
 @dataclass
 class BackendConfig:
@@ -236,7 +253,8 @@ class WandbLoggerConfig(LoggerConfig):
 SCHEMAS = {
     "strategy": {"pooled": StrategyConfig, "class_aggregate": ClassAggregateConfig, "random": RandomStrategyConfig},
     "bench": {"answer": BenchConfig, "shuffled": ShuffledBenchConfig, "code": CodeBenchConfig,
-              "lcb": LcbBenchConfig, "multipl_e": MultiplEBenchConfig, "toy_suite": ToySuiteBenchConfig},
+              "lcb": LcbBenchConfig, "multipl_e": MultiplEBenchConfig, "toy_suite": ToySuiteBenchConfig,
+              "divergence": DivergenceBenchConfig},
     "backend": {"hf": HFBackendConfig, "openai": OpenAIBackendConfig, "llama_cpp": LlamaCppBackendConfig},
     "logger": {"none": LoggerConfig, "wandb": WandbLoggerConfig},
 }

@@ -40,8 +40,14 @@ def results_table(results: dict) -> str:
     if not rows:
         return ""
     cols = score_columns(results)
-    pct = [[r[0], *(f"{s:.1%}" if s is not None else "-" for s in r[1:-1]),
-            f"{r[-1] * 100:+.1f}" if r[-1] is not None else "-"] for r in rows]
+    metric = next((r.get("metric") for _, r in cols if r.get("metric")), None)
+    if metric in ("kl", "nll"):  # the divergence objective: nats per token, lower is better
+        headers = [f"class ({metric})", *headers[1:]]
+        pct = [[r[0], *(f"{s:.4f}" if s is not None else "-" for s in r[1:-1]),
+                f"{r[-1]:+.4f}" if r[-1] is not None else "-"] for r in rows]
+    else:
+        pct = [[r[0], *(f"{s:.1%}" if s is not None else "-" for s in r[1:-1]),
+                f"{r[-1] * 100:+.1f}" if r[-1] is not None else "-"] for r in rows]
     lines = [headers, *pct,
              ["experts/layer", *(str(r["num_experts"]) if r.get("num_experts") else "-" for _, r in cols), ""],
              ["size", *(_mb(r.get("size_bytes")) for _, r in cols), ""]]

@@ -222,15 +222,40 @@ def run_prune(ctx: StageContext) -> dict:
 
 def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) -> dict:
     """One bench through the configured backend (docs/evaluation.md); drop_map = virtual pruning;
-    model = an already loaded model for the hf backend (the NVFP4 reload)."""
+    model = an already loaded model for the hf backend (the NVFP4 reload). A teacher-forced bench
+    (bench=divergence) is scored against the reference stage's base side instead of generated."""
+    from moeprune.config import build
+    from moeprune.evaluate.runner import SAMPLES_FILE, SUMMARY_FILE, run_bench, write_jsonl
+
+    cfg = ctx.cfg
+    bench = build(cfg.bench)
+    backend = _backend(cfg, model_path, drop_map, model)
+    cache = Path(cfg.paths.cache_dir).expanduser() / "generations.sqlite" if cfg.evaluate.resume else None
+    try:
+        if getattr(bench, "teacher_forced", False):
+            from moeprune.evaluate import teacher_forced
+
+            summary, rows = teacher_forced.score(bench, backend, ctx.inputs["reference"])
+            write_jsonl(ctx.out_dir / SAMPLES_FILE, rows)
+            artifacts.write_json(ctx.out_dir / SUMMARY_FILE, summary)
+        else:
+            summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache,
+                                cfg.evaluate.empty_threshold)
+    finally:
+        backend.close()
+    keys = ("bench", "n", "score", "stderr", "per_category", "others_mean", "empty_rate", "flags")
+    metric = {"metric": summary["metric"]} if "metric" in summary else {}  # the divergence objective's
+    return {**{k: summary[k] for k in keys}, **metric, **_model_size(Path(model_path), drop_map)}
+
+
+def _backend(cfg: DictConfig, model_path: Path, drop_map=None, model=None):
+    """The configured backend on `model_path`, with the run values it takes (virtual pruning's map
+    and shared-FFN alpha, an already loaded model)."""
     from hydra.utils import get_class
 
     from moeprune.config import build
     from moeprune.evaluate.backends.base import Backend
-    from moeprune.evaluate.runner import run_bench
 
-    cfg = ctx.cfg
-    bench = build(cfg.bench)
     runtime = {"model_dir": model_path, "dtype": cfg.model.dtype, "device": cfg.model.device}
     if drop_map is not None:
         if cfg.backend.name != "hf":
@@ -253,13 +278,31 @@ def _evaluate(ctx: StageContext, model_path: Path, drop_map=None, model=None) ->
         raise MoePruneError(f"backend={cfg.backend.name}: {cfg.backend._target_} builds a {type(backend).__name__}, "
                             f"expected a Backend (runtime, chunk_size, generate, identity, close: "
                             f"evaluate/backends/base.py)")
-    cache = Path(cfg.paths.cache_dir).expanduser() / "generations.sqlite" if cfg.evaluate.resume else None
+    return backend
+
+
+def run_reference(ctx: StageContext) -> dict:
+    """The teacher-forced objective's base side (evaluate/teacher_forced.py), once per model and bench."""
+    from moeprune.config import build
+    from moeprune.evaluate.teacher_forced import build_reference
+    from moeprune.prune.calibration import calibration_texts
+
+    cfg = ctx.cfg
+    backend = _backend(cfg, model_dir(cfg))
     try:
-        summary = run_bench(bench, backend, ctx.out_dir, cfg.backend.max_new_tokens, cache, cfg.evaluate.empty_threshold)
+        return build_reference(build(cfg.bench), backend, ctx.out_dir, calibration_texts(cfg.calibration))
     finally:
         backend.close()
-    keys = ("bench", "n", "score", "stderr", "per_category", "others_mean", "empty_rate", "flags")
-    return {**{k: summary[k] for k in keys}, **_model_size(Path(model_path), drop_map)}
+
+
+def teacher_forced(cfg: DictConfig) -> bool:
+    """Whether the bench is scored by teacher forcing (bench=divergence) rather than by generation."""
+    from hydra.utils import get_class
+
+    try:
+        return bool(getattr(get_class(cfg.bench._target_), "teacher_forced", False))
+    except Exception:  # an unimportable bench fails where it is built, with its own message
+        return False
 
 
 def _model_size(path: Path, drop_map) -> dict:
@@ -460,6 +503,10 @@ STAGES = [
 EVALUATE_VIRTUAL = Stage("evaluate", run_evaluate_virtual, (*_EVAL_KEYS, "prune.shared_ffn_alpha"), inputs=("dropmap",),
                          external=_model_input, version=4, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
 VALIDATE = Stage("validate", run_validate, ("bench",), version=3)
+# bench=divergence: the base model's continuations and top log-probs, which every evaluate reads.
+# The calibration is in the key: its prompts are left out of the held-out set.
+REFERENCE = Stage("reference", run_reference, ("bench", "model.dtype", "backend.enable_thinking", "calibration"),
+                  external=_model_input, enabled=lambda c: c.stages.evaluate, preflight=_bench_loads)
 # keep.drop_map in a run that computes no profile: the same "dropmap" stage, without the profile.
 GIVEN_DROPMAP = Stage("dropmap", run_given_dropmap, ("keep",),
                       external=lambda c: {**_dropmap_inputs(c), **_model_input(c)},
@@ -475,6 +522,8 @@ def stages_for(cfg: DictConfig) -> list[Stage]:
     stages = STAGES
     if cfg.keep.drop_map is not None and not _profiles(cfg):
         stages = [GIVEN_DROPMAP if s.name == "dropmap" else s for s in STAGES]
+    if teacher_forced(cfg):
+        stages = _teacher_forced_stages(cfg, stages)
     if not cfg.evaluate.virtual:
         return stages
     if cfg.backend.name != "hf":  # before any work: the profile would be wasted
@@ -483,11 +532,34 @@ def stages_for(cfg: DictConfig) -> list[Stage]:
     out, gone = [], {"prune"}
     for stage in stages:
         if stage.name == "evaluate":
-            out.append(EVALUATE_VIRTUAL)
+            out.append(_with_reference(EVALUATE_VIRTUAL) if teacher_forced(cfg) else EVALUATE_VIRTUAL)
         elif stage.name in gone or gone & set(stage.inputs):
             gone.add(stage.name)
         else:
             out.append(stage)
+    return out
+
+
+def _with_reference(stage: Stage) -> Stage:
+    import dataclasses
+
+    return dataclasses.replace(stage, inputs=(*stage.inputs, "reference"))
+
+
+def _teacher_forced_stages(cfg: DictConfig, stages: list[Stage]) -> list[Stage]:
+    """bench=divergence: the reference stage first, and every evaluate reads it. The objective runs
+    inside a loaded model (backend=hf); a quantized file is judged by a generating bench."""
+    if cfg.backend.name != "hf":
+        raise MoePruneError(f"bench={cfg.bench.name} teacher-forces the model's own continuations: expected "
+                            f"backend=hf, got {cfg.backend.name!r}")
+    if _quant_on(cfg) and cfg.stages.evaluate:
+        raise MoePruneError(f"bench={cfg.bench.name} has no evaluate_quant (a GGUF served by llama.cpp gives no "
+                            f"log-probabilities over the vocabulary): expected quant_tier=none, stages.evaluate=false, "
+                            "or a generating bench for the quantized file")
+    named = {"evaluate_base", "evaluate"}
+    out = [REFERENCE]
+    for stage in stages:
+        out.append(_with_reference(stage) if stage.name in named else stage)
     return out
 
 

@@ -206,6 +206,20 @@ def read_prompts(cls: str, src: CalibrationSourceConfig, n: int | None, seed: in
     return prompts if n is None else prompts[:n]
 
 
+def calibration_texts(cfg: DictConfig) -> set[str]:
+    """Every prompt the corpus can profile, as text (a chat as its JSON): the held-out prompts of the
+    divergence objective must not be among them. Each source is read whole, so a prompt past
+    samples_per_class counts too (toy sources: the calib split, disjoint from val and test anyway)."""
+    out = set()
+    for cls, srcs in sources_of(cfg, tiers_of(cfg)).items():
+        for src in srcs:
+            if src.kind == "toy":
+                continue
+            for p in read_prompts(cls, src, None, cfg.seed):
+                out.add(p if isinstance(p, str) else json.dumps(p))
+    return out
+
+
 # ---- tokenizing --------------------------------------------------------------------------------
 def encode(tokenizer, prompt: Prompt, chat_template: bool, template_kwargs: dict) -> list[int]:
     if chat_template:
