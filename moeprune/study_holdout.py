@@ -47,12 +47,21 @@ def on_test(trial) -> str:
     return " ".join(["moeprune", *_run_overrides(trial), "bench.split=test"])
 
 
-def commands(trial, n_test: Optional[int]) -> dict[str, list[str]]:
-    """name -> the overrides of its test run: the trial's recipe, and REAP at the trial's keep."""
-    base = _run_overrides(trial)
+BASELINES = {REAP: "strategy=reap", "frequency": "strategy=frequency", "gate mass": "strategy=gate_mass"}
+
+
+def commands(trial, n_test: Optional[int], confirm: Optional[dict] = None) -> dict[str, list[str]]:
+    """name -> the overrides of its test run: the trial's recipe, and REAP at the trial's keep. A
+    two-stage study's choice runs with its confirmation's overrides (the generating bench), against
+    REAP, frequency and gate mass."""
+    scored_by = [o for o in (confirm or {}).get("overrides", []) if _key(o) != "bench.split"]
+    if confirm:
+        scored_by.append(f"optimized_metric={confirm['metric']}")
+    base = [*_run_overrides(trial), *scored_by]
     extra = ["bench.split=test", *([f"bench.n_per_class={n_test}"] if n_test else [])]
     recipe_free = [o for o in base if _key(o) not in trial.params or _key(o).startswith("keep.")]
-    return {f"trial {trial.number}": [*base, *extra], REAP: [*recipe_free, "strategy=reap", *extra]}
+    names = list(BASELINES) if confirm else [REAP]
+    return {f"trial {trial.number}": [*base, *extra], **{n: [*recipe_free, BASELINES[n], *extra] for n in names}}
 
 
 def run_on_test(overrides: list[str], run_dir: Path, cache_dir: Optional[Path]) -> dict[str, dict]:
@@ -100,8 +109,27 @@ def targets_of(objectives: list[str]) -> list[str]:
     return out
 
 
-def holdout_table(trial, out_dir: Path, n_test: Optional[int] = None) -> str:
+def holdout_table(trial, out_dir: Path, n_test: Optional[int] = None, confirm: Optional[dict] = None) -> str:
     cache = _cache_dir(trial.job_dir)
     rows = {name: run_on_test(overrides, out_dir / name.replace(" ", "-"), cache)
-            for name, overrides in commands(trial, n_test).items()}
-    return table(rows, targets_of(trial.objectives))
+            for name, overrides in commands(trial, n_test, confirm).items()}
+    targets = targets_of([confirm["metric"]] if confirm else trial.objectives) or targets_of(trial.objectives)
+    out = table(rows, targets)
+    if confirm:
+        out += "\n\n" + versus(rows, f"trial {trial.number}", targets)
+    return out
+
+
+def versus(rows: dict[str, dict[str, dict]], chosen: str, targets: list[str]) -> str:
+    """The chosen recipe against each baseline on the same test tasks: Δ points (exact McNemar p)."""
+    head = ["vs", *(f"Δ {c} (p)" for c in ["ALL", *targets])]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    mine = rows[chosen]
+    for name in (n for n in rows if n != chosen):
+        cells = []
+        for c in ["ALL", *targets]:
+            ids = [i for i, r in mine.items() if c == "ALL" or r["category"] == c]
+            d, p = mcnemar({i: bool(mine[i]["pass"]) for i in ids}, {i: bool(rows[name][i]["pass"]) for i in ids})
+            cells.append(f"{100 * d:+.1f} (p={p:.2g})")
+        lines.append(f"| {chosen} vs {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

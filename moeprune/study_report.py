@@ -185,6 +185,30 @@ def plot(trials: list[Trial], cost: str, front: Front, out: Path) -> None:
     tmp.replace(out)
 
 
+CONFIRM_FILE = "confirm.json"
+
+
+def load_confirms(dirs: list[Path]) -> dict[str, dict]:
+    """study -> the latest confirm.json of a two-stage study found under `dirs`."""
+    found: dict[str, dict] = {}
+    for d in dirs:
+        for path in sorted(Path(d).rglob(CONFIRM_FILE)):
+            rec = artifacts.read_json(path)
+            if rec["study"] not in found or found[rec["study"]]["recorded"] <= rec["recorded"]:
+                found[rec["study"]] = rec
+    return found
+
+
+def confirm_table(confirm: dict, objectives: list[str]) -> str:
+    head = ["trial", *(objectives or ["value"]), f"{confirm['metric']} (confirmation)", "chosen"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in confirm["candidates"]:
+        value = _fmt(r["confirm_value"]) if r["confirm_value"] is not None else f"failed: {r['error']}"
+        lines.append(f"| {r['trial']} | " + " | ".join(_fmt(v) for v in r["values"] or []) + f" | {value} | "
+                     + ("*" if r["trial"] == confirm["chosen"] else "") + " |")
+    return "\n".join(lines)
+
+
 def best_trial(trials: list[Trial]) -> Optional[Trial]:
     """The first objective's best; a two-objective study breaks ties on its second (the coder use
     case: the target first, then the rest as little hurt as possible)."""
@@ -202,6 +226,7 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
         raise MoePruneError(f"report: no {TRIAL_FILE} under {', '.join(map(str, dirs))}; expected the output "
                             "dir of a `moeprune -m hparams_search=...` sweep")
     out_dir = Path(out_dir or dirs[0])
+    confirms = load_confirms(dirs)
     written = []
     for study in sorted({t.study for t in trials}):
         st = [t for t in trials if t.study == study]
@@ -212,7 +237,9 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
         if front is not None:
             plot(st, c, front, png)
         done = [t for t in st if t.state == "COMPLETE" and t.values]
-        best = best_trial(st)
+        best, confirm = best_trial(st), confirms.get(study)
+        if confirm is not None:  # a two-stage study: its choice is the best confirmed trial
+            best = next(t for t in st if t.number == confirm["chosen"])
         splits = sorted({t.split for t in st if t.split is not None})
         lines = [f"# study {study}", "",
                  f"{len(st)} trials ({len(done)} completed), "
@@ -227,13 +254,20 @@ def report(dirs: list[Path], out_dir: Optional[Path] = None, cost: Optional[str]
             from moeprune import study_holdout
 
             values = ", ".join(f"{n} {_fmt(v)}" for n, v in zip(best.objectives or [y_name], best.values))
-            lines += [f"Best ({st[0].directions[0]} {y_name}): trial {best.number}: {values}.",
-                      f"Score it on test: `{study_holdout.on_test(best)}`", ""]
+            if confirm is not None:
+                lines += [f"Two stages: the best {len(confirm['candidates'])} trials by {y_name}, re-scored with "
+                          f"{' '.join(confirm['overrides'])} ({confirm['direction']} {confirm['metric']}); "
+                          f"the choice is trial {best.number}.", "", confirm_table(confirm, best.objectives), ""]
+            else:
+                lines += [f"Best ({st[0].directions[0]} {y_name}): trial {best.number}: {values}.",
+                          f"Score it on test: `{study_holdout.on_test(best)}`", ""]
         lines += [table(st, c, front.numbers if front else set()), ""]
         if test and best:
-            lines += [f"## trial {best.number} and REAP on test", "",
+            against = "REAP, frequency and gate mass" if confirm else "REAP"
+            lines += [f"## trial {best.number} and {against} on test", "",
                       "Accuracy % [95% Wilson interval]; Δ: paired difference vs REAP on the same tasks, points "
-                      "(exact McNemar p).", "", study_holdout.holdout_table(best, out_dir / f"test-{study}", n_test), ""]
+                      "(exact McNemar p).", "",
+                      study_holdout.holdout_table(best, out_dir / f"test-{study}", n_test, confirm), ""]
         md = out_dir / f"report-{study}.md"
         _write(md, "\n".join(lines))
         print("\n".join(lines))

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
-from . import _choices, _search_space, _split_guard
+from . import _choices, _confirm, _search_space, _split_guard
 
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
@@ -162,8 +162,9 @@ def _traceback(ret: JobReturn) -> Optional[str]:
 class OptunaSweeperImpl(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: Any, params: Optional[DictConfig], enqueue_default: bool,
-                 allow_test_split: bool = False, enqueue: Any = None) -> None:
+                 allow_test_split: bool = False, enqueue: Any = None, confirm: Any = None) -> None:
         self.sampler_cfg = sampler
+        self.confirm = confirm
         self.directions = parse_directions(direction)
         self.storage_spec = storage
         self.study_name = study_name
@@ -225,6 +226,8 @@ class OptunaSweeperImpl(Sweeper):
         # Mistakes of the space are said before the study is created: none leaves an empty study behind.
         _split_guard.check(self.config, space, self.allow_test_split)
         _choices.check(space, self.hydra_context.config_loader, self.config)
+        confirm = _confirm.check(self.confirm, self.hydra_context.config_loader, self.config, space.fixed)
+        self.space = space
         points = _search_space.enqueued_points(space, self.enqueue)
         default = None
         if self.enqueue_default:
@@ -277,6 +280,8 @@ class OptunaSweeperImpl(Sweeper):
         if completed == 0:
             raise MoePruneError(f"none of the {self.n_trials} trials of this sweep completed; first failure: {first_error}")
         self._save_results(study, sweep_dir)
+        if confirm:  # the second stage: the best trials re-scored by generation on val
+            _confirm.run(self, study, confirm, sweep_dir)
         return returns
 
     # ---- records ------------------------------------------------------------------------------

@@ -48,6 +48,19 @@ class BruteForceSamplerConf:  # small all-discrete spaces: every combination onc
 
 
 @dataclass
+class ConfirmConf:
+    """The second stage of a two-stage study (docs/sweeps.md): after the trials, the best `top` of
+    them (a multi-objective study: its Pareto front, best first by the first objective) are run
+    again with `overrides` (a generating bench on its val split) and scored by `metric`; the best
+    confirmed trial is the study's choice (confirm.json in the sweep dir, `moeprune report`)."""
+
+    top: int = 0  # 0: one stage, the study's own best is its choice
+    overrides: List[str] = field(default_factory=list)  # e.g. [bench=toy_suite, bench.split=val]
+    metric: str = "evaluate.score"  # the confirmation runs' optimized_metric
+    direction: str = "maximize"
+
+
+@dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.moeprune_optuna_sweeper.optuna_sweeper.OptunaSweeper"
     # The sampler is built by the sweeper (not by Hydra) so that a resumed study can reseed it.
@@ -79,6 +92,7 @@ class OptunaSweeperConf:
     # A sweep whose objective reads the bench refuses to optimize on its test split (bench.split=test,
     # or null where the bench's default is test) unless this is set: tables report test.
     allow_test_split: bool = False
+    confirm: ConfirmConf = field(default_factory=ConfirmConf)
 
 
 def register() -> None:
