@@ -11,7 +11,8 @@ the pid namespace ends and every process the program forked ends with it. Rlimit
 
 `isolation: none` runs the program as a plain subprocess of the scorer (rlimits, its own process
 group, an empty network namespace where `unshare -rn` works, else a Python-only socket block). It
-is an explicit opt-out for hosts without bubblewrap: untrusted code is never run that way by default.
+is an explicit opt-out for hosts without bubblewrap that also needs `accept_unsafe: true`: the
+program can then reach the scorer's files and processes, so a pass is only as honest as the model.
 
 The program's exit status alone never decides a pass: see `evaluate/calls.py` for how Python
 benches decide it outside the program, and the benches for the rest.
@@ -58,6 +59,7 @@ class Limits:
     open_files: int = 256
     processes: int = 4096  # RLIMIT_NPROC counts the host user's processes (and root is exempt): a backstop
     isolation: str = "bwrap"
+    accept_unsafe: bool = False  # isolation=none scores only with it: the program can forge its own pass
 
 
 @dataclass(frozen=True)
@@ -184,15 +186,20 @@ def bwrap_problem() -> str | None:
     return None
 
 
-def require_isolation(isolation: str) -> None:
-    """Refuse to score generated code without the isolation asked for."""
+def require_isolation(isolation: str, accept_unsafe: bool = False) -> None:
+    """Refuse to score generated code without the isolation asked for, or without isolation unless
+    the user accepted that its passes are not to be trusted."""
     if isolation not in ISOLATIONS:
         raise MoePruneError(f"bench.sandbox.isolation={isolation!r}: expected bwrap (isolated, the default) "
                             "or none (no isolation: runs generated code as your user)")
     if isolation == "bwrap" and (why := bwrap_problem()):
         raise MoePruneError(f"bench.sandbox.isolation=bwrap: {why}. Install it (apt-get install bubblewrap) or set "
-                            "bench.sandbox.isolation=none to run generated code without isolation, as your user, "
-                            "able to read and write your files")
+                            "bench.sandbox.isolation=none with bench.sandbox.accept_unsafe=true to run generated "
+                            "code without isolation, as your user, able to read and write your files")
+    if isolation == "none" and not accept_unsafe:
+        raise MoePruneError("bench.sandbox.accept_unsafe=false with bench.sandbox.isolation=none: expected true to "
+                            "score without isolation. The program then runs as your user: it can read and write "
+                            "your files, reach your sockets and forge its own pass (docs/evaluation.md, threat model)")
 
 
 @functools.lru_cache(maxsize=1)
@@ -386,7 +393,7 @@ class Sandbox:
         reason = missing_toolchain(lang)
         if reason:
             raise MoePruneError(f"cannot run generated code: {reason}")
-        require_isolation(limits.isolation)
+        require_isolation(limits.isolation, limits.accept_unsafe)
         self.limits = limits
         self._tmp = tempfile.TemporaryDirectory(prefix="moeprune-sandbox-")
         self.box = Box(Path(self._tmp.name), self.lang, limits, packages)

@@ -119,6 +119,7 @@ class SandboxConfig:
     open_files: int = 256
     processes: int = 4096  # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace is the real cap
     isolation: Isolation = Isolation.bwrap  # none: no isolation, an explicit opt-out (docs/evaluation.md)
+    accept_unsafe: bool = False  # isolation=none refuses to score without it: a program can forge its pass there
     workers: int = 2  # programs run at once
 
 

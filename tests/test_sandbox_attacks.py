@@ -204,11 +204,13 @@ def test_without_bubblewrap_the_scorer_refuses_unless_isolation_none_is_chosen(m
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
     try:
         with pytest.raises(MoePruneError, match="bench.sandbox.isolation=bwrap: bubblewrap .* not installed.*"
-                                                "bench.sandbox.isolation=none"):
+                                                "bench.sandbox.isolation=none with bench.sandbox.accept_unsafe=true"):
             HumanEval()
-        res = sandbox.run_program("print('plain')", limits=dataclasses.replace(TIGHT, isolation="none"))
+        unsafe = dataclasses.replace(TIGHT, isolation="none", accept_unsafe=True)
+        res = sandbox.run_program("print('plain')", limits=unsafe)
         assert res.stdout.strip() == "plain"
-        assert HumanEval(sandbox={"isolation": "none"}).settings()["sandbox"]["isolation"] == "none"
+        settings = HumanEval(sandbox={"isolation": "none", "accept_unsafe": True}).settings()["sandbox"]
+        assert settings["isolation"] == "none" and settings["accept_unsafe"] is True
     finally:
         sandbox.bwrap_problem.cache_clear()
     with pytest.raises(MoePruneError, match="bench.sandbox.isolation='docker': expected bwrap .* or none"):
@@ -332,3 +334,44 @@ def test_without_root_the_files_others_may_not_read_are_masked_by_their_permissi
         sandbox_view.private_to_others.cache_clear()
     # The mask is /dev/null, bound without device access: reading it is denied.
     assert res.status == "ok" and res.stdout.split() == ["65534", "PermissionError", "PermissionError"], res
+
+
+# With isolation=none (and no `unshare`) the program is a plain process of the scorer's user: it finds
+# the tests' process, writes a pass into the outcome pipe through /proc/<pid>/fd/<n> and kills the tests
+# before they report.
+OUTCOME_FORGER = """\
+import os, signal, time
+def add(x: int, y: int):
+    return 0
+for _ in range(200):
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\\0")
+        except OSError:
+            continue
+        if len(argv) > 3 and argv[-6:-5] == [b"check"]:
+            with open(f"/proc/{pid}/fd/{int(argv[-2])}", "w") as outcome:
+                outcome.write('{"status": "pass"}')
+            os.kill(int(pid), signal.SIGKILL)
+            raise SystemExit
+    time.sleep(0.01)
+"""
+
+
+def test_isolation_none_refuses_to_score_unless_an_unsafe_run_is_accepted(add_problem, monkeypatch):
+    _, sample = add_problem
+    real_which = sandbox.shutil.which
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "unshare" else real_which(name))
+    sandbox.network_isolation.cache_clear()
+    with pytest.raises(MoePruneError, match="bench.sandbox.accept_unsafe=false.*isolation=none"):
+        HumanEval(sandbox={"isolation": "none", "wall_s": 5.0})
+    with pytest.raises(MoePruneError, match="bench.sandbox.accept_unsafe"):
+        sandbox.run_program("print(1)", limits=dataclasses.replace(TIGHT, isolation="none"))
+    unsafe = HumanEval(sandbox={"isolation": "none", "accept_unsafe": True, "wall_s": 5.0})
+    assert unsafe.settings()["sandbox"]["accept_unsafe"] is True
+    # What accepting means: a wrong answer forges its pass, as the threat model says.
+    try:
+        assert sandbox.network_isolation() == "python-socket-block"
+        assert unsafe.score(sample, fenced(OUTCOME_FORGER)).passed
+    finally:
+        sandbox.network_isolation.cache_clear()

@@ -72,7 +72,7 @@ class Bench:
         self.sampler = {**GREEDY, **(sampler or {})}
         self.limits = sandbox_limits(sandbox or {})
         if self.runs_code:  # before any generation: refuse early rather than after hours of it
-            require_isolation(self.limits.isolation)
+            require_isolation(self.limits.isolation, self.limits.accept_unsafe)
         self.workers = int((sandbox or {}).get("workers") or 2)
         self.task_ids, self.languages, self.classes = task_ids, languages, classes
         self.filter = dict(filter or {})
