@@ -178,7 +178,8 @@ def bwrap_problem() -> str | None:
     if sandbox_view.as_root() and not shutil.which("setpriv"):
         return "setpriv (util-linux) is not installed: under root it drops the program to uid 65534"
     try:
-        proc = subprocess.run([*bwrap_argv(1 << 20, {}, LANGUAGES["python"]), "true"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([*bwrap_argv(1 << 20, {}, LANGUAGES["python"]), "true"], capture_output=True, text=True,
+                              timeout=30)
     except (OSError, subprocess.TimeoutExpired) as e:
         return f"bwrap did not run: {e}"
     if proc.returncode != 0:

@@ -265,13 +265,17 @@ def _secret_paths() -> list[str]:
             str(here.parent / "tests"), *sysconfig.get_paths()["purelib"].split(os.pathsep)]
 
 
-LOOKERS = {  # print each path of argv-like list SEEN that exists inside the sandbox
+LOOKERS = {  # a program per language printing each path of {paths} with True when it exists inside
     "python": "import os\nfor p in {paths!r}:\n    print(p, os.path.exists(p))\n",
-    "js": ("const fs = require('fs');\nfor (const p of {paths_json}) console.log(p, fs.existsSync(p) ? 'True' : 'False');\n"),
+    "js": ("const fs = require('fs');\n"
+           "for (const p of {paths_json}) console.log(p, fs.existsSync(p) ? 'True' : 'False');\n"),
     "java": ("import java.io.File;\nclass Problem {{\n    public static void main(String[] a) {{\n"
-             "        for (String p : new String[]{{{paths_java}}}) System.out.println(p + \" \" + (new File(p).exists() ? \"True\" : \"False\"));\n"
+             "        for (String p : new String[]{{{paths_java}}})\n"
+             "            System.out.println(p + \" \" + (new File(p).exists() ? \"True\" : \"False\"));\n"
              "    }}\n}}\n"),
-    "rust": ("fn main() {{\n    for p in [{paths_java}] {{ println!(\"{{}} {{}}\", p, if std::path::Path::new(p).exists() {{ \"True\" }} else {{ \"False\" }}); }}\n}}\n"),
+    "rust": ("fn main() {{\n    for p in [{paths_java}] {{\n"
+             "        let seen = if std::path::Path::new(p).exists() {{ \"True\" }} else {{ \"False\" }};\n"
+             "        println!(\"{{}} {{}}\", p, seen);\n    }}\n}}\n"),
 }
 
 
