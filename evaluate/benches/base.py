@@ -94,7 +94,11 @@ class Bench:
         """The samples of bench.split, after bench.n: the halves partition the set a bench reports."""
         if self.split == "all":
             return samples
-        return [s for s in samples if task_split(s.id) == self.split]
+        return [s for s in samples if task_split(self.split_key(s)) == self.split]
+
+    def split_key(self, sample: Sample) -> str:
+        """What a task's half is hashed from: its id, where the dataset gives one that stays put."""
+        return sample.id
 
     def select(self, rows: list[dict]) -> list[dict]:
         """The rows whose fields equal every `bench.filter` value (e.g. difficulty: medium)."""

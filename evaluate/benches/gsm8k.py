@@ -18,8 +18,11 @@ class GSM8K(Bench):
 
     def build(self, rows: list[dict]) -> list[Sample]:
         return [Sample(f"gsm8k/{i}", self.render(question=r["question"]), r["answer"].split("####")[-1].strip(),
-                       extra={"solution": r["answer"]})
+                       extra={"solution": r["answer"], "question": r["question"]})
                 for i, r in enumerate(rows)]
+
+    def split_key(self, sample: Sample) -> str:
+        return sample.extra["question"]  # the id is the row's index: the question is what stays put
 
     def score(self, sample: Sample, completion: str) -> Verdict:
         got = extract_number(completion)
