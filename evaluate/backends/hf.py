@@ -175,13 +175,15 @@ class HFBackend(Backend):
         [B, L, V] float32, mask [B, L], targets [B, L])`, which returns one small result per row.
         Only a batch's continuation logits are ever held: at a 262,144-token vocabulary the batch
         is cut so that they stay under TEACHER_LOGITS elements."""
-        order = sorted(range(len(prompts)), key=lambda i: (len(continuations[i]), len(prompts[i])))
+        # Sorted by whole length, so each batch pads little (the logits kept follow its longest continuation).
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
         vocab = self.model.get_output_embeddings().weight.shape[0]
         out: dict[int, object] = {}
         with self._routing():
             start = 0
             while start < len(order):
-                longest = len(continuations[order[min(start + self.batch_size, len(order)) - 1]])
+                window = order[start:start + self.batch_size]
+                longest = max(len(continuations[i]) for i in window)
                 rows = max(1, min(self.batch_size, TEACHER_LOGITS // max(1, longest * vocab)))
                 idx = order[start:start + rows]
                 start += rows
