@@ -1,0 +1,279 @@
+"""Does choosing a recipe by the objective without generation choose what generation would?
+
+On the shipped toy model and one cached completion profile (the toy default), for each budget (12,
+8, 6 and 4 of 16 experts kept): the same `--recipes` recipes drawn at random from the two-stage
+study space (conf/hparams_search/toy_two_stage_8of16.yaml: strategy, base score, normalize, alpha,
+protection, breadth bonus, class weights, floor, shared-FFN alpha) plus REAP, frequency and gate
+mass, each scored
+
+- by the objective (bench=divergence) on the `val` tasks: per class, mean KL(base || pruned), NLL of
+  the base's tokens and top-1 agreement over the base's own greedy answers, teacher-forced;
+- by generated accuracy (toy_suite, greedy, exact match) on the `test` tasks.
+
+It prints, per budget: the Spearman correlation between each objective (signed so that higher is
+better) and test accuracy, per class and overall (the objective's class mean against accuracy over
+all classes); the regret of choosing by each objective (test accuracy of its best recipe minus the
+best test accuracy among the same recipes, points); and the two-stage choice: the objective's 5 best
+re-scored by generation on `val`, the best of those taken, and its test regret. Nothing is chosen
+on test. Writes fidelity.json and fidelity.png under --out.
+
+    python benchmarks/proxy_fidelity.py [--recipes 150] [--n-val 100] [--n-test 100] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+import moeprune.cli  # noqa: F401  (registers the config schema)
+from moeprune.adapters import adapter_for
+from moeprune.evaluate import teacher_forced
+from moeprune.evaluate.backends.hf import HFBackend
+from moeprune.evaluate.benches.divergence import Divergence
+from moeprune.evaluate.benches.toy_suite import ToySuite
+from moeprune.evaluate.runner import run_bench
+from moeprune.models import load_model, load_tokenizer, read_config
+from moeprune.prune import dropmap
+from moeprune.prune.drop_map import DropMap
+from moeprune.prune.profile import Profile
+from moeprune.runner import Runner
+from moeprune.stages import STAGES
+from moeprune.toy import world
+
+TOY = Path(moeprune.cli.__file__).resolve().parent / "toy" / "model"
+BUDGETS = (12, 8, 6, 4)
+METRICS = {"kl": -1, "nll": -1, "agreement": 1}  # sign: higher is better after it
+BASELINES = {"REAP": ["strategy=reap"], "frequency": ["strategy=frequency"], "gate mass": ["strategy=gate_mass"]}
+TOP = 5  # the two-stage study's confirm.top
+
+
+def space_point(rng: random.Random) -> list[str]:
+    """One recipe of toy_two_stage_8of16's space, drawn uniformly."""
+    return [f"strategy={rng.choice(['max', 'mean', 'geomean', 'sum'])}",
+            f"strategy.score={rng.choice(['legacy', 'mean', 'reap', 'frequency', 'gate_mass'])}",
+            f"strategy.normalize={rng.choice(['rank', 'mean', 'none'])}",
+            f"strategy.alpha={rng.uniform(0.0, 4.0):.4f}", f"strategy.protect_top={rng.randint(0, 2)}",
+            f"strategy.breadth_bonus={rng.uniform(0.0, 1.0):.4f}",
+            f"class_weights={rng.choice(['uniform', 'five_class', 'coder'])}",
+            f"floor_clamp={rng.choice(['none', 'ratio_24_40'])}",
+            f"prune.shared_ffn_alpha={rng.uniform(0.8, 1.3):.4f}"]
+
+
+def _ranks(x: list[float]) -> np.ndarray:
+    """Ranks with ties sharing their mean rank (as Spearman's rho takes them)."""
+    x = np.asarray(x, dtype=float)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    for v in np.unique(x):
+        tied = x == v
+        ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rho: the Pearson correlation of the ranks; nan where one side is constant."""
+    a, b = _ranks(x), _ranks(y)
+    if a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+class Lab:
+    def __init__(self, args):
+        self.args, self.out, self.device = args, Path(args.out), args.device
+        self.model_dir = Path(args.model)
+        config = read_config(self.model_dir)
+        self.top_k = adapter_for(config).top_k(config)
+        self.model = load_model(self.model_dir, "float32", self.device)
+        self.tok = load_tokenizer(self.model_dir)
+        (self.out / "run").mkdir(parents=True, exist_ok=True)
+        runner = Runner(self.cfg([f"calibration.samples_per_class={args.calib}"]), STAGES, self.out / "run")
+        runner.run("profile")  # the toy default: score_tokens=completion
+        self.profile = Profile.load(runner.dirs["profile"])
+        self.objective = Divergence(texts="toy", split="val", n_per_class=args.n_val, chat=False,
+                                    max_new_tokens=world.MAX_NEW_TOKENS, top_logprobs=384)
+        self.composed: dict[tuple, object] = {}
+        self.reference = self.out / "reference"
+        if not (self.reference / teacher_forced.REFERENCE_META).is_file():
+            self.reference.mkdir(parents=True, exist_ok=True)
+            teacher_forced.build_reference(self.objective, self.backend(None, 1.0), self.reference)
+
+    def cfg(self, overrides: list[str]):
+        with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
+            return compose(config_name="run", overrides=[
+                f"model.path={self.model_dir}", f"paths.cache_dir={self.out / 'cache'}",
+                f"paths.output_dir={self.out / 'run'}", *overrides])
+
+    def backend(self, drop_map, alpha: float) -> HFBackend:
+        return HFBackend(self.model_dir, device=self.device, model=self.model, tokenizer=self.tok, drop_map=drop_map,
+                         shared_ffn_alpha=alpha, batch_size=self.args.batch_size)
+
+    def recipe(self, budget: int, overrides: list[str]) -> tuple[DropMap, float]:
+        key = tuple(overrides)  # composed once per recipe (Hydra's compose costs more than the rest here)
+        if key not in self.composed:
+            self.composed[key] = self.cfg(overrides)
+        cfg = self.composed[key]
+        keep = OmegaConf.merge(cfg.keep, {"experts_per_layer": budget})
+        m = dropmap.build(self.profile, dropmap.Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, keep),
+                          self.top_k)
+        drop_map = DropMap.parse(m.as_json(), num_experts=self.profile.num_experts, top_k=self.top_k)
+        return drop_map, cfg.prune.shared_ffn_alpha
+
+    def divergence(self, drop_map, alpha) -> dict:
+        summary, _ = teacher_forced.score(self.objective, self.backend(drop_map, alpha), self.reference)
+        return {m: {"ALL": v["score"], **v["per_category"]} for m, v in summary["metrics"].items()}
+
+    def accuracy(self, drop_map, alpha, split: str, n: int) -> dict:
+        d = self.out / "eval"
+        summary = run_bench(ToySuite(n_per_class=n, split=split), self.backend(drop_map, alpha), d)
+        return {"ALL": summary["score"], **summary["per_category"]}
+
+
+def evaluate(lab: Lab, recipes: dict[str, list[str]], budgets: list[int]) -> dict:
+    records = {}
+    for budget in budgets:
+        t0, rows = time.perf_counter(), []
+        for name, overrides in recipes.items():
+            drop_map, alpha = lab.recipe(budget, overrides)
+            t1 = time.perf_counter()
+            obj = lab.divergence(drop_map, alpha)
+            t2 = time.perf_counter()
+            test = lab.accuracy(drop_map, alpha, "test", lab.args.n_test)
+            t3 = time.perf_counter()
+            rows.append({"name": name, "overrides": overrides, "objective": obj, "test": test,
+                         "seconds": {"objective": t2 - t1, "generation": t3 - t2}})
+        for m, sign in METRICS.items():  # the two-stage choice: objective's best TOP, confirmed on val
+            for r in sorted(rows, key=lambda r: -sign * r["objective"][m]["ALL"])[:TOP]:
+                if "val" not in r:
+                    drop_map, alpha = lab.recipe(budget, r["overrides"])
+                    r["val"] = lab.accuracy(drop_map, alpha, "val", lab.args.n_val)
+        records[budget] = rows
+        (lab.out / "partial.json").write_text(json.dumps(records))  # a run cut short keeps its finished budgets
+        print(f"{budget} of 16: {len(rows)} recipes in {time.perf_counter() - t0:.0f} s", flush=True)
+    return records
+
+
+def analyse(records: dict) -> dict:
+    out = {}
+    for budget, rows in records.items():
+        best_test = max(r["test"]["ALL"] for r in rows)
+        res = {"best_test": best_test, "metrics": {}}
+        for m, sign in METRICS.items():
+            score = [sign * r["objective"][m]["ALL"] for r in rows]
+            per = {c: spearman([sign * r["objective"][m][c] for r in rows], [r["test"][c] for r in rows])
+                   for c in world.CLASSES}
+            chosen = max(range(len(rows)), key=lambda i: (score[i], -i))
+            top = sorted(range(len(rows)), key=lambda i: (-score[i], i))[:TOP]
+            confirmed = max(top, key=lambda i: (rows[i]["val"]["ALL"], -top.index(i)))
+            res["metrics"][m] = {
+                "spearman_all": spearman(score, [r["test"]["ALL"] for r in rows]), "spearman_per_class": per,
+                "spearman_class_mean": statistics.mean(v for v in per.values() if np.isfinite(v)),
+                "chosen": rows[chosen]["name"], "regret": best_test - rows[chosen]["test"]["ALL"],
+                "two_stage_chosen": rows[confirmed]["name"],
+                "two_stage_regret": best_test - rows[confirmed]["test"]["ALL"]}
+        t = [r["seconds"] for r in rows]
+        res["seconds"] = {k: statistics.mean(s[k] for s in t) for k in ("objective", "generation")}
+        out[budget] = res
+    return out
+
+
+def report(analysis: dict, records: dict, args) -> str:
+    n = len(next(iter(records.values())))
+    lines = [f"Recipes per budget: {n} ({args.recipes} drawn + REAP, frequency, gate mass); "
+             f"objective on {args.n_val} val tasks per class, accuracy on {args.n_test} test tasks per class.", "",
+             "| kept | metric | Spearman overall | Spearman per class (mean; min) | regret (points) "
+             "| two-stage regret | best test ALL |", "|---|---|---|---|---|---|---|"]
+    for budget, res in analysis.items():
+        for m, r in res["metrics"].items():
+            per = [v for v in r["spearman_per_class"].values() if np.isfinite(v)]
+            lines.append(f"| {budget} of 16 | {m} | {r['spearman_all']:.3f} | {statistics.mean(per):.3f}; "
+                         f"{min(per):.3f} | {100 * r['regret']:.1f} | {100 * r['two_stage_regret']:.1f} | "
+                         f"{100 * res['best_test']:.1f} |")
+    lines += ["", "| kept | " + " | ".join(world.CLASSES) + " |", "|---|" + "---|" * len(world.CLASSES)]
+    for budget, res in analysis.items():
+        per = res["metrics"]["kl"]["spearman_per_class"]
+        lines.append(f"| {budget} of 16 (kl) | " + " | ".join(f"{per[c]:.3f}" for c in world.CLASSES) + " |")
+    lines += ["", "| kept | seconds per recipe: objective (val) | generation (test) |", "|---|---|---|"]
+    for budget, res in analysis.items():
+        lines.append(f"| {budget} of 16 | {res['seconds']['objective']:.2f} | {res['seconds']['generation']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot(records: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(records), figsize=(4 * len(records), 3.8), dpi=110)
+    for ax, (budget, rows) in zip(np.atleast_1d(axes), records.items()):
+        ax.scatter([r["objective"]["kl"]["ALL"] for r in rows], [100 * r["test"]["ALL"] for r in rows], s=12,
+                   color="0.5")
+        for r in rows:
+            if r["name"] in BASELINES:
+                ax.scatter([r["objective"]["kl"]["ALL"]], [100 * r["test"]["ALL"]], s=60, marker="*", label=r["name"])
+        ax.set_xscale("log")
+        ax.set_xlabel("mean KL(base || pruned) on val, nats/token")
+        ax.set_ylabel("test accuracy, all classes (%)")
+        ax.set_title(f"{budget} of 16 kept")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=str(TOY))
+    ap.add_argument("--recipes", type=int, default=150)
+    ap.add_argument("--n-val", type=int, default=100)
+    ap.add_argument("--n-test", type=int, default=100)
+    ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=600)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="experts kept per layer, comma list")
+    ap.add_argument("--out", default="outputs/proxy_fidelity")
+    ap.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
+    args = ap.parse_args()
+    if args.replot:
+        data = json.loads((Path(args.out) / "fidelity.json").read_text())
+        plot({int(k): v for k, v in data["records"].items()}, Path(args.out) / "fidelity.png")
+        return
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    lab = Lab(args)
+    rng = random.Random(args.seed)
+    recipes = {**BASELINES, **{f"r{i:03d}": space_point(rng) for i in range(args.recipes)}}
+    records = evaluate(lab, recipes, [int(b) for b in args.budgets.split(",")])
+    analysis = analyse(records)
+    text = report(analysis, records, args)
+    print(text)
+    out = Path(args.out)
+    (out / "fidelity.json").write_text(json.dumps({"args": vars(args), "analysis": analysis, "records": records,
+                                                   "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                                                   "wall_s": time.perf_counter() - t0}, indent=1))
+    try:
+        plot(records, out / "fidelity.png")
+    except ImportError:  # a machine without matplotlib: redraw elsewhere with --replot
+        print("no matplotlib: fidelity.png not drawn (--replot draws it from fidelity.json)", file=sys.stderr)
+    print(f"wall {time.perf_counter() - t0:.0f} s; wrote {out / 'fidelity.json'}, {out / 'fidelity.png'}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
