@@ -57,9 +57,9 @@ def build_reference(bench, backend, out_dir: Path, exclude: set[str] = frozenset
     tops = backend.teacher_forced(prompts, continuations, top)
     tensors = {}
     for i, (p, c, (ids, values, tail)) in enumerate(zip(prompts, continuations, tops)):
-        tensors.update({f"{i}.prompt": torch.tensor(p, dtype=torch.int32), f"{i}.continuation": torch.tensor(c, dtype=torch.int32),
-                        f"{i}.top_ids": ids.contiguous(), f"{i}.top_logprobs": values.contiguous(),
-                        f"{i}.tail_logprob": tail.contiguous()})
+        tensors.update({f"{i}.prompt": torch.tensor(p, dtype=torch.int32),
+                        f"{i}.continuation": torch.tensor(c, dtype=torch.int32), f"{i}.top_ids": ids.contiguous(),
+                        f"{i}.top_logprobs": values.contiguous(), f"{i}.tail_logprob": tail.contiguous()})
     save_file(tensors, str(out_dir / REFERENCE_FILE))
     meta = {"bench": bench.name, "samples": [{"id": s.id, "category": s.category} for s in samples],
             "top_logprobs": int(tops[0][0].shape[-1]), "left_out_in_calibration": left_out,

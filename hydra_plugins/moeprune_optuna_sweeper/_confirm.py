@@ -1,11 +1,11 @@
 """The second stage of a two-stage study: re-score the study's best trials by generation on val.
 
 A study optimizes a cheap objective (bench=divergence: one teacher-forced pass per trial) over many
-trials; a cheap objective ranks well but not perfectly (docs/recipes.md, "Choosing by the
-objective"), so its best `confirm.top` trials (a multi-objective study: its Pareto front) run again
-with `confirm.overrides` (a generating bench on its val split) and the best of those by
-`confirm.metric` is the study's choice. Written to `confirm.json` in the sweep dir, which
-`moeprune report` reads; `moeprune report --test` then scores that choice once on test.
+trials; a cheap objective ranks well but not perfectly (docs/objective.md), so its best
+`confirm.top` trials (a multi-objective study: its Pareto front) run again with `confirm.overrides`
+(a generating bench on its val split) and the best of those by `confirm.metric` is the study's
+choice. Written to `confirm.json` in the sweep dir, which `moeprune report` reads; `moeprune report
+--test` then scores that choice once on test.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def run(sweeper, study: optuna.Study, confirm: dict, sweep_dir: Path) -> dict:
     jobs = [sweeper.space.overrides(t.params) + confirm["overrides"] + [
         f"optimized_metric={metric}", f"hydra.sweep.subdir=confirm-{t.number}",
         f"++hydra.job.env_set.MOEPRUNE_TRIAL={t.number}"] for t in picked]
-    log.info("Confirming trials %s with %s (%s %s)", [t.number for t in picked], confirm["overrides"], direction, metric)
+    log.info("Confirming trials %s with %s (%s %s)", [t.number for t in picked], confirm["overrides"], direction,
+             metric)
     sweeper.validate_batch_is_legal(jobs)
     results = sweeper.launcher.launch(jobs, initial_job_idx=0)
     rows = []
