@@ -115,6 +115,17 @@ def test_every_choice_of_every_sweep_preset_composes(preset):
         _choices.check(space, loader, master)
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (REPO / "conf" / "hparams_search").glob("*.yaml")))
+def test_every_sweep_presets_default_recipe_and_enqueued_points_lie_in_its_space(preset):
+    from omegaconf import OmegaConf
+
+    with space_of(preset) as (space, loader, master):
+        sweeper = master.hydra.sweeper
+        if sweeper.enqueue_default:  # trial 0 must be a point of the space (gemma4_98e's was not)
+            _search_space.default_params(space, master, OmegaConf.to_container(master.hydra.runtime.choices))
+        _search_space.enqueued_points(space, OmegaConf.to_container(sweeper.enqueue) if sweeper.enqueue else [])
+
+
 def test_a_knob_of_one_option_of_a_swept_group_is_refused_in_process():
     with space_of("toy_recipe", "strategy=choice(max, random)", "strategy.seed=range(0, 3)") as (space, loader, master):
         with pytest.raises(MoePruneError, match=r"^search space strategy.seed=range\(0, 3\): strategy=max has no "
