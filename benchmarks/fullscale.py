@@ -10,7 +10,11 @@ a ten-class calibration dir in the `reference_v7` layout. Then runs `python -m m
   2. the same with quant_tier=cd_q4_k_m (convert + imatrix + CD map + llama-quantize), the bench
      through llama-server from the GGUF (profile, drop map, prune and the 16-bit evals are cached);
   3. stage=profile alone with a GPU budget below the checkpoint (`profile.device_memory_fraction`),
-     so that profile.mode=auto picks the layer-wise profile; its own cache.
+     so that profile.mode=auto picks the layer-wise profile; its own cache;
+  4. `-m hparams_search=gemma4_98e` with --objective-trials trials: the two-stage study's first
+     stage (the objective without generation on held-out prompts, no confirmation), each trial's
+     seconds and the sweep's peak GPU memory; then the model's teacher-forced and greedy-decode
+     throughput at these widths, from which a real-model trial's cost is estimated.
 
 Per stage it prints wall time, peak GPU memory (device-wide, above the idle level), peak host RSS
 (the CLI and its children, llama.cpp's tools included) and bytes written, then the checks: the
@@ -138,8 +142,9 @@ def write_tokenizer(path: Path, size: int = 262144) -> None:
     fast.save_pretrained(path)
 
 
-def write_calibration(path: Path, per_class: int) -> None:
-    """reference_v7's layout: <class>.jsonl, one {"text": prompt} per line, ten classes."""
+def write_calibration(path: Path, per_class: int, verb: str = "Explain", offset: int = 0) -> None:
+    """reference_v7's layout: <class>.jsonl, one {"text": prompt} per line, ten classes (another
+    verb and offset: held-out prompts the calibration does not hold)."""
     subjects = {"generic_math": "the sum of {a} and {b}", "generic_logic": "whether {a} > {b} implies {b} < {a}",
                 "generic_code": "a Python function returning {a} * {b}", "generic_science": "why {a} grams of ice melt",
                 "generic_creative": "a poem about {a} stars and {b} moons",
@@ -150,7 +155,8 @@ def write_calibration(path: Path, per_class: int) -> None:
                 "targeted_gpqa": "the energy of a photon of {a} nm, {b} significant figures"}
     path.mkdir(parents=True)
     for c in CLASSES:
-        lines = [json.dumps({"text": f"Explain {subjects[c].format(a=17 * i + 3, b=31 * i + 7)}."}) for i in range(per_class)]
+        lines = [json.dumps({"text": f"{verb} {subjects[c].format(a=17 * i + 3, b=31 * i + 7)}."})
+                 for i in range(offset, offset + per_class)]
         (path / f"{c}.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -302,6 +308,78 @@ def gguf_checks(stages: dict, checks: list) -> None:
         print(f"    e.g. {name}: {types[name]}")
 
 
+def objective_study(work: Path, model_args: list[str], trials: int, per_class: int) -> dict:
+    """The two-stage gemma4_98e study's first stage through the CLI: `trials` trials, each one
+    teacher-forced pass over the held-out prompts; per-trial seconds from the study's own clock."""
+    import optuna
+
+    sweep, journal = work / "objective_sweep", work / "objective.journal"
+    shutil.rmtree(sweep, ignore_errors=True)
+    journal.unlink(missing_ok=True)
+    env = {**os.environ, "MOEPRUNE_CACHE": str(work / "cache_objective"), "HYDRA_FULL_ERROR": "1", "PYTHONUNBUFFERED": "1"}
+    args = ["-m", "hparams_search=gemma4_98e", *model_args, f"bench.n_per_class={per_class}",
+            f"hydra.sweeper.n_trials={trials}", "hydra.sweeper.confirm.top=0", f"hydra.sweeper.storage=journal:{journal}",
+            f"hydra.sweep.dir={sweep}"]
+    t0 = time.time()
+    with open(work / "objective.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "moeprune", *args], stdout=out, stderr=subprocess.STDOUT, env=env)
+        sampler = Sampler(proc.pid)
+        rc = proc.wait()
+    samples = sampler.close()
+    text = (work / "objective.out").read_text()
+    print(f"--- objective study: exit {rc}, {time.time() - t0:.0f} s; last lines:\n" + "\n".join(text.splitlines()[-12:]))
+    from optuna.storages.journal import JournalFileBackend
+
+    if rc != 0 or not journal.is_file():
+        return {"ok": False, "completed": 0, "trial_s": [], "evaluate_s": [], "peak_gpu_gb": 0.0, "peak_rss_gb": 0.0,
+                "wall_s": time.time() - t0}
+    study = optuna.load_study(study_name="gemma4_98e", storage=optuna.storages.JournalStorage(JournalFileBackend(str(journal))))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    secs = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
+    first = {}
+    for rec in sorted(sweep.rglob("optuna_trial.json")):
+        r = json.loads(rec.read_text())
+        if r["number"] == 0:
+            first = json.loads((rec.parent / "run.json").read_text())["stages"]
+    evals = [json.loads((p.parent / "run.json").read_text())["stages"]["evaluate"]["wall_time_s"]
+             for p in sweep.rglob("optuna_trial.json")]
+    return {"ok": rc == 0, "completed": len(done), "trial_s": secs, "evaluate_s": evals,
+            "first_trial_stages": {k: v.get("wall_time_s") for k, v in first.items()},
+            "reference": {k: first.get("reference", {}).get(k) for k in ("samples", "continuation_tokens")},
+            "peak_gpu_gb": max(s[1] for s in samples) / GB, "peak_rss_gb": max(s[2] for s in samples) / GB,
+            "values": [t.value for t in done], "wall_s": time.time() - t0}
+
+
+@torch.no_grad()
+def throughput(ckpt: Path, batch: int, prompt_len: int, new: int) -> dict:
+    """Tokens per second at these widths: teacher-forced (prompt + `new` tokens, one forward) and
+    greedy decode (`new` tokens after the prompt, KV cache), the same batch of random prompts."""
+    from moeprune.models import load_model
+
+    model = load_model(ckpt, "bfloat16", "cuda")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(300, vocab, (batch, prompt_len), generator=g).cuda()
+    full = torch.randint(300, vocab, (batch, prompt_len + new), generator=g).cuda()
+
+    def timed(fn, reps: int = 3) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return (time.perf_counter() - t) / reps
+
+    tf = timed(lambda: model(input_ids=full, logits_to_keep=new + 1))
+    gen = timed(lambda: model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new,
+                                       min_new_tokens=new, do_sample=False, pad_token_id=0), reps=1)
+    del model
+    torch.cuda.empty_cache()
+    return {"batch": batch, "prompt": prompt_len, "new": new, "teacher_forced_s": tf, "decode_s": gen,
+            "teacher_forced_tok_s": batch * (prompt_len + new) / tf, "decode_tok_s": batch * new / gen}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, required=True, help="everything is written here (keep it on a big disk)")
@@ -309,7 +387,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true", help="small widths, same structure and vocabulary (CPU dry run)")
     ap.add_argument("--prompts-per-class", type=int, default=4)
     ap.add_argument("--eval-per-class", type=int, default=1, help="toy_suite problems per class for each eval")
-    ap.add_argument("--skip", default="", help="comma list of runs to skip: cd_q4_k_m, nvfp4a16, layerwise")
+    ap.add_argument("--skip", default="", help="comma list of runs to skip: cd_q4_k_m, nvfp4a16, layerwise, objective")
+    ap.add_argument("--objective-trials", type=int, default=30, help="trials of the objective study (run 4)")
+    ap.add_argument("--heldout-per-class", type=int, default=80, help="held-out prompts per class (about half val)")
+    ap.add_argument("--objective-per-class", type=int, default=32, help="val prompts per class each trial scores")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
     work = args.work
@@ -370,7 +451,34 @@ def main() -> None:
         check(lw["stages"]["profile"].get("mode") == "layerwise" and row["peak_gpu_gb"] * GB < sizes["total"],
               f"auto chose {lw['stages']['profile'].get('mode')} under the budget; peak GPU {row['peak_gpu_gb']:.1f} GB "
               f"vs checkpoint {sizes['total'] / GB:.1f} GB", checks)
+    extra = {}
+    if "objective" not in skip:
+        if not (cal / "heldout").is_dir():
+            write_calibration(cal / "heldout", args.heldout_per_class, verb="Describe", offset=1000)
+        model_args = [f"model.path={ckpt}", f"model.name=gemma4-26b-a4b-{args.layers}l", "model.dtype=bfloat16",
+                      f"calibration.data_dir={cal}", "floor_clamp.profile=null", "floor_clamp.map=null",
+                      "keep.baseline_map=null"]
+        if args.tiny:  # the CPU dry run: short continuations (a 262144-token vocabulary is slow on a CPU)
+            model_args += ["calibration.generate_tokens=8", "bench.max_new_tokens=8"]
+        study = objective_study(work, model_args, args.objective_trials, args.objective_per_class)
+        extra["objective_study"] = study
+        t, e = study["trial_s"], study["evaluate_s"]
+        rest = sorted(t[1:]) or [float("nan")]  # trial 0 also builds the profile and the objective's reference
+
+        def median(v):
+            return sorted(v)[len(v) // 2] if v else float("nan")
+
+        check(study["ok"] and study["completed"] == args.objective_trials,
+              f"objective study: {study['completed']} trials completed; trial 0 (profile + reference + trial) "
+              f"{t[0] if t else float('nan'):.1f} s, the others median {median(rest):.1f} s (max {max(rest):.1f}); "
+              f"evaluate stage median {median(e):.1f} s; peak GPU {study['peak_gpu_gb']:.1f} GB", checks)
+        if torch.cuda.is_available():
+            extra["throughput"] = [throughput(ckpt, b, 256, 128) for b in (8, 32)]
+            for r in extra["throughput"]:
+                print(f"    batch {r['batch']}: teacher-forced {r['teacher_forced_tok_s']:.0f} tok/s, "
+                      f"greedy decode {r['decode_tok_s']:.0f} new tok/s")
     summary = {"layers": args.layers, "tiny": args.tiny, "sizes": sizes, "runs": {k: v["rows"] for k, v in runs.items()},
+               **extra,
                "checks": [[ok, what] for ok, what in checks], "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                "wall_s": round(time.time() - t0, 1)}
     (work / "fullscale.json").write_text(json.dumps(summary, indent=2))
