@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import socket
 import time
 import traceback
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -29,75 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
-from . import _choices, _confirm, _search_space, _split_guard
+from . import _choices, _confirm, _search_space, _split_guard, _workers
+from ._workers import DEFAULT_ATTR, ENQUEUED_ATTR, WORKER_ATTR, fail_stale_trials, point_pending, this_worker  # noqa: F401
 
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
 DIRECTIONS = ("minimize", "maximize")
-DEFAULT_ATTR = "default_recipe"  # user attr of the trial enqueued with the config's own values
-WORKER_ATTR = "worker"  # user attr: {host, pid, started} of the process that asked the trial
-
-
-def _started(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks since boot (field 22 of /proc/<pid>/stat), which a
-    reused pid does not share; None where /proc cannot tell (the process is gone, or no /proc)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def this_worker() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _started(os.getpid())}
-
-
-def worker_is_dead(worker: Any) -> bool:
-    """True only when the trial's process is known to be gone: same host, and its pid is no longer
-    that process. A trial of another host, or one asked before workers were recorded, may belong
-    to a live sweeper sharing the study: it is left alone."""
-    if not isinstance(worker, dict) or worker.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(worker["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # alive, another user's
-        return False
-    return worker.get("started") is not None and _started(int(worker["pid"])) != worker["started"]
-
-
-def fail_stale_trials(study: optuna.Study) -> list[int]:
-    """Fail the RUNNING trials whose process died (a SIGKILL, a lost node) and enqueue their
-    parameters again, so the resumed sweep retries them first. Returns the failed trial numbers."""
-    failed = []
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        worker = t.user_attrs.get(WORKER_ATTR)
-        if not worker_is_dead(worker):
-            if worker is None or worker.get("host") != socket.gethostname():
-                log.warning("trial %d is RUNNING, asked by %s: left alone (it may be a live sweeper's)",
-                            t.number, worker or "an unrecorded process")
-            continue
-        why = f"left RUNNING by a process that died (pid {worker['pid']} on {worker['host']}); parameters retried"
-        study._storage.set_trial_user_attr(t._trial_id, "error", why)
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
-        retry = {"retry_of": t.number, **({DEFAULT_ATTR: True} if t.user_attrs.get(DEFAULT_ATTR) else {})}
-        study.enqueue_trial(t.params, user_attrs=retry, skip_if_exists=False)
-        log.warning("trial %d: %s", t.number, why)
-        failed.append(t.number)
-    return failed
-
-
-def point_pending(study: optuna.Study, point: dict, marker: Optional[str] = None) -> bool:
-    """Whether an enqueued point (every swept key, or some) has a complete trial, or one waiting or
-    running to become one; with `marker`, a trial carrying that user attr counts as the point."""
-    live = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    return any((marker and t.user_attrs.get(marker)) or t.system_attrs.get("fixed_params") == point
-               or {k: t.params.get(k) for k in point} == point
-               for t in study.get_trials(deepcopy=False, states=live))
-
-
-def make_storage(spec: Optional[str]) -> Any:
-    """null -> in memory; journal:<file> -> JournalStorage; a URL -> RDBStorage."""
+def make_storage(spec: Optional[str], heartbeat_interval: Optional[int] = None,
+                 grace_period: Optional[int] = None) -> Any:
+    """null -> in memory; journal:<file> -> JournalStorage; a URL -> RDBStorage, with Optuna's
+    heartbeat where `heartbeat_interval` is set (a worker on another host that dies is failed after
+    `grace_period` seconds without one, and its parameters retried)."""
     if spec is None:
         return None
     spec = str(spec)
@@ -119,7 +60,8 @@ def make_storage(spec: Optional[str]) -> Any:
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs)
+        return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period, failed_trial_callback=_workers.retry_stale)
     except (SQLAlchemyError, ImportError) as e:  # an unknown dialect, a missing driver, a server not there
         cause = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MoePruneError(f"hydra.sweeper.storage={spec!r}: cannot open it ({cause}); expected a reachable "
@@ -159,10 +101,38 @@ def _traceback(ret: JobReturn) -> Optional[str]:
     return "".join(traceback.format_exception(type(e), e, e.__traceback__))
 
 
+def _job_dirs(sweep_dir: Path, study: str, number: int) -> list[Path]:
+    """The job dirs Hydra made for trial `number` of `study`: each job's hydra.yaml carries its
+    MOEPRUNE_STUDY and MOEPRUNE_TRIAL (hydra.job.env_set)."""
+    found = []
+    for path in sweep_dir.glob("**/.hydra/hydra.yaml"):
+        env = OmegaConf.select(OmegaConf.load(path), "hydra.job.env_set") or {}
+        if str(env.get("MOEPRUNE_TRIAL")) == str(number) and str(env.get("MOEPRUNE_STUDY")) == study:
+            found.append(path.parent.parent)
+    return found
+
+
+@contextmanager
+def _heartbeats(study: optuna.Study, trials: Sequence[optuna.Trial]) -> Iterator[None]:
+    """Optuna's heartbeat for each launched trial (RDB storages with heartbeat_interval set), from
+    this process, which waits for the jobs: if it dies, the heartbeats stop with it."""
+    from optuna.storages._heartbeat import get_heartbeat_thread
+
+    threads = [get_heartbeat_thread(t._trial_id, study._storage) for t in trials]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in threads:
+            thread.join()
+
+
 class OptunaSweeperImpl(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: Any, params: Optional[DictConfig], enqueue_default: bool,
-                 allow_test_split: bool = False, enqueue: Any = None, confirm: Any = None) -> None:
+                 allow_test_split: bool = False, enqueue: Any = None, heartbeat_interval: Optional[int] = None,
+                 grace_period: Optional[int] = None, confirm: Any = None) -> None:
         self.sampler_cfg = sampler
         self.confirm = confirm
         self.directions = parse_directions(direction)
@@ -186,6 +156,14 @@ class OptunaSweeperImpl(Sweeper):
         if points is not None and not isinstance(points, list):
             raise MoePruneError(f"hydra.sweeper.enqueue={points!r}: expected a list of {{swept key: value}} points")
         self.enqueue = points or []
+        for name, value in (("heartbeat_interval", heartbeat_interval), ("grace_period", grace_period)):
+            if value is not None and int(value) < 1:
+                raise MoePruneError(f"hydra.sweeper.{name}={value}: expected a number of seconds >= 1, or null")
+        if heartbeat_interval is not None and grace_period is not None and int(grace_period) <= int(heartbeat_interval):
+            raise MoePruneError(f"hydra.sweeper.grace_period={grace_period}: expected more than heartbeat_interval="
+                                f"{heartbeat_interval}, or a live trial would be failed between two heartbeats")
+        self.heartbeat = (None if heartbeat_interval is None else int(heartbeat_interval),
+                          None if grace_period is None else int(grace_period))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.config = hydra_context, config
@@ -196,7 +174,7 @@ class OptunaSweeperImpl(Sweeper):
     def _study(self) -> optuna.Study:
         kw = {"directions": self.directions} if len(self.directions) > 1 else {"direction": self.directions[0]}
         try:
-            study = optuna.create_study(storage=make_storage(self.storage_spec), study_name=self.study_name,
+            study = optuna.create_study(storage=make_storage(self.storage_spec, *self.heartbeat), study_name=self.study_name,
                                         load_if_exists=True, **kw)
         except ValueError as e:  # e.g. an existing study with other directions
             raise MoePruneError(f"study {self.study_name!r} in {self.storage_spec}: {e}") from None
@@ -242,7 +220,7 @@ class OptunaSweeperImpl(Sweeper):
                 study.enqueue_trial(default, user_attrs={DEFAULT_ATTR: True}, skip_if_exists=False)
         for point in points:
             if not point_pending(study, point):
-                study.enqueue_trial(point, user_attrs={"enqueued": True}, skip_if_exists=False)
+                study.enqueue_trial(point, user_attrs={ENQUEUED_ATTR: True}, skip_if_exists=False)
                 log.info("Enqueued %s", point)
 
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -252,13 +230,19 @@ class OptunaSweeperImpl(Sweeper):
         returns, completed, first_error, launched = [], 0, None, 0
         while launched < self.n_trials:
             batch = min(self.n_jobs, self.n_trials - launched)
-            trials = [study.ask(fixed_distributions=space.distributions) for _ in range(batch)]
-            for t in trials:  # so a later run can tell this process's trials from a live one's
-                t.set_user_attr(WORKER_ATTR, this_worker())
-            overrides = [space.overrides(t.params) + self._env(study, t) for t in trials]
+            if launched:  # a worker sharing the study may have died since: take over its trials first
+                fail_stale_trials(study)
+            trials: list = []
             try:
+                for _ in range(batch):
+                    trials.append(_workers.ask(study, space.distributions))
+                overrides = [space.overrides(t.params) + self._env(study, t) for t in trials]
                 self.validate_batch_is_legal(overrides)
-                results = self.launcher.launch(overrides, initial_job_idx=self._job_idx(trials))
+                with _heartbeats(study, trials):
+                    results = self.launcher.launch(overrides, initial_job_idx=self._job_idx(trials))
+            except KeyboardInterrupt as e:  # SIGINT, or SIGTERM unwound as one: retried on resume
+                self._interrupted(study, trials, sweep_dir, _workers.interrupt_name(e))
+                raise
             except BaseException:
                 for t in trials:  # leave no RUNNING trial behind for the next rerun to trip on
                     study.tell(t, state=optuna.trial.TrialState.FAIL)
@@ -320,6 +304,21 @@ class OptunaSweeperImpl(Sweeper):
             "traceback": _traceback(ret),
             "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         })
+
+    def _interrupted(self, study: optuna.Study, trials: Sequence[optuna.Trial], sweep_dir: Path, signal: str) -> None:
+        """Fail the batch's trials, enqueue their parameters for the resumed sweep, and record each in
+        its job dir (found by the trial number its overrides carry) as a finished trial would be."""
+        why = f"interrupted by {signal}"
+        for t in trials:
+            if not _workers.fail_and_retry(study, study._storage.get_trial(t._trial_id), why):
+                continue
+            for job_dir in _job_dirs(sweep_dir, study.study_name, t.number):
+                artifacts.write_json(job_dir / TRIAL_FILE, {
+                    "study": study.study_name, "storage": self.storage_spec, "number": t.number, "state": "FAIL",
+                    "params": t.params, "values": None, "directions": self.directions, "objectives": None,
+                    "overrides": (job_dir / ".hydra" / "overrides.yaml").read_text().splitlines(),
+                    "error": f"{why}; its parameters are retried when the sweep is run again",
+                    "traceback": None, "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
 
     @staticmethod
     def _objective_names(ret: JobReturn) -> list[str] | None:

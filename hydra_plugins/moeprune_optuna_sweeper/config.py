@@ -92,6 +92,11 @@ class OptunaSweeperConf:
     # A sweep whose objective reads the bench refuses to optimize on its test split (bench.split=test,
     # or null where the bench's default is test) unless this is set: tables report test.
     allow_test_split: bool = False
+    # RDB storages (postgresql://, sqlite:///): each running trial's sweeper records a heartbeat every
+    # heartbeat_interval s; a trial without one for grace_period s (its worker died, on any host) is
+    # failed by the next worker that asks, and its parameters retried. null turns heartbeats off.
+    heartbeat_interval: Optional[int] = 60
+    grace_period: Optional[int] = 180
     confirm: ConfirmConf = field(default_factory=ConfirmConf)
 
 

@@ -31,12 +31,14 @@ class OptunaSweeper(Sweeper):
     def __init__(self, sampler: Any, direction: Any, storage: Optional[str], study_name: Optional[str],
                  n_trials: int, n_jobs: Any, params: Optional[DictConfig] = None,
                  enqueue_default: bool = False, allow_test_split: bool = False, enqueue: Any = None,
+                 heartbeat_interval: Optional[int] = None, grace_period: Optional[int] = None,
                  confirm: Any = None) -> None:
         from ._core import OptunaSweeperImpl
 
         with _user_errors():
             self.impl = OptunaSweeperImpl(sampler, direction, storage, study_name, n_trials, n_jobs, params,
-                                          enqueue_default, allow_test_split, enqueue, confirm)
+                                          enqueue_default, allow_test_split, enqueue, heartbeat_interval,
+                                          grace_period, confirm)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         with _user_errors():
