@@ -12,6 +12,7 @@ import logging
 import math
 import time
 import traceback
+import warnings
 from pathlib import Path
 from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional, Sequence
@@ -34,6 +35,7 @@ from ._workers import DEFAULT_ATTR, ENQUEUED_ATTR, WORKER_ATTR, fail_stale_trial
 log = logging.getLogger(__name__)
 TRIAL_FILE = "optuna_trial.json"
 DIRECTIONS = ("minimize", "maximize")
+SCHEMA_RACE_RETRIES = 20
 def make_storage(spec: Optional[str], heartbeat_interval: Optional[int] = None,
                  grace_period: Optional[int] = None) -> Any:
     """null -> in memory; journal:<file> -> JournalStorage; a URL -> RDBStorage, with Optuna's
@@ -57,15 +59,27 @@ def make_storage(spec: Optional[str], heartbeat_interval: Optional[int] = None,
     if spec.startswith("sqlite:///"):
         Path(spec[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": 60}}  # several sweepers on one file wait, not fail
-    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.exc import IntegrityError, ProgrammingError, SQLAlchemyError
 
-    try:
-        return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period, failed_trial_callback=_workers.retry_stale)
-    except (SQLAlchemyError, ImportError) as e:  # an unknown dialect, a missing driver, a server not there
-        cause = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MoePruneError(f"hydra.sweeper.storage={spec!r}: cannot open it ({cause}); expected a reachable "
-                            "SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or journal:<file>") from None
+    for attempt in range(SCHEMA_RACE_RETRIES + 1):
+        try:
+            with warnings.catch_warnings():  # "heartbeat_interval is experimental": said on every start, no use
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                                  grace_period=grace_period,
+                                                  heartbeat_stale_trial_callback=_workers.retry_stale)
+        except (IntegrityError, ProgrammingError) as e:
+            # Workers started together on an empty database all create Optuna's tables; on PostgreSQL
+            # the losers fail ("type studydirection already exists"). The winner's tables are there
+            # a moment later: open them again.
+            if attempt == SCHEMA_RACE_RETRIES:
+                raise MoePruneError(f"hydra.sweeper.storage={spec!r}: cannot create Optuna's tables "
+                                    f"({str(e).splitlines()[0]})") from None
+            time.sleep(0.5)
+        except (SQLAlchemyError, ImportError) as e:  # an unknown dialect, a missing driver, a server not there
+            cause = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise MoePruneError(f"hydra.sweeper.storage={spec!r}: cannot open it ({cause}); expected a reachable "
+                                "SQLAlchemy URL (sqlite:///study.db, postgresql://user@host/db) or journal:<file>") from None
 
 
 def parse_directions(direction: Any) -> list[str]:

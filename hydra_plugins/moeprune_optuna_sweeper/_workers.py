@@ -5,7 +5,7 @@ interrupt the ask: a sweeper killed inside `ask` (SIGKILL, SIGTERM, SIGINT) leav
 that the next sweeper on the host can prove dead, fail, and retry with the parameters it was meant to
 run (an enqueued point's full fixed parameters, not the few sampled before the kill). Across hosts
 the proof is Optuna's heartbeat (RDB storages): a trial whose heartbeat stopped for `grace_period`
-is failed by whichever worker looks next, and the same retry runs as its `failed_trial_callback`.
+is failed by whichever worker looks next, and the same retry runs as its `heartbeat_stale_trial_callback`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -88,7 +89,7 @@ def fail_and_retry(study: optuna.Study, trial: FrozenTrial, why: str) -> bool:
 
 
 def retry_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-    """`failed_trial_callback` of an RDB storage: Optuna's heartbeat check has just failed `trial`."""
+    """`heartbeat_stale_trial_callback` of an RDB storage: Optuna's heartbeat check has just failed `trial`."""
     worker = trial.user_attrs.get(WORKER_ATTR) or {}
     log.warning("trial %d: no heartbeat from %s for the grace period: failed, parameters retried",
                 trial.number, f"pid {worker.get('pid')} on {worker.get('host')}" if worker else "its worker")
@@ -101,7 +102,9 @@ def fail_stale_trials(study: optuna.Study) -> list[int]:
     batch, so live workers sharing a study take over a dead one's trial."""
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     if is_heartbeat_enabled(study._storage):  # another host's worker: its heartbeat stopped
-        optuna.storages.fail_stale_trials(study)
+        with warnings.catch_warnings():  # "experimental since 2.9": noise in every batch's log
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
     failed = sorted({t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))} - before)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get(WORKER_ATTR)
