@@ -10,6 +10,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -18,6 +19,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator
 
+log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Files above this size are fingerprinted by (size, head, tail) instead of read whole: hashing a
 # 50 GB checkpoint on every run would cost minutes. A change inside a big file that keeps its size,
@@ -119,24 +121,49 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def build_lock(lock_path: Path) -> Iterator[bool]:
-    """Hold an exclusive lock on `lock_path` across the processes of one host; yields whether it had
-    to wait for another holder. The OS drops the lock if its holder dies."""
+def _locked(lock_path: Path, wait: bool) -> Iterator[bool | None]:
+    """An exclusive flock on `lock_path`, whose file is removed on release so lock files do not pile
+    up in the cache. Yields whether it had to wait, or None (wait=False) where another holds it.
+    A waiter that got the lock on a file its holder just unlinked starts again on the path's new
+    file: two processes never hold locks on different files of one name."""
     import fcntl
 
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as f:
+    waited = False
+    while True:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(lock_path, "a")
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            waited = False
-        except BlockingIOError:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            waited = True
-        try:
-            yield waited
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not wait:
+                    yield None
+                    return
+                fcntl.flock(f, fcntl.LOCK_EX)
+                waited = True
+            try:
+                current = os.stat(lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current != os.fstat(f.fileno()).st_ino:
+                continue  # the previous holder removed this file as we waited on it
+            try:
+                yield waited
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(lock_path)  # while still held: a waiter on it sees the unlink and retries
+            return
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()  # closing drops the flock
+
+
+@contextlib.contextmanager
+def build_lock(lock_path: Path) -> Iterator[bool]:
+    """Hold an exclusive lock on `lock_path` across the processes of one host; yields whether it had
+    to wait for another holder. The OS drops the lock if its holder dies; the file goes on release."""
+    with _locked(lock_path, wait=True) as waited:
+        yield bool(waited)
 
 
 def writable(path: Path) -> bool:
@@ -178,8 +205,6 @@ def remove_dead_temps(cache_dir: Path, stages, lock_path) -> list[Path]:
     machine) left in the cache. A builder holds its stage's lock (`lock_path(stage, key)`) for as
     long as its temp dir exists, so a temp whose lock can be taken has no live builder; one whose
     lock is held is left alone."""
-    import fcntl
-
     removed = []
     for stage in stages:
         for tmp in sorted(Path(cache_dir, stage).glob(".*.tmp-*")):
@@ -187,17 +212,12 @@ def remove_dead_temps(cache_dir: Path, stages, lock_path) -> list[Path]:
             lock = Path(lock_path(stage, key))
             if not tmp.is_dir() or not writable(lock.parent) or not os.access(tmp.parent, os.W_OK):
                 continue  # a read-only cache: nothing can be removed, nothing will be built
-            lock.parent.mkdir(parents=True, exist_ok=True)
-            with open(lock, "a") as f:
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
+            with _locked(lock, wait=False) as free:
+                if free is None:
                     continue  # a live builder's
-                try:
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    removed.append(tmp)
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+                log.warning("removed %s: the temp dir of a %s build whose process died", tmp, stage)
     return removed
 
 
