@@ -13,15 +13,17 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 from typing import Callable, Mapping
 
 from hydra._internal.utils import get_args_parser
 from hydra.core.object_type import ObjectType
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
+import yaml
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from moeprune import components
 from moeprune.errors import MoePruneError
@@ -45,6 +47,8 @@ def check(argv: list[str]) -> None:
     if (args.help or args.hydra_help or args.info or args.shell_completion or args.config_path
             or args.config_name or args.config_dir or args.experimental_rerun):
         return
+    for override in args.overrides:
+        _check_syntax(override)
     given = [o for o in args.overrides if not (args.multirun and _is_sweep(o))]
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
@@ -54,6 +58,23 @@ def check(argv: list[str]) -> None:
         verify(given, compose, presets)
         if args.multirun:
             _grid_values_compose([o for o in args.overrides if _is_sweep(o)], given, compose, presets)
+
+
+def _check_syntax(override: str) -> None:
+    """Raise MoePruneError naming an override Hydra's grammar rejects: an unbalanced bracket, a
+    character the grammar does not take unquoted (a space, non-ASCII), a sweep function given words
+    (`range(a,b)`). Hydra would print a traceback for some and a bare grammar message for others."""
+    try:
+        OverridesParser.create().parse_override(override)
+    except HydraException as e:
+        reason = " ".join(str(e).split(" See https://")[0].split())
+        key, _, value = override.partition("=")
+        if "while evaluating" in reason:
+            hint = "expected numbers as a sweep function's bounds, e.g. range(0,3) or interval(0.5,4)"
+        else:
+            hint = ("expected key=value in Hydra's override syntax; quote a value that holds spaces, brackets, "
+                    f"commas or non-ASCII characters: \"{key}='{value}'\"")
+        raise MoePruneError(f"{override}: cannot parse this override ({reason}); {hint}") from None
 
 
 GRID_POINTS_CHECKED = 64  # ~0.35 s a composition: a larger grid has each value checked alone
@@ -91,6 +112,8 @@ def verify(overrides: list[str], compose: Compose, presets: Presets | None,
     shown = shown or {}
     try:
         cfg = compose(overrides)
+    except yaml.YAMLError as e:  # a preset file (hydra.searchpath, a user's conf dir) that is not YAML
+        raise MoePruneError(_not_yaml(e)) from None
     except (ConfigCompositionException, OverrideParseException) as e:
         if presets is not None:
             _presets_exist(overrides, presets, shown)  # a missing preset first: the rest follows from it
@@ -108,11 +131,22 @@ def verify(overrides: list[str], compose: Compose, presets: Presets | None,
                 raise MoePruneError(_unknown_knob(f"{group}.{key}", overrides, compose, shown))
 
 
+def _not_yaml(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    where = f"{mark.name}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "a config file"
+    problem = " ".join(str(getattr(e, "problem", None) or e).split())
+    context = getattr(e, "context", None)
+    return (f"{where}: not valid YAML ({context + ': ' if context else ''}{problem}); expected a YAML mapping "
+            "of knobs, as the presets in moeprune/conf are")
+
+
 def _parsed(override: str) -> Override | None:
-    """`override` parsed, or None where it does not parse (composing says what is wrong with it)."""
+    """`override` parsed, or None where it does not parse (composing says what is wrong with it).
+    Hydra's grammar raises its base HydraException for a lexer or function error (`[`, a non-ASCII
+    character, `range(a,b)`), not only OverrideParseException."""
     try:
         return OverridesParser.create().parse_override(override)
-    except OverrideParseException:
+    except HydraException:
         return None
 
 
@@ -146,6 +180,15 @@ def explain(error: Exception, overrides: list[str], compose: Compose, shown: Map
     cause = error.__cause__
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and cause.full_key:
         return _unknown_knob(cause.full_key, overrides, compose, shown)
+    if isinstance(cause, ValidationError) and "is not a subclass of" in str(cause) and cause.full_key:
+        node = re.sub(r"\[\d+\]$", "", cause.full_key)  # `+calibration.classes.mine=[{kind: jsonl, ...}]`
+        given = _override_of(node, overrides)
+        if given:
+            group = node.split(".")[0]
+            return (f"{shown.get(given, given)}: {node} takes typed entries that OmegaConf cannot build from a "
+                    f"command-line list of {{...}}; expected them in a {group} preset: copy one of "
+                    f"moeprune/conf/{group}/ into <dir>/{group}/<name>.yaml, add them there, and pass "
+                    f"hydra.searchpath=[file://<dir>] {group}=<name>")
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         given = _override_of(cause.full_key, overrides)
         return f"{shown.get(given, given) if given else cause.full_key}: {str(cause).splitlines()[0]}"
