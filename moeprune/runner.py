@@ -99,6 +99,11 @@ class Runner:
         """Every check that can run before the first stage: each stage's own preflight, then
         whether the cache can take the artifacts this run has to build."""
         wanted = [n for n in self.wanted(only) if self.stages[n].enabled(self.cfg)]
+        for name in wanted:  # else found only when the stage is reached, after the run dir is made
+            disabled = [i for i in self.stages[name].inputs if i not in wanted]
+            if disabled:
+                raise MoePruneError(f"stage {name} needs {', '.join(disabled)}, which is disabled: expected "
+                                    + " ".join(f"stages.{i}=true" for i in disabled))
         checks = {self.stages[n].preflight for n in wanted} - {None}
         for check in checks:
             check(self.cfg)
