@@ -205,3 +205,27 @@ def check_model(cfg: DictConfig, model_dir: Path, loads: bool) -> None:
     if loads and not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
         raise MoePruneError(f"model dir {model_dir} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
                             "expected the checkpoint's tokenizer files beside config.json")
+    if loads:
+        check_tokenizer_fits(model_dir)
+
+
+def check_tokenizer_fits(model_dir: Path) -> None:
+    """Every token id the tokenizer can give indexes the embedding (a tokenizer of another model in
+    the dir fails inside the profile with an IndexError otherwise)."""
+    import json
+
+    tok, config = model_dir / "tokenizer.json", model_dir / "config.json"
+    if not tok.is_file() or not config.is_file():
+        return  # a sentencepiece-only tokenizer: transformers reads it, its ids are not listed here
+    from tokenizers import Tokenizer
+
+    try:
+        top = max(Tokenizer.from_file(str(tok)).get_vocab(with_added_tokens=True).values())
+    except Exception as e:  # the tokenizers library's own parse error, on one line
+        raise MoePruneError(f"{tok} is not a readable tokenizer ({str(e).splitlines()[0]}): expected the "
+                            "checkpoint's tokenizer.json") from None
+    cfg = json.loads(config.read_text())
+    size = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    if isinstance(size, int) and top >= size:
+        raise MoePruneError(f"{tok} gives token ids up to {top}, but {config} has vocab_size={size}: expected a "
+                            "tokenizer whose ids fit the model's embedding (this checkpoint's own tokenizer)")
