@@ -124,7 +124,32 @@ def calibration_files(cfg: DictConfig) -> dict[str, Path]:
             path = Path(src.path).expanduser()
             if src.kind in ("jsonl", "text") or (src.kind == "datasets" and path.exists()):
                 files[f"calibration.{cls}[{i}]"] = path
+            if src.kind in ("jsonl", "text") and path.is_file():
+                check_utf8(path, f"calibration.classes.{cls}[{i}]")
     return files
+
+
+def check_utf8(path: Path, where: str) -> None:
+    """A calibration file the readers would fail to decode halfway (Latin-1, UTF-16), named with the
+    line of its first bad byte. Read in blocks: files of many MB cost well under a second."""
+    import codecs
+
+    decoder, offset, lines = codecs.getincrementaldecoder("utf-8")(), 0, 1
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                at = min(max(e.start, 0), len(block) - 1)  # an error may start in the previous block's tail
+                line = lines + block[:at].count(b"\n")
+                raise MoePruneError(f"{where}: {path}:{line} is not UTF-8 (byte 0x{block[at]:02x} at offset "
+                                    f"{offset + at}): expected a UTF-8 text file; convert it, e.g. "
+                                    f"iconv -f latin1 -t utf-8") from None
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise MoePruneError(f"{where}: {path} ends inside a UTF-8 character: expected a UTF-8 text file") from None
 
 
 # ---- reading prompts ---------------------------------------------------------------------------
