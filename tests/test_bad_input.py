@@ -78,6 +78,25 @@ def _corrupt_generation_cache(model: Path) -> None:
     (model.parent / "cache" / "generations.sqlite").write_bytes(b"not sqlite " * 500)
 
 
+def _tokenizer_past_the_embedding(model: Path) -> None:
+    """A tokenizer with ids past config.json's vocab_size (another model's, a grown one)."""
+    from tokenizers import Tokenizer
+
+    size = json.loads((model / "config.json").read_text())["vocab_size"]
+    tok = Tokenizer.from_file(str(model / "tokenizer.json"))
+    tok.add_tokens([f"extra{i}" for i in range(size + 8 - tok.get_vocab_size(with_added_tokens=True))])
+    tok.save(str(model / "tokenizer.json"))
+
+
+def _beside(rel: str, text: str, encoding: str = "utf-8"):
+    """Write a user file next to the model copy (in the test's tmp dir)."""
+    def write(model: Path) -> None:
+        path = model.parent / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text.encode(encoding))
+    return write
+
+
 # (id, overrides, message, how to break a copy of the model first)
 CASES = [
     ("run dir is the model dir", ["hydra.run.dir={model}"], "is inside the input model", None),
@@ -136,6 +155,25 @@ CASES = [
          m.parent / "sdist" / "llama_cpp_python-0.3.36.tar.gz").write_bytes(b"garbage" * 100)),
     ("corrupt generations.sqlite", ["stages.evaluate=true"], "generations.sqlite is not a usable generation cache",
      _corrupt_generation_cache),
+    ("an unclosed bracket", ["keep.drop_fraction=[", "stage=dropmap"],
+     "keep.drop_fraction=[: cannot parse this override (no viable alternative at input '['); expected key=value", None),
+    ("an unquoted non-ASCII path", ["model.path=/data/tøy mødel"],
+     "quote a value that holds spaces, brackets, commas or non-ASCII characters: \"model.path='/data/tøy mødel'\"",
+     None),
+    ("a sweep range of words", ["-m", "hparams_search=toy_recipe", "hydra.sweeper.params.strategy.protect_top=range(a,b)"],
+     "protect_top=range(a,b): cannot parse this override (TypeError while evaluating 'range(a,b)'", None),
+    ("a stage whose input stage is disabled", ["stages.profile=false", "stage=dropmap"],
+     "stage dropmap needs profile, which is disabled: expected stages.profile=true", None),
+    ("a malformed preset on the search path", ["hydra.searchpath=[file://{tmp}/presets]", "strategy=broken"],
+     "{tmp}/presets/strategy/broken.yaml, line 5, column 1: not valid YAML (while parsing a flow sequence",
+     _beside("presets/strategy/broken.yaml", "defaults:\n  - max\n  - _self_\nalpha: [1.0, 2.0\n")),
+    ("a tokenizer whose ids pass the embedding", [], "but {model}/config.json has vocab_size=",
+     _tokenizer_past_the_embedding),
+    ("a Latin-1 calibration file", ["calibration.classes.generic_math=[{{kind:jsonl,path:{tmp}/latin.jsonl}}]"],
+     "calibration.classes.generic_math[0]: {tmp}/latin.jsonl:2 is not UTF-8 (byte 0xe9",
+     _beside("latin.jsonl", '{"text": "plain"}\n{"text": "caf\u00e9 cr\u00e8me"}\n', "latin-1")),
+    ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
+     "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
 
 
@@ -183,7 +221,8 @@ def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, 
     before, source = _tree(tmp_path), _tree(shared_model)
     fill = {"model": model, "tmp": tmp_path}
     env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
-    argv = [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
+    argv = ["-m"] * ("-m" in overrides) + [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
+    overrides = [o for o in overrides if o != "-m"]  # a sweep: -m first, as typed
     if "stages.evaluate=true" not in overrides:
         argv.append("stages.evaluate=false")
     for o in overrides:
