@@ -10,7 +10,6 @@ scores computed under different settings are not comparable (the reference's "se
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -127,9 +126,11 @@ def format_table(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="moeprune compare", description=__doc__.split("\n\n")[0])
-    ap.add_argument("a", help="run dir, evaluation dir or sweep dir (RUN:STAGE picks a stage)")
-    ap.add_argument("b", nargs="?", help="the same for B; omitted: A's evaluate_base vs its evaluate")
+    from moeprune.cli_args import Parser
+
+    ap = Parser(prog="moeprune compare", description=__doc__.split("\n\n")[0])
+    ap.add_argument("a", metavar="RUN_A", help="run dir, evaluation dir or sweep dir (RUN:STAGE picks a stage)")
+    ap.add_argument("b", metavar="RUN_B", nargs="?", help="the same for B; omitted: A's evaluate_base vs its evaluate")
     ap.add_argument("--json", type=Path, help="also write the comparison as JSON here")
     args = ap.parse_args(argv)
     try:

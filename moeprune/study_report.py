@@ -17,7 +17,6 @@ baseline on test).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -283,8 +282,10 @@ def _write(path: Path, text: str) -> None:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="moeprune report", description=__doc__.split("\n\n")[0])
-    ap.add_argument("dirs", nargs="+", type=Path, help="sweep output dirs (or a parent of them)")
+    from moeprune.cli_args import Parser
+
+    ap = Parser(prog="moeprune report", description=__doc__.split("\n\n")[0])
+    ap.add_argument("dirs", metavar="DIR", nargs="+", type=Path, help="sweep output dirs (or a parent of them)")
     ap.add_argument("--out", type=Path, default=None, help="where to write report-*.md / pareto-*.png (default: the first dir)")
     ap.add_argument("--cost", default=None, help=f"x axis, a STAGE.KEY metric (default: the 2nd objective, else {DEFAULT_COST})")
     ap.add_argument("--test", action="store_true", help="score the best trial and REAP once on the test split")
