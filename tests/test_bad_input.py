@@ -172,6 +172,9 @@ CASES = [
     ("a Latin-1 calibration file", ["calibration.classes.generic_math=[{{kind:jsonl,path:{tmp}/latin.jsonl}}]"],
      "calibration.classes.generic_math[0]: {tmp}/latin.jsonl:2 is not UTF-8 (byte 0xe9",
      _beside("latin.jsonl", '{"text": "plain"}\n{"text": "caf\u00e9 cr\u00e8me"}\n', "latin-1")),
+    ("a bench data file that is not JSON", ["stages.evaluate=true", "bench=gsm8k_100", "bench.data.path={tmp}/rows.jsonl"],
+     "bench gsm8k_100: data.path {tmp}/rows.jsonl:2 is not JSON (Expecting property name enclosed in double quotes",
+     _beside("rows.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", answer: 2}\n')),
     ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
      "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
@@ -180,6 +183,18 @@ CASES = [
 @pytest.mark.parametrize("overrides, message, breakage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_path, overrides, message, breakage):
     assert_refused(shared_model, tmp_path, overrides, message, breakage)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["compare"], "moeprune compare: the following arguments are required: RUN_A; expected: moeprune compare"),
+    (["report"], "moeprune report: the following arguments are required: DIR; expected: moeprune report"),
+], ids=["compare", "report"])
+def test_a_subcommand_without_its_arguments_says_what_it_expects(tmp_path, argv, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code, stderr = cli(argv)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith(f"moeprune: error: {message}"), stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_mxfp4_checkpoint_without_accelerate_names_the_extra(shared_model, tmp_path, monkeypatch):
@@ -221,7 +236,9 @@ def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, 
     before, source = _tree(tmp_path), _tree(shared_model)
     fill = {"model": model, "tmp": tmp_path}
     env = {"MOEPRUNE_CACHE": str(tmp_path / "cache")}
-    argv = ["-m"] * ("-m" in overrides) + [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *SMALL]
+    other_bench = any(o.startswith("bench=") for o in overrides)  # its own knobs: n, not n_per_class
+    small = [o for o in SMALL if not (other_bench and o.startswith("bench."))]
+    argv = ["-m"] * ("-m" in overrides) + [f"model.path={model}", f"hydra.run.dir={tmp_path / 'run'}", *small]
     overrides = [o for o in overrides if o != "-m"]  # a sweep: -m first, as typed
     if "stages.evaluate=true" not in overrides:
         argv.append("stages.evaluate=false")
