@@ -87,6 +87,7 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     check_locations(run_dir, runner.cache_dir, inputs, cfg.profile.work_dir if "profile" in wanted else None)
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
+    check_metric(cfg, runner.order)
     runner.preflight(cfg.stage)
     sqlite = runner.cache_dir / "generations.sqlite"
     # a corrupt one would fail after the profile and prune; an evaluation served from the cache never
@@ -95,6 +96,16 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
         from moeprune.evaluate.cache import GenerationCache
 
         GenerationCache.check(sqlite)
+
+
+def check_metric(cfg: DictConfig, stages: list[str]) -> None:
+    """`optimized_metric` names a stage of the pipeline (a misspelt one was found after every stage
+    ran); its keys are known only once the stage has run."""
+    metric = cfg.get("optimized_metric")
+    for m in (list(metric) if OmegaConf.is_list(metric) else [metric] if metric else []):
+        if str(m).split(".")[0] not in stages:
+            raise MoePruneError(f"optimized_metric={m}: no stage {str(m).split('.')[0]!r}; expected <stage>.<key> "
+                                f"with a stage of {', '.join(stages)} (e.g. evaluate.score)")
 
 
 def check_groups(cfg: DictConfig) -> None:
