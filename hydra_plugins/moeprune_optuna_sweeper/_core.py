@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
-from . import _choices, _confirm, _search_space, _split_guard, _workers
+from . import _choices, _confirm, _search_space, _split_guard, _trial_preflight, _workers
 from ._workers import DEFAULT_ATTR, ENQUEUED_ATTR, WORKER_ATTR, fail_stale_trials, point_pending, this_worker  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -218,6 +218,10 @@ class OptunaSweeperImpl(Sweeper):
         # Mistakes of the space are said before the study is created: none leaves an empty study behind.
         _split_guard.check(self.config, space, self.allow_test_split)
         _choices.check(space, self.hydra_context.config_loader, self.config)
+        t0 = time.monotonic()
+        _trial_preflight.check(space, self.hydra_context.config_loader, self.config,
+                               Path(str(self.config.hydra.sweep.dir)))
+        log.info("Run preflight of the probe trials: %.1f s", time.monotonic() - t0)
         confirm = _confirm.check(self.confirm, self.hydra_context.config_loader, self.config, space.fixed)
         self.space = space
         points = _search_space.enqueued_points(space, self.enqueue)
