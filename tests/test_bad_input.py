@@ -175,6 +175,10 @@ CASES = [
     ("a bench data file that is not JSON", ["stages.evaluate=true", "bench=gsm8k_100", "bench.data.path={tmp}/rows.jsonl"],
      "bench gsm8k_100: data.path {tmp}/rows.jsonl:2 is not JSON (Expecting property name enclosed in double quotes",
      _beside("rows.jsonl", '{"question": "a", "answer": "1"}\n{"question": "b", answer: 2}\n')),
+    ("a misspelt optimized_metric stage", ["optimized_metric=evaluat.score"],
+     "optimized_metric=evaluat.score: no stage 'evaluat'; expected <stage>.<key> with a stage of", None),
+    ("a sweep no trial of which can run", ["-m", "hparams_search=toy_recipe", "keep.experts_per_layer=1"],
+     "no trial of this sweep can run: cannot keep 1 experts per layer", None),
     ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
      "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
