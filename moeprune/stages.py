@@ -407,6 +407,10 @@ def _floor_fits(cfg: DictConfig, layers: list[int], num_experts: int, keep: int)
     floor_clamp = typed(cfg.floor_clamp, FloorClampConfig)
     if floor.is_active(floor_clamp):
         floor.floor_counts(floor_clamp, layers, keep, np.ones((len(layers), num_experts)))
+        if floor_clamp.profile is not None:  # the user's profile dir: its contents, before any stage
+            from moeprune.prune.dropmap import floor_profile
+
+            floor_profile(floor_clamp, layers, num_experts, _recipe(cfg).strategy.reference_needs())
 
 
 def _quant_can_run(cfg: DictConfig) -> None:

@@ -45,6 +45,10 @@ class KeepRule:
 
 def keep_rule(keep_cfg: KeepConfig, num_experts: int, top_k: int) -> KeepRule:
     """The keep node resolved against a model's expert count and top_k (the only place it is)."""
+    if top_k > num_experts:  # the checkpoint's config.json is inconsistent: no keep count could fit
+        raise MoePruneError(f"the model's config.json routes each token to top_k={top_k} experts of num_experts="
+                            f"{num_experts}: expected top_k <= num_experts (its top_k_experts / num_experts_per_tok "
+                            "and num_experts disagree; the keep settings are not the cause)")
     if keep_cfg.experts_per_layer is not None:
         T = int(keep_cfg.experts_per_layer)
     elif not 0.0 <= keep_cfg.drop_fraction < 1.0:
@@ -117,7 +121,9 @@ def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile
     shape = (len(profile.classes), len(profile.layers), profile.num_experts)
     for k in needs:
         if stats[k].shape != shape:
-            raise MoePruneError(f"{what}: {k} has shape {stats[k].shape}, expected (classes, layers, experts) {shape}")
+            raise MoePruneError(f"{what}: {k} has shape {tuple(stats[k].shape)}, expected (classes, layers, experts) "
+                                f"{shape} for its {len(profile.classes)} classes {profile.classes} in profile.json "
+                                f"({rebuild_hint(profile.source, profile.given_by)})")
     checked = [stats[k] for k in ("count", "wnorm") if k in stats and stats[k].shape == shape]
     for c, name in enumerate(profile.classes if checked else []):
         nonfinite = np.any([~np.isfinite(x[c]) for x in checked], axis=0).mean(axis=1) > 0.5
@@ -126,7 +132,8 @@ def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile
             if bad.any():
                 layers = [profile.layers[i] for i in np.nonzero(bad)[0]]
                 raise MoePruneError(f"{what}: class {name!r} is {why} in layers {layers}: expected routing "
-                                    f"statistics for every class in every layer ({rebuild_hint(profile.source)})")
+                                    f"statistics for every class in every layer "
+                                    f"({rebuild_hint(profile.source, profile.given_by)})")
     return stats
 
 
@@ -163,18 +170,24 @@ class BuildResult:
         return {str(layer): d for layer, d in zip(self.layers, self.dropped)}
 
 
+def floor_profile(floor_clamp: FloorClampConfig, layers: list[int], num_experts: int, needs) -> tuple[list[str], dict]:
+    """The user's floor profile (floor_clamp.profile), read and checked against the run's layers and
+    experts; each error names the knob and the dir. The preflight calls it before any stage."""
+    knob = f"floor_clamp.profile={floor_clamp.profile}"
+    try:
+        other = Profile.load(Path(floor_clamp.profile), given_by="floor_clamp.profile")
+        if other.layers != list(layers) or other.num_experts != num_experts:
+            raise MoePruneError(f"layers {other.layers} x {other.num_experts} experts, expected the run's "
+                                f"{list(layers)} x {num_experts}")
+        return other.classes, check_profile(other, needs, "the floor profile")
+    except MoePruneError as e:
+        raise MoePruneError(f"{knob}: {e} (floor_clamp.profile=null ranks the floor by the run's own profile)") from None
+
+
 def _floor_profile(floor_clamp: FloorClampConfig, profile: Profile, stats: dict, needs) -> tuple[list[str], dict]:
     if floor_clamp.profile is None:
         return profile.classes, stats
-    try:
-        other = Profile.load(Path(floor_clamp.profile))
-    except MoePruneError as e:
-        raise MoePruneError(f"floor_clamp.profile={floor_clamp.profile}: {e} (floor_clamp.profile=null ranks the "
-                            f"floor by the run's own profile)") from None
-    if other.layers != profile.layers or other.num_experts != profile.num_experts:
-        raise MoePruneError(f"floor_clamp.profile: layers {other.layers} x {other.num_experts} experts, expected the "
-                            f"run's {profile.layers} x {profile.num_experts}")
-    return other.classes, check_profile(other, needs, "floor profile")
+    return floor_profile(floor_clamp, profile.layers, profile.num_experts, needs)
 
 
 def build(profile: Profile, recipe: Recipe, top_k: int, groups: tuple[int, list[tuple[int, int]]] | None = None) -> BuildResult:

@@ -45,6 +45,7 @@ class Profile:
     tokens: dict[str, int]  # profiled tokens per class
     meta: dict = field(default_factory=dict)  # tokens per tier, passes, corpus/model hashes, mode
     source: Path | None = None  # the artifact dir it was loaded from (named when it is unusable)
+    given_by: str | None = None  # the knob a user named it with (their input, not a cache artifact)
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.stats[name]
@@ -62,7 +63,7 @@ class Profile:
                                          **self.meta})
 
     @classmethod
-    def load(cls, out_dir: Path) -> "Profile":
+    def load(cls, out_dir: Path, given_by: str | None = None) -> "Profile":
         from safetensors import SafetensorError
 
         out_dir = Path(out_dir)
@@ -73,13 +74,17 @@ class Profile:
         except (OSError, ValueError, SafetensorError, KeyError, TypeError, AttributeError) as e:
             raise MoePruneError(f"{out_dir}: not a readable profile ({type(e).__name__}: {e}); "
                                 f"expected {META_FILE} + {PROFILE_FILE} as the profile stage writes them; "
-                                f"{rebuild_hint(out_dir)}") from None
+                                f"{rebuild_hint(out_dir, given_by)}") from None
         return cls(core["classes"], core["layers"], core["num_experts"], stats, core["tokens_per_class"], meta,
-                   source=out_dir)
+                   source=out_dir, given_by=given_by)
 
 
-def rebuild_hint(out_dir: Path | None) -> str:
-    """How to get rid of a broken profile: a plain re-run would be handed the same cached artifact."""
+def rebuild_hint(out_dir: Path | None, given_by: str | None = None) -> str:
+    """How to get rid of a broken profile: a plain re-run would be handed the same cached artifact.
+    A profile the user named (`given_by`, e.g. floor_clamp.profile) is their input, manifest or not:
+    neither deleting it nor cache.refresh (which rebuilds cache entries only) is the advice."""
+    if given_by is not None:
+        return f"expected an intact profile dir there: point {given_by} at one (moeprune never rebuilds or deletes it)"
     if out_dir is None or not (Path(out_dir) / "manifest.json").is_file():  # not a cached artifact
         return "re-run the profile"
     return (f"this cached profile is broken: rebuild it by deleting {out_dir}, or run with cache.refresh=true "
