@@ -179,6 +179,8 @@ CASES = [
      "optimized_metric=evaluat.score: no stage 'evaluat'; expected <stage>.<key> with a stage of", None),
     ("a sweep no trial of which can run", ["-m", "hparams_search=toy_recipe", "keep.experts_per_layer=1"],
      "no trial of this sweep can run: cannot keep 1 experts per layer", None),
+    ("top_k above num_experts in config.json", ["stage=dropmap"],
+     "config.json routes each token to top_k=99 experts of num_experts=", _config(top_k_experts=99)),
     ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
      "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
@@ -187,6 +189,53 @@ CASES = [
 @pytest.mark.parametrize("overrides, message, breakage", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(shared_model, tmp_path, overrides, message, breakage):
     assert_refused(shared_model, tmp_path, overrides, message, breakage)
+
+
+@pytest.fixture(scope="module")
+def floor_profile(shared_model, tmp_path_factory) -> Path:
+    """A good profile of the test model, computed once, as a user's floor_clamp.profile dir."""
+    cache = tmp_path_factory.mktemp("floor_cache")
+    code, stderr = cli([f"model.path={shared_model}", f"hydra.run.dir={cache}/run", *SMALL, "stage=profile"],
+                       {"MOEPRUNE_CACHE": str(cache)})
+    assert not code, stderr
+    (made,) = [p for p in (cache / "profile").iterdir() if not p.name.startswith(".")]
+    return made
+
+
+def _stats(fill):
+    def breakage(profile_dir: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        stats = load_file(str(profile_dir / "profile.safetensors"))
+        save_file({k: fill(v) for k, v in stats.items()}, str(profile_dir / "profile.safetensors"))
+    return breakage
+
+
+def _one_more_class(profile_dir: Path) -> None:
+    meta = json.loads((profile_dir / "profile.json").read_text())
+    (profile_dir / "profile.json").write_text(json.dumps({**meta, "classes": [*meta["classes"], "extra"]}))
+
+
+def _truncated(profile_dir: Path) -> None:
+    data = (profile_dir / "profile.safetensors").read_bytes()
+    (profile_dir / "profile.safetensors").write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("breakage, message", [
+    (_stats(lambda v: v * float("nan")), "mostly non-finite in layers"),
+    (_stats(lambda v: v * 0), "is all zero in layers"),
+    (_truncated, "not a readable profile"),
+    (_one_more_class, "has shape"),
+], ids=["NaN statistics", "all-zero statistics", "a truncated safetensors", "a class list longer than its tensors"])
+def test_a_users_broken_floor_profile_is_refused_without_asking_to_delete_it(shared_model, tmp_path, floor_profile,
+                                                                             breakage, message):
+    def broken_copy(model: Path) -> None:
+        breakage(Path(shutil.copytree(floor_profile, model.parent / "floor")))
+
+    line = assert_refused(shared_model, tmp_path, ["stage=dropmap", "floor_clamp.top=1",
+                                                   "floor_clamp.profile={tmp}/floor"], message, broken_copy)
+    assert f"floor_clamp.profile={tmp_path}/floor: " in line and "point floor_clamp.profile at" in line
+    assert "deleting" not in line and "cache.refresh" not in line  # the dir is the user's input
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -230,7 +279,7 @@ def test_with_accelerate_the_loader_reads_an_mxfp4_checkpoint(tmp_path):
     assert model.model.layers[0].mlp.experts.gate_up_proj.dtype.is_floating_point  # dequantized on CPU
 
 
-def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, breakage) -> None:
+def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, breakage) -> str:
     """The CLI on (a broken copy of) the model: exit 2, one error line with `message`, nothing written."""
     model = shared_model
     if breakage is not None:
@@ -264,6 +313,7 @@ def assert_refused(shared_model: Path, tmp_path: Path, overrides, message: str, 
     assert "Traceback" not in stderr
     assert _tree(tmp_path) == before, "a refused run writes nothing (no run dir, no cache)"
     assert _tree(shared_model) == source, "the source model stays byte-identical"
+    return errors[0]
 
 
 def _tree(root: Path) -> dict:
