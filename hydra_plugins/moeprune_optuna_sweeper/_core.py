@@ -180,7 +180,7 @@ class OptunaSweeperImpl(Sweeper):
                           None if grace_period is None else int(grace_period))
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.hydra_context, self.config = hydra_context, config
+        self.hydra_context, self.config, self.task_function = hydra_context, config, task_function
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config)
 
@@ -218,10 +218,11 @@ class OptunaSweeperImpl(Sweeper):
         # Mistakes of the space are said before the study is created: none leaves an empty study behind.
         _split_guard.check(self.config, space, self.allow_test_split)
         _choices.check(space, self.hydra_context.config_loader, self.config)
-        t0 = time.monotonic()
-        _trial_preflight.check(space, self.hydra_context.config_loader, self.config,
-                               Path(str(self.config.hydra.sweep.dir)))
-        log.info("Run preflight of the probe trials: %.1f s", time.monotonic() - t0)
+        if getattr(self.task_function, "__module__", None) == "moeprune.cli":  # moeprune's runs, not any Hydra app's
+            t0 = time.monotonic()
+            _trial_preflight.check(space, self.hydra_context.config_loader, self.config,
+                                   Path(str(self.config.hydra.sweep.dir)))
+            log.info("Run preflight of the probe trials: %.1f s", time.monotonic() - t0)
         confirm = _confirm.check(self.confirm, self.hydra_context.config_loader, self.config, space.fixed)
         self.space = space
         points = _search_space.enqueued_points(space, self.enqueue)
