@@ -110,14 +110,23 @@ def main() -> None:
         print(f"moeprune: error: {e}", file=sys.stderr)
         sys.exit(2)
     previous = signal.signal(signal.SIGTERM, _terminate)
+    done = False
     try:
         hydra_main()
+        done = True
     except KeyboardInterrupt as e:  # temp dirs were removed on the way out (artifacts.atomic_dir)
         how, code = ("terminated (SIGTERM)", 143) if isinstance(e, Terminated) else ("interrupted", 130)
         print(f"moeprune: {how}: finished stages stay cached; run the same command again to go on", file=sys.stderr)
         sys.exit(code)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if done and getattr(sys.modules.get("__main__"), "main", None) is main:
+            # The run is complete and recorded; a SIGTERM or Ctrl-C while the interpreter exits (atexit
+            # handlers, a tracker's flush) would turn its exit status into -15 or -2. Only as the
+            # process's entry point: an in-process caller keeps its own handlers.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+        else:
+            signal.signal(signal.SIGTERM, previous)
 
 
 class Terminated(KeyboardInterrupt):
