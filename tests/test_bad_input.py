@@ -366,6 +366,38 @@ def _start_and_kill_in_profile(model: Path, cache: Path, run_dir: Path, sig: int
     return proc.returncode, stderr
 
 
+SLOW_EXIT = """import atexit, os, pathlib, time
+if os.environ.get("EXIT_MARK"):  # registered first, so run last: the interpreter is exiting
+    def slow_exit():
+        pathlib.Path(os.environ["EXIT_MARK"]).write_text("exiting")
+        time.sleep(3)
+    atexit.register(slow_exit)
+"""
+
+
+def test_a_sigterm_while_a_completed_run_exits_keeps_exit_status_0(shared_model, tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(SLOW_EXIT)
+    mark = tmp_path / "exiting"
+    env = {**os.environ, "MOEPRUNE_CACHE": str(tmp_path / "cache"), "EXIT_MARK": str(mark),
+           "PYTHONPATH": os.pathsep.join([str(tmp_path / "hook"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "moeprune", f"model.path={shared_model}",
+                             f"hydra.run.dir={tmp_path / 'run'}", *SMALL, "stage=dropmap"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    while not mark.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)  # (a SIGINT inside atexit is swallowed by Python already)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "dropmap" in json.loads((tmp_path / "run" / "run.json").read_text())["stages"]
+
+
 def test_sigterm_exits_143_with_one_line_and_leaves_no_temp_dir(shared_model, tmp_path):
     import signal
 
