@@ -88,6 +88,10 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     check_metric(cfg, runner.order)
+    if OmegaConf.select(cfg, "backend.name") == "openai" and not OmegaConf.select(cfg, "backend.base_url") \
+            and any(n.startswith("evaluate") for n in wanted):  # else found when the backend is built
+        raise MoePruneError("backend.base_url is not set: expected the server's OpenAI API root, e.g. "
+                            "backend.base_url=http://127.0.0.1:8000/v1")
     runner.preflight(cfg.stage)
     sqlite = runner.cache_dir / "generations.sqlite"
     # a corrupt one would fail after the profile and prune; an evaluation served from the cache never
