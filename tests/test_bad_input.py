@@ -181,6 +181,8 @@ CASES = [
      "no trial of this sweep can run: cannot keep 1 experts per layer", None),
     ("top_k above num_experts in config.json", ["stage=dropmap"],
      "config.json routes each token to top_k=99 experts of num_experts=", _config(top_k_experts=99)),
+    ("the openai backend without a base_url", ["stages.evaluate=true", "backend=openai"],
+     "backend.base_url is not set: expected the server's OpenAI API root", None),
     ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
      "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
