@@ -279,6 +279,11 @@ class OptunaSweeperImpl(Sweeper):
                 self._record(study, trial, ret, values, error)
             returns.append(results)
             launched += batch
+            config_error = next((e for e in (trial_values(r, len(self.directions))[1] for r in results)
+                                 if e and e.startswith(f"{MoePruneError.__name__}: optimized_metric=")), None)
+            if config_error:  # names a key the results lack: every later trial would run all its stages to fail so
+                raise MoePruneError(f"{config_error.split(': ', 1)[1]} (the sweep stops after trial "
+                                    f"{trials[-1].number}: every trial would fail the same way)")
 
         if completed == 0:
             raise MoePruneError(f"none of the {self.n_trials} trials of this sweep completed; first failure: {first_error}")
