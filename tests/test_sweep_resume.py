@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from sweep_support import sweep_cache, sweep_model  # noqa: F401  (fixtures)
 
 APP = '''\
 import os, signal, sys
@@ -188,3 +189,19 @@ def test_a_running_trial_of_a_live_process_is_left_alone(tmp_path):
     elsewhere.set_user_attr(_core.WORKER_ATTR, {"host": "another-node", "pid": 1, "started": "1"})
     assert _core.fail_stale_trials(study) == []
     assert [t.state.name for t in study.trials] == ["RUNNING", "RUNNING"]
+
+
+def test_a_sweep_whose_metric_the_results_lack_stops_after_its_first_trial(tmp_path, sweep_model, sweep_cache):
+    """A metric key that only running the stages can refute (evaluate.scor) fails the first trial;
+    the sweep then stops with one line instead of running every other trial to the same end."""
+    from sweep_support import SMALL, moeprune
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    proc = moeprune(["-m", "hparams_search=toy_recipe", f"model.path={sweep_model}", *SMALL, "logger=none",
+                     "optimized_metric=evaluate.scor", "hydra.sweeper.n_trials=3", f"hydra.sweeper.storage={storage}",
+                     f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, sweep_cache, check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("moeprune: error:")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-3000:]
+    assert "optimized_metric=evaluate.scor: evaluate has no 'scor'" in errors[0] and "the sweep stops" in errors[0]
+    trials = optuna.load_study(study_name="toy_recipe", storage=storage).trials
+    assert [t.state.name for t in trials] == ["FAIL"]  # one trial ran, none left RUNNING
