@@ -107,8 +107,14 @@ def read_json(path: Path) -> Any:
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a fresh temp dir beside `final`; on success it replaces `final`, on error it is removed."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    created = not final.parent.exists()
+    while True:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+            break
+        except FileNotFoundError:  # another builder's failure removed the dir it had created: again
+            created = True
     os.chmod(tmp, (0o777 & ~_UMASK) | (tmp.stat().st_mode & stat.S_ISGID))  # keep a shared cache's group bit
     try:
         yield tmp
@@ -117,6 +123,9 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         os.replace(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created:  # a failed build leaves no empty <cache>/<stage>/ behind; one in use is not empty
+            with contextlib.suppress(OSError):
+                final.parent.rmdir()
         raise
 
 

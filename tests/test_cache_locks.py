@@ -48,3 +48,17 @@ def test_removing_a_dead_builders_temp_dir_says_so_and_leaves_no_lock_file(tmp_p
         assert artifacts.remove_dead_temps(cache, ["profile"], lock) == [dead]
     assert str(dead) in caplog.text and "died" in caplog.text
     assert list(Path(cache, ".locks").glob("*.lock")) == []
+
+
+def test_a_failed_build_leaves_no_empty_stage_dir_it_created_and_keeps_one_that_was_there(tmp_path):
+    import pytest
+
+    for existed in (False, True):
+        stage_dir = tmp_path / f"existed-{existed}" / "profile"
+        if existed:
+            stage_dir.mkdir(parents=True)
+        with pytest.raises(RuntimeError):
+            with artifacts.atomic_dir(stage_dir / "abc") as tmp:
+                (tmp / "half.bin").write_bytes(b"x")
+                raise RuntimeError("the stage failed")
+        assert stage_dir.exists() == existed and (not existed or list(stage_dir.iterdir()) == [])
