@@ -87,7 +87,7 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     check_locations(run_dir, runner.cache_dir, inputs, cfg.profile.work_dir if "profile" in wanted else None)
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
-    check_metric(cfg, runner.order)
+    check_metric(cfg)
     if OmegaConf.select(cfg, "backend.name") == "openai" and not OmegaConf.select(cfg, "backend.base_url") \
             and any(n.startswith("evaluate") for n in wanted):  # else found when the backend is built
         raise MoePruneError("backend.base_url is not set: expected the server's OpenAI API root, e.g. "
@@ -102,9 +102,14 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
         GenerationCache.check(sqlite)
 
 
-def check_metric(cfg: DictConfig, stages: list[str]) -> None:
-    """`optimized_metric` names a stage of the pipeline (a misspelt one was found after every stage
-    ran); its keys are known only once the stage has run."""
+def check_metric(cfg: DictConfig) -> None:
+    """`optimized_metric` names a stage of moeprune's pipelines (a misspelt one was found after every
+    stage ran); a stage this run does not run gives no objective, as before (stage=dropmap with the
+    default evaluate.score); its keys are known only once the stage has run."""
+    from moeprune import stages as pipeline
+
+    stages = list(dict.fromkeys([s.name for s in pipeline.STAGES] + [
+        v.name for v in vars(pipeline).values() if isinstance(v, pipeline.Stage)]))
     metric = cfg.get("optimized_metric")
     for m in (list(metric) if OmegaConf.is_list(metric) else [metric] if metric else []):
         if str(m).split(".")[0] not in stages:
