@@ -88,6 +88,10 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
     if "model" in inputs:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     check_metric(cfg)
+    if "profile" in wanted and cfg.profile.path is None and "model" in inputs and runner.to_build(["profile"]):
+        from moeprune.prune.profile_run import check_corpus
+
+        check_corpus(inputs["model"], cfg.calibration)  # a prompt past its tier's max_tokens, before the run dir
     if OmegaConf.select(cfg, "backend.name") == "openai" and not OmegaConf.select(cfg, "backend.base_url") \
             and any(n.startswith("evaluate") for n in wanted):  # else found when the backend is built
         raise MoePruneError("backend.base_url is not set: expected the server's OpenAI API root, e.g. "

@@ -19,6 +19,15 @@ from moeprune.prune.profile_layerwise import profile_layerwise
 MODEL_CONFIG_FILE = "model_config.json"  # the profiled model's config.json, as read
 
 
+def check_corpus(model_dir: Path, calibration) -> None:
+    """Tokenize the calibration corpus as the profile will (its tiers' max_tokens with overflow=error,
+    the model's context, chat templates): the preflight calls it when the profile is to be built, so
+    a prompt that does not fit is said before the run dir is made."""
+    config = read_config(model_dir)
+    build_corpus(calibration, load_tokenizer(model_dir),
+                 adapter_for(config).text_config(config).get("max_position_embeddings"))
+
+
 def profile_checkpoint(model_dir: Path, out_dir: Path, calibration, settings, dtype: str, device: str,
                        cache_dir: Path) -> dict:
     """Profile `model_dir` over the `calibration` corpus with the profile `settings` (the
