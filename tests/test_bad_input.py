@@ -183,6 +183,8 @@ CASES = [
      "config.json routes each token to top_k=99 experts of num_experts=", _config(top_k_experts=99)),
     ("the openai backend without a base_url", ["stages.evaluate=true", "backend=openai"],
      "backend.base_url is not set: expected the server's OpenAI API root", None),
+    ("a calibration prompt past its tier's max_tokens", ["calibration.tiers.short.max_tokens=8", "stage=profile"],
+     "exceeds the tier's max_tokens=8", None),
     ("a new calibration class on the command line", ["+calibration.classes.bogus=[{{kind:toy}}]"],
      "calibration.classes.bogus takes typed entries that OmegaConf cannot build from a command-line list", None),
 ]
