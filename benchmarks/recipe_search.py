@@ -1,7 +1,7 @@
 """Does a searched recipe beat REAP and frequency on held-out toy tasks at 8 of 16 experts kept?
 
-Runs, in one process on the shipped toy model and one cached profile (prompt+answer, 64 calibration
-tasks per class):
+Runs, in one process on the shipped toy model and one cached profile (64 calibration tasks per class;
+`completion`, the toy default, or `--score-tokens all` for the prompt+answer profile):
 - Optuna TPE studies (seeded) that score every trial's drop map by virtual pruning on the `val`
   split (`calib` where the toy world has no `val`): `coder_pareto_8of16` (targeted_code_hard vs the
   mean of the other classes, two objectives), `mean_8of16` and `mean_12of16` (all-class mean), and
@@ -14,7 +14,9 @@ tasks per class):
 - The best searched recipe physically: the pruned checkpoint reloaded by transformers must give the
   virtual trial's greedy outputs, task by task (asserted).
 
-    python benchmarks/recipe_search.py [--trials 100] [--n-test 300] [--n-val 100] [--out DIR]
+    python benchmarks/recipe_search.py [--trials 100] [--n-test 300] [--n-val 100] [--score-tokens all] [--out DIR]
+
+benchmarks/budget_curve.py runs the same Lab over keep counts 12 to 3 of 16.
 """
 
 from __future__ import annotations
@@ -70,7 +72,9 @@ class Lab:
         self.device = args.device
         self.model = load_model(self.model_dir, "float32", self.device)
         self.tok = load_tokenizer(self.model_dir)
-        self.profile = toy_recipes.pipeline_profile(self.model_dir, self.out, [f"calibration.samples_per_class={args.calib}"])
+        # completion (the toy default, docs/recipes.md) counts only answer-producing positions; all = prompt+answer
+        self.profile = toy_recipes.pipeline_profile(self.model_dir, self.out, [f"calibration.samples_per_class={args.calib}"],
+                                                    score_tokens=args.score_tokens)
         self.evals = 0
 
     def drop_map(self, overrides: list[str]) -> DropMap:
@@ -79,14 +83,16 @@ class Lab:
         m = dropmap.build(self.profile, recipe, self.top_k)
         return DropMap.parse(m.as_json(), num_experts=self.profile.num_experts, top_k=self.top_k)
 
-    def score(self, drop_map: DropMap | None, split: str, n: int, model_dir: Path | None = None) -> dict[str, dict]:
-        """{task id: {"pass", "completion", "category"}} for n tasks per class of split."""
+    def score(self, drop_map: DropMap | None, split: str, n: int, model_dir: Path | None = None,
+              shared_ffn_alpha: float = 1.0, classes: list[str] | None = None) -> dict[str, dict]:
+        """{task id: {"pass", "completion", "category"}} for n tasks per class of split (of `classes`, or all)."""
         model = None if model_dir else self.model
         backend = HFBackend(model_dir or self.model_dir, device=self.device, drop_map=drop_map, model=model,
-                            tokenizer=None if model_dir else self.tok, batch_size=self.args.batch_size)
+                            tokenizer=None if model_dir else self.tok, batch_size=self.args.batch_size,
+                            shared_ffn_alpha=shared_ffn_alpha)
         self.evals += 1
         d = self.out / "eval" / f"{self.evals:05d}"
-        run_bench(ToySuite(n_per_class=n, split=split), backend, d)
+        run_bench(ToySuite(n_per_class=n, split=split, classes=classes), backend, d)
         rows = [json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()]
         return {r["id"]: {"pass": bool(r["pass"]), "completion": r["completion"], "category": r["category"]} for r in rows}
 
@@ -216,6 +222,8 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=300)
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--calib", type=int, default=64)
+    ap.add_argument("--score-tokens", choices=("completion", "all"), default="completion",
+                    help="the profile: completion (the toy default) or all (prompt+answer, the reference's)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="outputs/bench/recipe_search")

@@ -57,10 +57,11 @@ def compose_cfg(model: Path, out: Path, overrides: list[str]):
             f"paths.cache_dir={out / 'cache'}", *overrides])
 
 
-def pipeline_profile(model: Path, out: Path, overrides: list[str]) -> Profile:
-    """The profile stage with every position counted (the subtraction below needs whole passes)."""
+def pipeline_profile(model: Path, out: Path, overrides: list[str], score_tokens: str = "all") -> Profile:
+    """The profile stage; by default with every position counted (the subtraction below needs whole
+    passes), `score_tokens="completion"` for the toy default (answer-producing positions only)."""
     (out / "run").mkdir(parents=True, exist_ok=True)
-    runner = Runner(compose_cfg(model, out, ["calibration.score_tokens=all", *overrides]), STAGES, out / "run")
+    runner = Runner(compose_cfg(model, out, [f"calibration.score_tokens={score_tokens}", *overrides]), STAGES, out / "run")
     runner.run("profile")
     return Profile.load(runner.dirs["profile"])
 
