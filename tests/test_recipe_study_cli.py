@@ -86,3 +86,19 @@ def test_an_enqueued_point_outside_the_space_stops_the_sweep_before_any_trial(sw
     assert bad.returncode == 2, bad.stderr[-2000:]
     assert "hydra.sweeper.enqueue[0].strategy='reap' is outside its search space" in bad.stderr
     assert not trial_records(tmp_path / "sweep")
+
+
+def test_one_budget_of_the_curve_runs_from_the_cli_with_the_benchmarks_rows_first(sweep_model, sweep_cache, tmp_path):
+    moeprune(["-m", "hparams_search=toy_coder_4of16", f"model.path={sweep_model}", *SMALL, "hydra.sweeper.n_trials=3",
+              f"hydra.sweeper.storage=journal:{tmp_path}/b.journal", f"hydra.sweep.dir={tmp_path}/sweep"],
+             tmp_path, sweep_cache)
+    records = trial_records(tmp_path / "sweep")
+    assert sorted(records) == [0, 1, 2] and {r["state"] for r in records.values()} == {"COMPLETE"}
+    # trial 0 the default recipe (max-uniform), then the curve's REAP and frequency rows
+    assert (records[0]["params"]["strategy"], records[0]["params"]["class_weights"]) == ("max", "uniform")
+    assert [records[n]["params"]["strategy.score"] for n in (1, 2)] == ["reap", "frequency"]
+    for rec in records.values():
+        stages = json.loads((rec["dir"] / "run.json").read_text())["stages"]
+        drop = json.loads((Path(stages["dropmap"]["artifact"]) / "drop_map.json").read_text())
+        assert all(len(v) == 12 for v in drop.values()), "4 of 16 experts kept in every layer"
+        assert rec["objectives"] == OBJECTIVES
