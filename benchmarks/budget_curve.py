@@ -178,14 +178,17 @@ def paired(a: dict, b: dict, classes: list[str]) -> dict:
 
 def budget_table(keep: int, r: dict) -> str:
     head = ["row", *world.CLASSES, "other five", "ALL", "val: target / other five"]
-    lines = [f"**{keep} of 16 kept** (best generic on val: {r['best_generic']}; searched: trial "
-             f"#{r['search']['best']['number']} of {r['search']['n_trials']})", "",
+    searched = (f"searched: trial #{r['search']['best']['number']} of {r['search']['n_trials']}" if r["search"]["best"]
+                else "no search at this budget: the fixed rows only")
+    lines = [f"**{keep} of 16 kept** (best generic on val: {r['best_generic']}; {searched})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in r["rows"].items():
         v = row.get("val")
         vcell = "-" if not v else f"{100 * v[TARGET]:.0f} / " + ("-" if v["others"] is None else f"{100 * v['others']:.1f}")
         lines.append(f"| {name} | " + " | ".join(fmt(row["cells"][c]) for c in [*world.CLASSES, "others", "ALL"])
                      + f" | {vcell} |")
+    if not r["vs_best_generic"]:
+        return "\n".join(lines)
     t, o = r["vs_best_generic"][TARGET], r["vs_best_generic"]["others"]
     lines += ["", f"searched − {r['best_generic']} on test: {TARGET} {100 * t['diff']:+.1f} points (p={t['p']:.2g}), "
               f"other five {100 * o['diff']:+.1f} (p={o['p']:.2g}). Searched point: `{' '.join(r['searched_overrides'])}`"
@@ -196,7 +199,7 @@ def budget_table(keep: int, r: dict) -> str:
 def summary(result: dict) -> str:
     budgets = sorted(result["budgets"], key=int, reverse=True)
     base = result["base"]
-    names = list(next(iter(result["budgets"].values()))["rows"])
+    names = row_names(result)
     lines = ["| row | " + " | ".join(f"{k} kept" for k in budgets) + " |", "|" + "---|" * (len(budgets) + 1)]
     for name in names:
         lines.append(f"| {name} | " + " | ".join(
@@ -205,6 +208,9 @@ def summary(result: dict) -> str:
     lines += ["", "| keep | best generic (val) | Δ target, searched − best generic (p) | Δ other five (p) |", "|---|---|---|---|"]
     for k in budgets:
         r = result["budgets"][k]
+        if not r["vs_best_generic"]:
+            lines.append(f"| {k} | {r['best_generic']} | not searched | - |")
+            continue
         t, o = r["vs_best_generic"][TARGET], r["vs_best_generic"]["others"]
         lines.append(f"| {k} | {r['best_generic']} | {100 * t['diff']:+.1f} (p={t['p']:.2g}) | {100 * o['diff']:+.1f} (p={o['p']:.2g}) |")
     # the headline: the smallest keep holding the target at >= 90% of base, and the rest there
@@ -216,20 +222,28 @@ def summary(result: dict) -> str:
         held = [int(k) for k in budgets if name in result["budgets"][k]["rows"]
                 and result["budgets"][k]["rows"][name]["cells"][TARGET]["acc"] >= thr]
         if not held:
-            lines.append(f"| {name} | none of {', '.join(budgets)} | - | - | - |")
+            ks = [k for k in budgets if name in result["budgets"][k]["rows"]]
+            lines.append(f"| {name} | none of {', '.join(ks)} | - | - | - |")
             continue
         c = result["budgets"][str(min(held))]["rows"][name]["cells"]
         lines.append(f"| {name} | {min(held)} | {fmt(c[TARGET])} | {fmt(c['others'])} | "
                      f"{100 * (c['others']['acc'] - base['others']['acc']):+.1f} |")
-    lines += ["", "dominance over max-uniform (test accuracy >= at every budget run, on ALL and on the target):"]
+    lines += ["", "dominance over max-uniform (test accuracy >= at every budget the row has, on ALL and on the target):"]
     mu = "max-uniform (default)"
     for name in names:
         if name == mu:
             continue
-        ok = all(result["budgets"][k]["rows"][name]["cells"][c]["acc"] >= result["budgets"][k]["rows"][mu]["cells"][c]["acc"]
-                 for k in budgets for c in ("ALL", TARGET))
-        lines.append(f"- {name}: {'dominates' if ok else 'does not dominate'}")
+        ks = [k for k in budgets if name in result["budgets"][k]["rows"]]
+        lose = [f"{k} ({c})" for k in ks for c in ("ALL", TARGET) if result["budgets"][k]["rows"][name]["cells"][c]["acc"]
+                < result["budgets"][k]["rows"][mu]["cells"][c]["acc"]]
+        lines.append(f"- {name} (at {', '.join(ks)}): " + (f"below at {', '.join(lose)}" if lose else "dominates"))
     return "\n".join(lines)
+
+
+def row_names(result: dict) -> list[str]:
+    """The rows of any budget, in ROWS order (the searched row only where a study ran)."""
+    have = {n for b in result["budgets"].values() for n in b["rows"]}
+    return [n for n in [*ROWS, SEARCHED] if n in have]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -239,7 +253,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     budgets = sorted(int(k) for k in result["budgets"])
-    names = list(next(iter(result["budgets"].values()))["rows"])
+    names = row_names(result)
     fig, ax = plt.subplots(figsize=(9, 5.6), dpi=110)
     styles = {**{n: "-" for n in GENERIC}, **{n: ":" for n in PUBLISHED}, **{n: "--" for n in TARGETED}}
     for i, name in enumerate(names):
@@ -268,21 +282,26 @@ def plot(result: dict, path: Path) -> None:
 
 def run_budget(score: Scorer, keep: int, args) -> dict:
     t0 = time.perf_counter()
-    s = search(score, keep, args.trials, args.n_val, args.seed)
+    if args.trials:
+        s = search(score, keep, args.trials, args.n_val, args.seed)
+    else:  # rows only: the generic rows on val (the best-generic pick), no study, no searched row
+        s = {"trials": [{"number": i, "point": p, "val": accs(score(p, keep, VAL, args.n_val))}
+                        for i, p in enumerate(GENERIC.values())], "best": None, "n_trials": 0, "all_classes": len(GENERIC)}
     val = {}
     for r in s["trials"]:  # a row's own (first, enqueued) trial
         val.setdefault(tuple(sorted(r["point"].items())), r["val"])
     rows = {}
-    for name, p in [*ROWS.items(), (SEARCHED, s["best"]["point"])]:
+    for name, p in [*ROWS.items(), *([(SEARCHED, s["best"]["point"])] if s["best"] else [])]:
         tasks = score(p, keep, "test", args.n_test)
         rows[name] = {"point": p, "tasks": tasks, "val": val.get(tuple(sorted(p.items()))),
                       "cells": {**{c: cell(tasks, [c]) for c in world.CLASSES}, "others": cell(tasks, OTHERS),
                                 "ALL": cell(tasks, list(world.CLASSES))}}
     best_generic = max(GENERIC, key=lambda n: objective_key(rows[n]["val"]))  # chosen on val, as the search
-    a, b = rows[SEARCHED]["tasks"], rows[best_generic]["tasks"]
     print(f"keep {keep}: {s['n_trials']} trials ({s['all_classes']} on all classes), {time.perf_counter() - t0:.0f} s; "
-          f"best #{s['best']['number']} "
-          f"val {objective_key(s['best']['val'])}", flush=True)
+          f"best {s['best'] and (s['best']['number'], objective_key(s['best']['val']))}", flush=True)
+    if not s["best"]:
+        return {"rows": rows, "search": s, "best_generic": best_generic, "searched_overrides": None, "vs_best_generic": None}
+    a, b = rows[SEARCHED]["tasks"], rows[best_generic]["tasks"]
     return {"rows": rows, "search": s, "best_generic": best_generic,
             "searched_overrides": overrides(s["best"]["point"], keep),
             "vs_best_generic": {TARGET: paired(a, b, [TARGET]), "others": paired(a, b, OTHERS)}}
@@ -306,7 +325,7 @@ def write(result: dict, out: Path, args) -> None:
 def merge(dirs: list[str], args) -> None:
     """One result from runs over disjoint budgets (e.g. two processes) of the same settings."""
     parts = [artifacts.read_json(Path(d) / "results.json") for d in dirs]
-    same = ("profile", "calib_per_class", "n_test", "n_val", "trials", "seed", "base")
+    same = ("profile", "calib_per_class", "n_test", "n_val", "seed", "base")
     for p in parts[1:]:
         if any(p[k] != parts[0][k] for k in same) or set(p["budgets"]) & set(parts[0]["budgets"]):
             raise SystemExit(f"--merge: {dirs} are not disjoint budgets of one setting")
@@ -326,7 +345,8 @@ def main() -> None:
     ap.add_argument("--model", default=str(Path(moeprune.cli.PKG_DIR) / "toy" / "model"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
-    ap.add_argument("--trials", type=int, default=100, help="trials per budget (the enqueued rows included)")
+    ap.add_argument("--trials", type=int, default=100,
+                    help="trials per budget (the enqueued rows included); 0: the fixed rows only, no study")
     ap.add_argument("--n-test", type=int, default=200)
     ap.add_argument("--n-val", type=int, default=100)
     ap.add_argument("--calib", type=int, default=64)
