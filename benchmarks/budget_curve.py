@@ -271,9 +271,12 @@ def plot(result: dict, path: Path) -> None:
         cs = [result["budgets"][str(k)]["rows"][name]["cells"][TARGET] for k in ks]
         y = [100 * c["acc"] for c in cs]
         err = [[100 * (c["acc"] - c["lo"]) for c in cs], [100 * (c["hi"] - c["acc"]) for c in cs]]
-        w = 2.6 if name == SEARCHED else 1.3
-        ax.errorbar([k + 0.035 * (i - len(names) / 2) for k in ks], y, yerr=err, fmt=styles.get(name, "-") + "o",
-                    ms=3.5, lw=w, capsize=2, color="black" if name == SEARCHED else f"C{i % 10}", label=name)
+        # the searched row exists only where a study ran: markers alone, no line across unsearched budgets
+        searched = name == SEARCHED and len(ks) < len(budgets)
+        ax.errorbar([k + 0.035 * (i - len(names) / 2) for k in ks], y, yerr=err,
+                    fmt="s" if searched else styles.get(name, "-") + "o", ms=7 if name == SEARCHED else 3.5,
+                    lw=2.6 if name == SEARCHED else 1.3, capsize=2, label=name,
+                    color="black" if name == SEARCHED else ([f"C{j}" for j in range(10)] + ["navy"])[i % 11])
     base = 100 * result["base"][TARGET]["acc"]
     ax.axhline(base, color="0.4", lw=1, ls="-.", label=f"base model ({base:.1f})")
     ax.axhline(0.9 * base, color="0.7", lw=1, ls="-.", label="90% of base")
