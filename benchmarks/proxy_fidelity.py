@@ -215,6 +215,7 @@ def plot(records: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, len(records), figsize=(4 * len(records), 3.8), dpi=110)
     for ax, (budget, rows) in zip(np.atleast_1d(axes), records.items()):
@@ -224,6 +225,7 @@ def plot(records: dict, path: Path) -> None:
             if r["name"] in BASELINES:
                 ax.scatter([r["objective"]["kl"]["ALL"]], [100 * r["test"]["ALL"]], s=60, marker="*", label=r["name"])
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a short log axis
         ax.set_xlabel("mean KL(base || pruned) on val, nats/token")
         ax.set_ylabel("test accuracy, all classes (%)")
         ax.set_title(f"{budget} of 16 kept")
