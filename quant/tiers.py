@@ -47,11 +47,34 @@ def is_iq(ftype: str) -> bool:
     return ftype.upper().startswith("IQ")
 
 
+# The knobs each kind reads beyond name and kind; another kind's knob is refused, not ignored.
+NVFP4_KNOBS = ("calib_samples",)
+GGUF_KNOBS = ("type", "imatrix", "token_embedding_type", "output_tensor_type", "tensor_types", "cd", "imatrix_ctx",
+              "threads")
+
+
+def _foreign_knobs(tier: DictConfig) -> list[str]:
+    """The knobs set away from the schema's defaults that the tier's kind does not read."""
+    import dataclasses
+
+    from moeprune.config import QuantTierConfig
+
+    reads = {"gguf": GGUF_KNOBS, "nvfp4": NVFP4_KNOBS, "none": ()}[str(tier.kind)]
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(QuantTierConfig)}
+    return [k for k in (*GGUF_KNOBS, *NVFP4_KNOBS) if k not in reads and tier.get(k) != defaults[k]]
+
+
 def validate(tier: DictConfig) -> None:
     """Refuse a tier that cannot be produced, naming the key and what was expected."""
     where = f"quant_tier {tier.name!r}"
     if tier.kind not in KINDS:
         raise MoePruneError(f"{where}: kind={tier.kind!r}; expected one of {KINDS}")
+    foreign = _foreign_knobs(tier)
+    if foreign:
+        reads = {"gguf": GGUF_KNOBS, "nvfp4": NVFP4_KNOBS, "none": ()}[str(tier.kind)]
+        raise MoePruneError(f"{where}: {', '.join(f'quant_tier.{k}={tier.get(k)}' for k in foreign)} is set, but a "
+                            f"{tier.kind} tier has no such knob; its knobs: {', '.join(reads) or 'none'}")
     if tier.kind != "gguf":
         return
     if not tier.type or tier.type.upper() not in FTYPES:

@@ -77,6 +77,25 @@ def test_bad_tier_fields_are_refused(override, message):
         tiers.validate(tier)
 
 
+@pytest.mark.parametrize("tier, override, message", [
+    ("nvfp4a16", {"imatrix": True, "type": "Q4_K_M"},
+     r"quant_tier.type=Q4_K_M, quant_tier.imatrix=True is set, but a nvfp4 tier has no such knob; its knobs: calib_samples"),
+    ("q4_k_m", {"calib_samples": 8}, r"quant_tier.calib_samples=8 is set, but a gguf tier has no such knob"),
+])
+def test_a_knob_of_another_tier_kind_is_refused(tier, override, message):
+    with pytest.raises(MoePruneError, match=message):
+        tiers.validate(OmegaConf.merge(tiers.load(tier), override))
+
+
+def test_the_cli_refuses_an_nvfp4_tier_with_gguf_knobs_in_one_line(tmp_path):
+    from test_pipeline import moeprune
+
+    proc = moeprune(["quant_tier=nvfp4a16", "quant_tier.imatrix=true", "quant_tier.type=Q4_K_M"], tmp_path / "cache",
+                    tmp_path / "run", check=False)
+    assert proc.returncode == 2 and "a nvfp4 tier has no such knob" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def test_evaluate_quant_runs_a_gguf_through_the_llama_cpp_preset_pointed_at_the_file(tmp_path):
     from moeprune import artifacts
     from moeprune.quant.stage import eval_backend
