@@ -110,6 +110,13 @@ def targets_of(objectives: list[str]) -> list[str]:
 
 
 def holdout_table(trial, out_dir: Path, n_test: Optional[int] = None, confirm: Optional[dict] = None) -> str:
+    run_json = trial.job_dir / "run.json"
+    scored = artifacts.read_json(run_json)["stages"].get("evaluate", {}) if run_json.is_file() else {}
+    if confirm is None and scored.get("metric"):  # before any test run is paid for
+        raise MoePruneError(f"report --test: trial {trial.number} was scored by bench={scored.get('bench')} "
+                            f"({scored['metric']}, teacher-forced), which passes or fails no task to compare on "
+                            "test: expected a two-stage study (hydra.sweeper.confirm.top >= 1, whose generating "
+                            "bench scores the test runs) or a study on a generating bench")
     cache = _cache_dir(trial.job_dir)
     rows = {name: run_on_test(overrides, out_dir / name.replace(" ", "-"), cache)
             for name, overrides in commands(trial, n_test, confirm).items()}

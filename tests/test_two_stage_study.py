@@ -55,3 +55,14 @@ def test_a_confirmation_on_the_test_split_is_refused_before_the_study_exists(swe
                     tmp_path, sweep_cache, check=False)
     assert proc.returncode == 2 and "confirmation runs would score bench.split=test" in proc.stderr
     assert not (tmp_path / "two.journal").exists()
+
+
+def test_report_test_on_a_one_stage_objective_study_says_it_needs_a_confirmation(sweep_model, sweep_cache, tmp_path):
+    moeprune(["-m", "hparams_search=toy_two_stage_8of16", f"model.path={sweep_model}", *SMALL, "hydra.sweeper.n_trials=1",
+              "hydra.sweeper.confirm.top=0", f"hydra.sweeper.storage=journal:{tmp_path}/one.journal",
+              f"hydra.sweep.dir={tmp_path}/sweep"], tmp_path, sweep_cache)
+    assert not (tmp_path / "sweep" / "confirm.json").exists()
+    proc = moeprune(["report", str(tmp_path / "sweep"), "--out", str(tmp_path / "report"), "--test"], tmp_path,
+                    sweep_cache, check=False)
+    assert proc.returncode == 2 and "passes or fails no task to compare on test" in proc.stderr, proc.stderr[-2000:]
+    assert "hydra.sweeper.confirm.top >= 1" in proc.stderr and not (tmp_path / "report" / "test-toy_two_stage_8of16").exists()
