@@ -60,6 +60,11 @@ def _flat(d, prefix=""):
 
 def compare_bench(a_dir: Path, b_dir: Path) -> dict:
     sa, sb = artifacts.read_json(a_dir / SUMMARY_FILE), artifacts.read_json(b_dir / SUMMARY_FILE)
+    for d, s in ((a_dir, sa), (b_dir, sb)):
+        if s.get("metric"):  # bench=divergence: a distance per token, no problem passed or failed
+            raise MoePruneError(f"compare: {d} holds bench={s['bench']} ({s['metric']} against the base model, "
+                                "teacher-forced), which passes or fails no problem: expected the evaluations of "
+                                "a generating bench (its summary.json holds the per-class figures)")
     ra = {r["id"]: r for r in read_jsonl(a_dir / SAMPLES_FILE)}
     rb = {r["id"]: r for r in read_jsonl(b_dir / SAMPLES_FILE)}
     common = [i for i in ra if i in rb]

@@ -117,6 +117,10 @@ def test_the_cli_objective_is_built_once_and_its_base_side_reused(tmp_path):
     again = stages(tmp_path / "b")
     assert again["reference"]["cached"] and again["reference"]["artifact"] == ran["reference"]["artifact"]
     assert not again["evaluate"]["cached"] and again["evaluate"]["score"] > ran["evaluate"]["score"]
+    # compare reads pass/fail per problem, which the objective has not: one line, not a KeyError
+    cmp = subprocess.run([sys.executable, "-m", "moeprune", "compare", str(tmp_path / "a")], capture_output=True,
+                         text=True)
+    assert cmp.returncode == 2 and "passes or fails no problem" in cmp.stderr and "Traceback" not in cmp.stderr
 
 
 def test_held_out_prompts_that_the_calibration_profiles_are_left_out(tmp_path):
