@@ -18,6 +18,8 @@ re-scored by generation on `val`, the best of those taken, and its test regret. 
 on test. Writes fidelity.json and fidelity.png under --out.
 
     python benchmarks/proxy_fidelity.py [--recipes 150] [--n-val 100] [--n-test 100] [--device cuda]
+    python benchmarks/proxy_fidelity.py --budgets 8,4 --out A; ... --budgets 12 --out B   # in parallel
+    python benchmarks/proxy_fidelity.py --merge A B --recipes 150 --out C                 # one table
 """
 
 from __future__ import annotations
@@ -251,7 +253,23 @@ def main() -> None:
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="experts kept per layer, comma list")
     ap.add_argument("--out", default="outputs/proxy_fidelity")
     ap.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
+    ap.add_argument("--merge", nargs="+", default=None, help="runs' --out dirs (other budgets, same recipes): "
+                    "one fidelity.json, table and plot in --out")
     args = ap.parse_args()
+    if args.merge:
+        records = {}
+        for d in args.merge:
+            data = json.loads((Path(d) / "fidelity.json").read_text())
+            records.update({int(k): v for k, v in data["records"].items()})
+        records = dict(sorted(records.items(), reverse=True))
+        analysis = analyse(records)
+        print(report(analysis, records, args))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fidelity.json").write_text(json.dumps({"args": vars(args), "analysis": analysis, "records": records},
+                                                      indent=1))
+        plot(records, out / "fidelity.png")
+        return
     if args.replot:
         data = json.loads((Path(args.out) / "fidelity.json").read_text())
         plot({int(k): v for k, v in data["records"].items()}, Path(args.out) / "fidelity.png")
