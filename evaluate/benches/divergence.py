@@ -22,12 +22,13 @@ import json
 from pathlib import Path
 
 from moeprune import artifacts
+from moeprune.components import DivergenceMetric
 from moeprune.errors import MoePruneError
 from moeprune.evaluate.benches.base import Bench
 from moeprune.evaluate.types import Sample
 from moeprune.toy import world
 
-METRICS = ("kl", "nll", "agreement")
+METRICS = tuple(m.value for m in DivergenceMetric)  # the schema's choices, written once
 TOY = "toy"
 
 
