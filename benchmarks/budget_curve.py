@@ -106,16 +106,35 @@ class Scorer:
     """Scores (drop map, shared-FFN alpha) pairs once per split: TPE re-samples points whose maps
     are equal (e.g. every alpha of a base statistic), and a repeated map generates the same tokens."""
 
-    def __init__(self, lab: recipe_search.Lab):
-        self.lab, self.memo, self.evaluated = lab, {}, 0
+    def __init__(self, lab: recipe_search.Lab, memo_dir: Path | None = None):
+        self.lab, self.memo, self.evaluated, self.memo_dir = lab, {}, 0, memo_dir
 
     def __call__(self, p: dict, keep: int, split: str, n: int, classes: list[str] | None = None) -> dict[str, dict]:
         m = self.lab.drop_map(overrides(p, keep))
         key = (artifacts.hash_json(m.as_json()), round(p["shared_ffn_alpha"], 6), split, n, tuple(classes or ()))
         if key not in self.memo:
-            self.evaluated += 1
-            self.memo[key] = self.lab.score(m, split, n, shared_ffn_alpha=p["shared_ffn_alpha"], classes=classes)
+            self.memo[key] = self._stored(key) or self._evaluate(key, m, p, split, n, classes)
         return self.memo[key]
+
+    def _stored(self, key) -> dict | None:
+        path = self._path(key)
+        return artifacts.read_json(path) if path and path.is_file() else None
+
+    def _evaluate(self, key, m, p: dict, split: str, n: int, classes) -> dict[str, dict]:
+        self.evaluated += 1
+        tasks = self.lab.score(m, split, n, shared_ffn_alpha=p["shared_ffn_alpha"], classes=classes)
+        if self._path(key):
+            artifacts.write_json(self._path(key), tasks)
+        return tasks
+
+    def _path(self, key) -> Path | None:
+        """--memo keeps every evaluation on disk: a run killed mid-study (a 10-minute GPU call) is
+        run again with the same seed, and TPE, seeing the same values, replays the same trials from
+        the memo in seconds and goes on where the killed run stopped."""
+        if self.memo_dir is None:
+            return None
+        settings = (self.lab.args.model, self.lab.args.calib, self.lab.args.seed)  # what else decides the answer
+        return self.memo_dir / f"{artifacts.hash_json([list(map(str, key)), list(map(str, settings))])[:24]}.json"
 
 
 def accs(tasks: dict[str, dict]) -> dict[str, float]:
@@ -369,6 +388,7 @@ def main() -> None:
     ap.add_argument("--json", default="docs/budget_curve.json", help="the per-budget counts (no per-task rows)")
     ap.add_argument("--png", default="docs/budget_curve.png")
     ap.add_argument("--merge", default="", help="comma-separated --out dirs of runs over disjoint budgets: write their union")
+    ap.add_argument("--memo", default="", help="a dir that keeps every evaluation: run a killed run again to resume it")
     args = ap.parse_args()
     if args.merge:
         return merge(args.merge.split(","), args)
@@ -376,7 +396,7 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     t_start = time.perf_counter()
     lab = recipe_search.Lab(args)
-    score = Scorer(lab)
+    score = Scorer(lab, Path(args.memo) if args.memo else None)
     base_tasks = lab.score(None, "test", args.n_test)
     base = {**{c: cell(base_tasks, [c]) for c in world.CLASSES}, "others": cell(base_tasks, OTHERS),
             "ALL": cell(base_tasks, list(world.CLASSES))}
