@@ -39,8 +39,10 @@ def run(args, work: Path, name: str, overrides: list[str]) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed:\n{proc.stderr[-3000:]}")
-    stages = json.loads((run_dir / "run.json").read_text())["stages"]
-    return {"process_s": wall, "evaluate_s": stages["evaluate"]["wall_time_s"], "score": stages["evaluate"]["score"]}
+    evaluate = json.loads((run_dir / "run.json").read_text())["stages"]["evaluate"]
+    if evaluate["cached"] and not name.startswith("warmup"):  # a cache hit would time nothing
+        raise SystemExit(f"{name}: its evaluation was found in {work / 'cache'}: expected a fresh --work dir")
+    return {"process_s": wall, "evaluate_s": evaluate.get("wall_time_s"), "score": evaluate["score"]}
 
 
 def main() -> None:
