@@ -26,7 +26,6 @@ Results are written after every budget (--out/results.json, --json, --png), so a
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -345,7 +344,7 @@ def write(result: dict, out: Path, args) -> None:
     compact = json.loads(json.dumps({k: v for k, v in result.items() if k != "studies"}, default=str))
     for b in compact["budgets"].values():
         for row in b["rows"].values():
-            row.pop("tasks")
+            row.pop("tasks", None)  # absent in a part merged from a --json file
     artifacts.write_json(Path(args.json), compact)
     plot(result, Path(args.png))
     text = "\n\n".join(budget_table(int(k), result["budgets"][k]) for k in sorted(result["budgets"], key=int, reverse=True))
@@ -355,17 +354,29 @@ def write(result: dict, out: Path, args) -> None:
 
 
 def merge(dirs: list[str], args) -> None:
-    """One result from runs over disjoint budgets (e.g. two processes) of the same settings."""
-    parts = [artifacts.read_json(Path(d) / "results.json") for d in dirs]
+    """One result from runs over disjoint budgets (e.g. two processes) of the same settings. A part is
+    an --out dir (results.json: every task) or a --json file (counts only: its budgets keep their
+    tables and paired tests, but no test against the fixed targeted recipe can be recomputed). A part
+    may keep only some of its budgets: PATH:8+4 (a counts file whose other budgets a new run replaces)."""
+    parts = []
+    for d in dirs:
+        path, _, keep = d.partition(":")
+        part = artifacts.read_json(Path(path) if path.endswith(".json") else Path(path) / "results.json")
+        if keep:
+            part["budgets"] = {k: v for k, v in part["budgets"].items() if k in keep.split("+")}
+        parts.append(part)
     same = ("profile", "calib_per_class", "n_test", "n_val", "seed", "base")
-    for p in parts[1:]:
-        if any(p[k] != parts[0][k] for k in same) or set(p["budgets"]) & set(parts[0]["budgets"]):
+    seen = set()
+    for p in parts:
+        if any(p[k] != parts[0][k] for k in same) or seen & set(p["budgets"]):
             raise SystemExit(f"--merge: {dirs} are not disjoint budgets of one setting")
-    result = {**parts[0], "budgets": {}, "studies": {}, "wall_s": [p["wall_s"] for p in parts],
+        seen |= set(p["budgets"])
+    walls = [w for p in parts for w in (p["wall_s"] if isinstance(p["wall_s"], list) else [p["wall_s"]])]
+    result = {**parts[0], "budgets": {}, "studies": {}, "wall_s": walls,
               "maps_evaluated": sum(p["maps_evaluated"] for p in parts)}
     for p in parts:
         result["budgets"].update(p["budgets"])
-        result["studies"].update(p["studies"])
+        result["studies"].update(p.get("studies", {}))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write(result, out, args)
@@ -387,7 +398,8 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/bench/budget_curve")
     ap.add_argument("--json", default="docs/budget_curve.json", help="the per-budget counts (no per-task rows)")
     ap.add_argument("--png", default="docs/budget_curve.png")
-    ap.add_argument("--merge", default="", help="comma-separated --out dirs of runs over disjoint budgets: write their union")
+    ap.add_argument("--merge", default="",
+                    help="comma-separated --out dirs (or --json files) of runs over disjoint budgets: write their union")
     ap.add_argument("--memo", default="", help="a dir that keeps every evaluation: run a killed run again to resume it")
     args = ap.parse_args()
     if args.merge:
