@@ -288,7 +288,8 @@ def plot(result: dict, path: Path) -> None:
         ks = [k for k in budgets if name in result["budgets"][str(k)]["rows"]]
         cs = [result["budgets"][str(k)]["rows"][name]["cells"][TARGET] for k in ks]
         y = [100 * c["acc"] for c in cs]
-        err = [[100 * (c["acc"] - c["lo"]) for c in cs], [100 * (c["hi"] - c["acc"]) for c in cs]]
+        # clamped: at 0/n or n/n the Wilson bound equals the accuracy up to rounding, which may be -1e-16
+        err = [[max(0.0, 100 * (c["acc"] - c["lo"])) for c in cs], [max(0.0, 100 * (c["hi"] - c["acc"])) for c in cs]]
         # the searched row exists only where a study ran: markers alone, no line across unsearched budgets
         searched = name == SEARCHED and len(ks) < len(budgets)
         ax.errorbar([k + 0.035 * (i - len(names) / 2) for k in ks], y, yerr=err,
