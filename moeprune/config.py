@@ -16,8 +16,8 @@ from typing import Any, Dict, Iterator, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from moeprune import components
-from moeprune.components import Choice
+from moeprune import schema
+from moeprune.schema import Choice, knob
 
 
 class Dtype(Choice):
@@ -107,16 +107,19 @@ class CalibrationConfig:
     data_dir: Optional[str] = None  # where a preset's files live: its paths say ${calibration.data_dir}/...
     classes: Dict[str, List[CalibrationSourceConfig]] = field(default_factory=dict)  # class -> sources
     tiers: Dict[str, CalibrationTierConfig] = field(default_factory=lambda: {"short": CalibrationTierConfig()})
-    samples_per_class: Optional[int] = 64  # at most this many prompts per class (None: all)
+    # at most this many prompts per class (None: all)
+    samples_per_class: Optional[int] = knob(64, lambda v: v >= 1, "at least 1 prompt per class, or null for all")
     chat_template: bool = False  # wrap each prompt as a user turn through the tokenizer's chat template
     chat_template_kwargs: Dict[str, Any] = field(default_factory=dict)  # e.g. {enable_thinking: true}
-    generate_tokens: int = 0  # greedy continuation profiled with the prompt (the reference: 128)
+    # greedy continuation profiled with the prompt (the reference: 128)
+    generate_tokens: int = knob(0, lambda v: v >= 0, "0 or more generated tokens")
     # all: every token of a pass feeds the statistics (the reference). completion: the whole pass
     # is forwarded but only answer-producing positions count (from the prompt's last token on);
     # needs sources that know where the answer starts (toy) or generate_tokens > 0.
     score_tokens: ScoreTokens = ScoreTokens.all
-    batch_size: int = 64  # passes per forward
-    batch_tokens: int = 65536  # padded tokens per forward (batches are grouped by length)
+    batch_size: int = knob(64, lambda v: v >= 1, "at least 1 pass per forward")  # passes per forward
+    # padded tokens per forward (batches are grouped by length)
+    batch_tokens: int = knob(65536, lambda v: v >= 1, "at least 1 padded token per forward")
     seed: int = 0
 
 
@@ -130,7 +133,8 @@ class ProfileConfig:
     neuron_energy: bool = False  # also sum squared intermediate activations per (expert, neuron)
     on_nonfinite: OnNonfinite = OnNonfinite.error  # skip: exclude non-finite rows, count them in `nonfinite`
     progress: bool = True  # tqdm bar with tokens/s
-    device_memory_fraction: float = 0.9  # auto: layerwise when the weights exceed this share of the device
+    # auto: layerwise when the weights exceed this share of the device
+    device_memory_fraction: float = knob(0.9, lambda v: 0 < v <= 1, "a share of the device memory in (0, 1]")
     hidden_ram_bytes: int = 8 << 30  # layerwise: a layer's input + output hidden states beyond this go to disk
     work_dir: Optional[str] = None  # layerwise: per-layer checkpoints for resume (default: under paths.cache_dir)
 
@@ -174,7 +178,7 @@ class KeepConfig:
 class PruneConfig:
     shared_ffn_alpha: float = 1.0  # multiply the shared/dense FFN down projection by this
     ablate_shared_ffn: bool = False  # allow shared_ffn_alpha <= 0 (removing or negating it: an ablation)
-    max_shard_bytes: int = 5_000_000_000
+    max_shard_bytes: int = knob(5_000_000_000, lambda v: v >= 1 << 20, "at least 1 MiB per output shard (1048576)")
     # multi-token-prediction heads (DeepSeek-V3, Qwen3.5/Next), which no profile sees: keep them
     # unpruned (main-model use is unaffected) or drop them whole (the config then counts 0)
     mtp_heads: MtpHeads = MtpHeads.keep
@@ -204,7 +208,8 @@ class QuantTierConfig:
     cd: Optional[ContribDynamicConfig] = None  # ContribDynamic per-layer expert types
     imatrix_ctx: int = 128  # llama-imatrix context (tokens per chunk)
     threads: int = 0  # llama.cpp threads; 0 = every core
-    calib_samples: int = 32  # nvfp4: calibration texts per class for modelopt's amax pass
+    # nvfp4: calibration texts per class for modelopt's amax pass
+    calib_samples: int = knob(32, lambda v: v >= 1, "at least 1 calibration text per class")
 
 
 # ---- evaluation --------------------------------------------------------------------------------
@@ -213,7 +218,8 @@ class EvaluateConfig:
     virtual: bool = False  # score the drop map on the base model (router masking), no prune stage
     validate: bool = False  # only check the bench's scorer: canonical solutions pass, empty answers fail
     resume: bool = True  # keep completions in <cache_dir>/generations.sqlite and reuse them
-    empty_threshold: float = 0.05  # flag a bench loudly when more answers than this are empty
+    # flag a bench loudly when more answers than this are empty
+    empty_threshold: float = knob(0.05, lambda v: 0 <= v <= 1, "a share of empty answers between 0 and 1")
 
 
 # ---- the run -----------------------------------------------------------------------------------
@@ -266,7 +272,7 @@ class RunConfig:
 
 def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
-    components.register()
+    schema.register()
 
 
 @contextlib.contextmanager
@@ -319,20 +325,13 @@ def typed(node, schema: type):
 
 
 def build(node, **runtime):
-    """hydra.utils.instantiate for a strategy / bench / backend / logger node, called with the
-    `runtime` values; a MoePruneError is raised as itself (Hydra wraps one from a nested node in an
-    InstantiationException, which would reach the user as a traceback, not `moeprune: error: ...`)."""
-    import hydra
-    from hydra.errors import InstantiationException
+    """The component a strategy / bench / backend / logger / tier node names by `_target_`, built
+    from its schema instance (`cls(cfg=..., **runtime)`: the knobs typed, enums as their Choice),
+    with the `runtime` values (a model dir, a DropMap) passed as they are."""
+    from hydra.utils import get_class
 
-    from moeprune.errors import MoePruneError
-
-    try:
-        # runtime values (a model dir, a DropMap) go to the constructor as they are: through
-        # instantiate's kwargs they would be merged into the node and come out as plain dicts
-        factory = hydra.utils.instantiate(node, _convert_="all", _partial_=True)
-    except InstantiationException as e:
-        if isinstance(e.__cause__, MoePruneError):
-            raise e.__cause__ from None
-        raise
-    return factory(**runtime)
+    cls = get_class(node["_target_"])
+    cfg = OmegaConf.to_object(node) if OmegaConf.is_config(node) else dict(node)
+    if isinstance(cfg, dict):  # an untyped node: its knobs as keywords, checked against the class's schema
+        return cls(**{k: v for k, v in cfg.items() if k != "_target_"}, **runtime)
+    return cls(cfg=cfg, **runtime)

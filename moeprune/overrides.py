@@ -25,7 +25,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from moeprune import components
+from moeprune import schema
 from moeprune.errors import MoePruneError
 
 CONFIG_MODULE, CONFIG_NAME = "moeprune.conf", "run"
@@ -120,12 +120,12 @@ def verify(overrides: list[str], compose: Compose, presets: Presets | None,
         raise MoePruneError(explain(e, overrides, compose, shown)) from None
     if presets is not None and not OmegaConf.select(cfg, "hydra.searchpath"):
         _presets_exist(overrides, presets, shown)  # an optional group (recipe, hparams_search) skips a missing one
-    for group in components.SCHEMAS:  # `+strategy.seed=7` appends past the schema: its component never reads it
+    for group in schema.groups():  # `+strategy.seed=7` appends past the schema: its component never reads it
         node = cfg.get(group)
         if not isinstance(node, DictConfig):
             continue
-        schema = OmegaConf.get_type(node)
-        known = {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else set(node)
+        kind = OmegaConf.get_type(node)
+        known = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set(node)
         for key in node:
             if key not in known:
                 raise MoePruneError(_unknown_knob(f"{group}.{key}", overrides, compose, shown))
@@ -206,7 +206,7 @@ def _unknown_knob(full_key: str, overrides: list[str], compose: Compose, shown: 
     node = OmegaConf.select(cfg, parent) if parent else cfg
     knobs = [k for k in node if k not in _NOT_KNOBS] if isinstance(node, DictConfig) else []
     group = parent.split(".")[0]
-    if group in components.SCHEMAS:
+    if group in schema.groups():
         owner = f"{group}={cfg.hydra.runtime.choices[group]}" + parent[len(group):]
         expected = "; its knobs: " + ", ".join(knobs)
     else:

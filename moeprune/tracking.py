@@ -12,25 +12,51 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.report import class_rows, score_columns
+from moeprune.schema import Choice
 
 log = logging.getLogger("moeprune")
 ARTIFACT_SUFFIXES = (".json", ".jsonl")
 MAX_ARTIFACT_FILE = 20 << 20  # stage files above this (checkpoints, GGUF) stay on disk only
 
 
+class WandbMode(Choice):
+    offline = "offline"  # no network; `wandb sync` later
+    online = "online"
+    disabled = "disabled"
+
+
+@schema.schema("logger", "none")
+@dataclass
+class LoggerConfig:
+    _target_: str = "moeprune.tracking.NullTracker"
+    name: str = "none"
+
+
+@schema.schema("logger", "wandb")
+@dataclass
+class WandbLoggerConfig(LoggerConfig):
+    project: str = "moeprune"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.offline
+    group: Optional[str] = None  # null: the Optuna study name in a sweep
+    dir: Optional[str] = None  # where wandb/ goes; null: the run's output dir
+    tags: List[str] = field(default_factory=list)
+
+
 class NullTracker:
     """logger=none."""
 
-    def __init__(self, name: str = "none") -> None:
-        self.name = name
+    def __init__(self, cfg: LoggerConfig | None = None, **knobs) -> None:
+        self.name = schema.make(LoggerConfig, cfg, knobs, "logger").name
 
     def log_run(self, cfg: DictConfig, results: dict, run_dir: Path, objective: Any = None) -> None:
         pass
@@ -79,19 +105,17 @@ def stage_images(run_dir: Path) -> Iterable[tuple[str, Path]]:
 class WandbTracker:
     """logger=wandb."""
 
-    def __init__(self, project: str = "moeprune", entity: Optional[str] = None, mode: str = "offline",
-                 group: Optional[str] = None, dir: Optional[str] = None, tags: Optional[list] = None,
-                 name: str = "wandb") -> None:
-        self.name = name
-        if mode not in ("offline", "online", "disabled"):
-            raise MoePruneError(f"logger.mode={mode!r}: expected offline, online or disabled")
+    def __init__(self, cfg: WandbLoggerConfig | None = None, **knobs) -> None:
+        cfg = schema.make(WandbLoggerConfig, cfg, knobs, "logger")
+        self.name = cfg.name
+        mode = WandbMode.parse(cfg.mode, "logger.mode", "offline, online or disabled")
         try:
             import wandb  # noqa: F401  (checked here, before the run, not after an hour of it)
         except ImportError:
             raise MoePruneError("logger=wandb needs the wandb package: pip install 'moeprune[wandb]' "
                                 "(or run with logger=none)") from None
-        self.project, self.entity, self.mode, self.group, self.dir = project, entity, mode, group, dir
-        self.tags = list(tags or [])
+        self.project, self.entity, self.mode, self.group, self.dir = cfg.project, cfg.entity, str(mode), cfg.group, cfg.dir
+        self.tags = list(cfg.tags or [])
 
     def log_run(self, cfg: DictConfig, results: dict, run_dir: Path, objective: Any = None) -> None:
         import wandb

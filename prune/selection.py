@@ -20,9 +20,6 @@ import numpy as np
 from moeprune.errors import MoePruneError
 
 
-RANK_TIES = ("stable", "min")
-
-
 def drop_order(score: np.ndarray, baseline_dropped: set[int], ties: str = "min") -> np.ndarray:
     """Experts from first-to-drop to last: lowest score first; ties by the rule (module docstring)."""
     if ties == "stable":

@@ -160,28 +160,6 @@ def test_a_missing_preset_is_refused_naming_the_group_and_its_presets(override, 
     assert str(e.value) == f"{override}: no such preset; expected one of: {presets}"
 
 
-# Constructor parameters a config never sets: the hf backend's preloaded tokenizer, llama-server's start-up wait.
-PYTHON_ONLY = {"HFBackend": {"tokenizer"}, "LlamaCppBackend": {"startup_timeout_s"}}
-
-
-@pytest.mark.parametrize("group", ["strategy", "backend", "logger"])
-def test_each_component_constructor_takes_its_schemas_knobs_and_no_other(group):
-    import dataclasses
-    import inspect
-
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    for name in sorted(p.stem for p in (CONF / group).glob("*.yaml")):
-        node = _compose([f"{group}={name}"])[group]
-        cls = get_class(node._target_)
-        params = inspect.signature(cls).parameters.values()
-        assert not [p.name for p in params if p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL)], cls  # nothing swallowed
-        knobs = {f.name for f in dataclasses.fields(OmegaConf.get_type(node))} - {"_target_"}
-        extra = set(getattr(cls, "runtime", ())) | PYTHON_ONLY.get(cls.__name__, set())
-        assert {p.name for p in params} == knobs | extra, f"{group}={name}"
-
-
 @pytest.mark.parametrize("target, knob", [("hf.HFBackend", "base_url"), ("openai.OpenAIBackend", "batch_size"),
                                           ("llama_cpp.LlamaCppBackend", "api_key_env")])
 def test_a_backend_built_with_another_backends_knob_is_refused(target, knob, tmp_path):
@@ -194,23 +172,3 @@ def test_a_backend_built_with_another_backends_knob_is_refused(target, knob, tmp
     if not runtime:  # nor the run values it does not take
         with pytest.raises(TypeError, match="unexpected keyword argument 'model_dir'"):
             cls(model_dir=tmp_path)
-
-
-def test_each_bench_reads_exactly_the_knobs_its_schema_adds_and_refuses_another_benchs():
-    import dataclasses
-
-    from hydra.utils import get_class
-    from omegaconf import OmegaConf
-
-    from moeprune.components import BenchConfig
-    from moeprune.errors import MoePruneError
-
-    every = {f.name for f in dataclasses.fields(BenchConfig)}
-    for name in sorted(p.stem for p in (CONF / "bench").glob("*.yaml")):
-        node = _compose([f"bench={name}"]).bench
-        cls = get_class(node._target_)
-        own = {f.name for f in dataclasses.fields(OmegaConf.get_type(node))} - every
-        assert set(cls.reads) == own, f"bench={name}"
-        foreign = sorted({"seed", "sandbox", "n_per_class", "task_ids", "languages", "classes"} - own)[0]
-        with pytest.raises(MoePruneError, match=f"bench.{foreign} is set but this bench has no {foreign}"):
-            cls(name=name, **{foreign: {} if foreign == "sandbox" else 7})

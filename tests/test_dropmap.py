@@ -15,7 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from moeprune.components import ClassAggregateConfig, RandomStrategyConfig, StrategyConfig
+from moeprune.prune.strategies.base import ClassAggregateConfig, StrategyConfig
+from moeprune.prune.strategies.random import RandomStrategyConfig
 from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
 from moeprune.prune import dropmap

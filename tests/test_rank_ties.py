@@ -98,7 +98,7 @@ def test_an_unknown_tie_rule_is_refused_naming_the_choices():
     with pytest.raises(ValidationError, match=r"Invalid value 'first', expected one of \[stable, min\]"):
         dropmap.build(count_profile(ZERO_TIES), recipe(rank_ties="first"), 2)
     with pytest.raises(MoePruneError, match=r"strategy.rank_ties='first': expected stable .* or min"):
-        MaxStrategy("max", rank_ties="first")  # built without the schema
+        MaxStrategy(name="max", rank_ties="first")  # built without the schema
 
 
 def test_every_published_recipe_uses_the_reference_rule_and_the_toy_recipes_keep_min():

@@ -3,15 +3,43 @@ and releases what it holds (a loaded model, a server process, an HTTP client).""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Optional, Protocol, runtime_checkable
 
+from omegaconf import MISSING
+
+from moeprune import schema
 from moeprune.evaluate.types import Completion
+
+_NO_LIMIT = "at least 1 token, or null for the bench's own limit"
+
+
+@dataclass
+class BackendConfig:
+    """Every backend's knobs."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    max_new_tokens: Optional[int] = schema.knob(None, lambda v: v >= 1, _NO_LIMIT)  # None: the bench's own limit
+    reasoning_start: Optional[str] = None  # the model family's thinking markers, e.g. <think> / </think>
+    reasoning_end: Optional[str] = None
+    enable_thinking: bool = False  # chat template kwarg
+
+
+# Here rather than beside HFBackend: hf.py imports torch, which registering the schemas (every
+# command, `--help` included) must not pay for.
+@schema.schema("backend", "hf")
+@dataclass
+class HFBackendConfig(BackendConfig):
+    name: str = "hf"
+    batch_size: int = schema.knob(128, lambda v: v >= 1, "at least 1 prompt per generate call")  # per generate call
 
 
 @runtime_checkable
 class Backend(Protocol):
-    """Built from its schema's knobs (moeprune/components.py) and no other, plus the run values it
-    names in `runtime`, which the evaluate stage passes it."""
+    """Built from its schema (`cfg`, a BackendConfig subclass: config.build passes the preset's) or
+    Python keywords over the schema's defaults, plus the run values it names in `runtime`, which the
+    evaluate stage passes it."""
 
     # of model_dir, dtype, device (the run's model), drop_map, shared_ffn_alpha (virtual pruning), model
     runtime: tuple[str, ...]

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.backends.base import Backend
+from moeprune.evaluate.backends.base import Backend, HFBackendConfig
 from moeprune.evaluate.reasoning import split_reasoning
 from moeprune.evaluate.types import Completion
 from moeprune.models import load_model, load_tokenizer, read_config
@@ -55,13 +55,12 @@ class ThinkingBudget(LogitsProcessor):
 class HFBackend(Backend):
     runtime = ("model_dir", "dtype", "device", "drop_map", "shared_ffn_alpha", "model")
 
-    def __init__(self, model_dir: Path, dtype: str = "float32", device: str = "auto", batch_size: int = 128,
-                 drop_map=None, shared_ffn_alpha: float = 1.0, model=None, tokenizer=None,
-                 reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
-                 name: str = "hf", max_new_tokens: int | None = None):
-        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
-        if batch_size <= 0:
-            raise MoePruneError(f"backend.batch_size={batch_size}: expected a positive number of prompts per batch")
+    def __init__(self, model_dir: Path, cfg: HFBackendConfig | None = None, dtype: str = "float32", device: str = "auto",
+                 drop_map=None, shared_ffn_alpha: float = 1.0, model=None, tokenizer=None, **knobs):
+        cfg = schema.make(HFBackendConfig, cfg, knobs, "backend")
+        self.name, self.max_new_tokens = cfg.name, cfg.max_new_tokens  # every backend's knobs; the stage reads the limit
+        batch_size, reasoning_start, reasoning_end = cfg.batch_size, cfg.reasoning_start, cfg.reasoning_end
+        enable_thinking = cfg.enable_thinking
         self.model_dir = Path(model_dir)
         self.model = model if model is not None else load_model(self.model_dir, dtype, device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)

@@ -15,15 +15,26 @@ import subprocess
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import List, Optional
 
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.evaluate.backends.base import Backend
-from moeprune.evaluate.backends.openai import OpenAIBackend, request_identity
+from moeprune.evaluate.backends.openai import OpenAIBackend, ServedBackendConfig, request_identity
 from moeprune.evaluate.types import Completion
 
 log = logging.getLogger("moeprune")
+
+
+@schema.schema("backend", "llama_cpp")
+@dataclass
+class LlamaCppBackendConfig(ServedBackendConfig):
+    name: str = "llama_cpp"
+    gguf: Optional[str] = None  # the GGUF file; null = the single *.gguf in the model dir
+    concurrency: int = schema.knob(2, lambda v: v >= 1, "at least 1 request in flight")  # llama-server's slots
+    server_args: List[str] = field(default_factory=list)  # more llama-server flags
 
 
 def find_gguf(model_path: Path, gguf: str | None) -> Path:
@@ -50,21 +61,18 @@ def _free_port() -> int:
 class LlamaCppBackend(Backend):
     runtime = ("model_dir",)  # the quant dir (or a dir holding one GGUF)
 
-    def __init__(self, model_dir: Path, gguf: str | None = None, concurrency: int = 2, server_args: list | None = None,
-                 startup_timeout_s: float = 300.0, max_retries: int = 5, timeout_s: float = 1800.0,
-                 thinking_budget_field: str | None = None, extra_body: dict | None = None,
-                 reasoning_start: str | None = None, reasoning_end: str | None = None, enable_thinking: bool = False,
-                 name: str = "llama_cpp", max_new_tokens: int | None = None):
-        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
-        self.gguf = find_gguf(model_dir, gguf)
-        self.concurrency, self.server_args = concurrency, [str(a) for a in (server_args or [])]
-        self.chunk_size = 4 * concurrency  # enough prompts per chunk to keep every server slot busy
+    def __init__(self, model_dir: Path, cfg: LlamaCppBackendConfig | None = None, startup_timeout_s: float = 300.0,
+                 **knobs):
+        cfg = schema.make(LlamaCppBackendConfig, cfg, knobs, "backend")
+        self.name, self.max_new_tokens = cfg.name, cfg.max_new_tokens  # every backend's knobs; the stage reads the limit
+        self.gguf = find_gguf(model_dir, cfg.gguf)
+        self.concurrency, self.server_args = cfg.concurrency, [str(a) for a in (cfg.server_args or [])]
+        self.chunk_size = 4 * self.concurrency  # enough prompts per chunk to keep every server slot busy
         self.startup_timeout_s = startup_timeout_s
         # what the OpenAI client of the started server is built with
-        self.openai_knobs = {"max_retries": max_retries, "timeout_s": timeout_s,
-                             "thinking_budget_field": thinking_budget_field, "extra_body": extra_body,
-                             "reasoning_start": reasoning_start, "reasoning_end": reasoning_end,
-                             "enable_thinking": enable_thinking}
+        self.openai_knobs = {k: getattr(cfg, k) for k in ("max_retries", "timeout_s", "thinking_budget_field",
+                                                          "extra_body", "reasoning_start", "reasoning_end",
+                                                          "enable_thinking")}
         self._server: subprocess.Popen | None = None
         self._budget: int | None = None
         self._client: OpenAIBackend | None = None

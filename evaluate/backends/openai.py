@@ -13,13 +13,36 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
 
+from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.backends.base import Backend
+from moeprune.evaluate.backends.base import Backend, BackendConfig
 from moeprune.evaluate.reasoning import split_reasoning
 from moeprune.evaluate.types import Completion
 
 _REASONING_FIELDS = ("reasoning_content", "reasoning")
+
+
+@dataclass
+class ServedBackendConfig(BackendConfig):
+    """What shapes requests to an OpenAI-compatible server (llama_cpp starts its own)."""
+
+    concurrency: int = schema.knob(8, lambda v: v >= 1, "at least 1 request in flight")  # requests in flight
+    max_retries: int = 5  # per request, on 5xx / 429 / timeouts, with backoff
+    timeout_s: float = 1800.0
+    thinking_budget_field: Optional[str] = None  # request field for the budget (vLLM: thinking_token_budget)
+    extra_body: Dict[str, Any] = field(default_factory=dict)  # more request fields
+
+
+@schema.schema("backend", "openai")
+@dataclass
+class OpenAIBackendConfig(ServedBackendConfig):
+    name: str = "openai"
+    base_url: Optional[str] = None  # the server's API root, e.g. http://127.0.0.1:8000/v1
+    model: Optional[str] = None  # the served model name; null = the server's only model
+    api_key_env: str = "OPENAI_API_KEY"
 
 
 def request_identity(enable_thinking: bool = False, thinking_budget_field: str | None = None,
@@ -35,29 +58,25 @@ def request_identity(enable_thinking: bool = False, thinking_budget_field: str |
 class OpenAIBackend(Backend):
     runtime = ()  # the server holds the model
 
-    def __init__(self, base_url: str | None = None, model: str | None = None, api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 8, max_retries: int = 5, timeout_s: float = 1800.0, enable_thinking: bool = False,
-                 thinking_budget_field: str | None = None, extra_body: dict | None = None,
-                 reasoning_start: str | None = None, reasoning_end: str | None = None, name: str = "openai",
-                 max_new_tokens: int | None = None):
+    def __init__(self, cfg: OpenAIBackendConfig | None = None, **knobs):
         from openai import OpenAI
 
-        self.name, self.max_new_tokens = name, max_new_tokens  # every backend's knobs; the stage reads the limit
+        cfg = schema.make(OpenAIBackendConfig, cfg, knobs, "backend")
+        base_url, concurrency, max_retries = cfg.base_url, cfg.concurrency, cfg.max_retries
+        self.name, self.max_new_tokens = cfg.name, cfg.max_new_tokens  # every backend's knobs; the stage reads the limit
         if not base_url:
             raise MoePruneError("backend.base_url is not set: expected the server's OpenAI API root, "
                                 "e.g. http://127.0.0.1:8000/v1")
-        if concurrency <= 0:
-            raise MoePruneError(f"backend.concurrency={concurrency}: expected a positive number of requests in flight")
         self.base_url, self.concurrency, self.max_retries = base_url, concurrency, max_retries
         self.chunk_size = 4 * concurrency  # enough prompts per chunk to keep every request slot busy
-        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env) or "unused",
-                             max_retries=max_retries, timeout=timeout_s)
-        self._model = model
-        self.enable_thinking, self.thinking_budget_field = enable_thinking, thinking_budget_field
-        self.extra_body = dict(extra_body or {})
-        self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
-        self.requests = request_identity(enable_thinking, thinking_budget_field, extra_body, reasoning_start,
-                                         reasoning_end)
+        self.client = OpenAI(base_url=base_url, api_key=os.environ.get(cfg.api_key_env) or "unused",
+                             max_retries=max_retries, timeout=cfg.timeout_s)
+        self._model = cfg.model
+        self.enable_thinking, self.thinking_budget_field = cfg.enable_thinking, cfg.thinking_budget_field
+        self.extra_body = dict(cfg.extra_body or {})
+        self.markers = (cfg.reasoning_start, cfg.reasoning_end) if cfg.reasoning_end else None
+        self.requests = request_identity(cfg.enable_thinking, cfg.thinking_budget_field, cfg.extra_body,
+                                         cfg.reasoning_start, cfg.reasoning_end)
 
     @property
     def model(self) -> str:

@@ -7,12 +7,18 @@ completion that must pass: what `evaluate.validate=true` feeds the scorer).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
 
+from omegaconf import MISSING
+
+from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.sandbox import Limits, isolation_record, require_isolation
+from moeprune.evaluate.sandbox import ISOLATIONS, Limits, isolation_record, require_isolation
 from moeprune.evaluate.data import load_rows
 from moeprune.evaluate.types import Sample, Verdict
 
@@ -23,6 +29,73 @@ GREEDY = {"temperature": 0.0, "top_p": 1.0, "top_k": 0}
 # whatever the dataset's row order or version (a task keeps its half as long as it keeps its id).
 TASK_SPLITS = ("all", "val", "test")
 VAL_FRACTION = 0.5
+
+
+@dataclass
+class BenchDataConfig:  # docs/evaluation.md
+    hf_id: Optional[str] = None  # a Hugging Face dataset id, read by `datasets` (its offline cache honoured)
+    config: Optional[str] = None  # the dataset's config (subset) name
+    revision: Optional[str] = None
+    data_files: Optional[List[str]] = None  # files of the dataset repo to read (LiveCodeBench releases)
+    path: Optional[str] = None  # a local JSONL / JSON / parquet file in the dataset's own format; wins over hf_id
+    split: Optional[str] = None  # the dataset's own split the rows come from; null = the bench's (test, or train)
+
+
+@dataclass
+class SamplerConfig:
+    temperature: float = 0.0  # greedy; the hf backend supports nothing else
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+@schema.schema("bench", "answer")
+@dataclass
+class BenchConfig:
+    """Every bench: the answer-scored ones (gsm8k, math500, aime, arc, ifeval) take these."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    data: BenchDataConfig = field(default_factory=BenchDataConfig)  # unset fields: the bench's own source
+    split: Optional[str] = None  # all | val | test (halves by task-id hash); null = all (toy_suite: its own splits)
+    n: Optional[int] = schema.knob(None, lambda v: v >= 1, "at least 1 problem, or null for all")  # the first n
+    chat: bool = True  # send the prompt as a user turn through the chat template
+    prompt: Optional[str] = None  # a str.format template over the problem's fields; null = the bench's own
+    # null: the bench's own limit (reasoning included)
+    max_new_tokens: Optional[int] = schema.knob(None, lambda v: v >= 1,
+                                                "at least 1 token, or null for the bench's own limit")
+    # reasoning tokens allowed (servers enforce it); null = no budget
+    thinking_budget: Optional[int] = schema.knob(None, lambda v: v >= 1, "> 0 or null")
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    filter: Dict[str, Any] = field(default_factory=dict)  # keep rows whose fields equal these values
+
+
+# isolation=none: no isolation, an explicit opt-out (docs/evaluation.md); the sandbox's own choices
+Isolation = schema.Choice("Isolation", [(v, v) for v in ISOLATIONS])
+
+
+@dataclass
+class SandboxConfig:
+    """A code bench's sandbox limits; the defaults are the sandbox's own (evaluate/sandbox.py, Limits)."""
+
+    wall_s: float = Limits.wall_s  # per program run (per test for LiveCodeBench)
+    memory_mb: int = Limits.memory_mb
+    output_bytes: int = Limits.output_bytes
+    compile_wall_s: float = Limits.compile_wall_s
+    open_files: int = Limits.open_files
+    processes: int = Limits.processes  # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace caps
+    isolation: Isolation = Isolation(Limits.isolation)
+    accept_unsafe: bool = Limits.accept_unsafe  # isolation=none refuses to score without it: a program can forge its pass
+    workers: int = 2  # programs run at once
+
+
+# Here rather than in humaneval.py: humaneval, humanevalplus, mbpp, lcb and multipl_e all take it,
+# and the base class runs the sandbox (`runs_code`).
+@schema.schema("bench", "code")
+@dataclass
+class CodeBenchConfig(BenchConfig):
+    """humaneval, humanevalplus, mbpp: programs scored in the sandbox."""
+
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
 
 
 def task_split(task_id: str) -> str:
@@ -42,40 +115,30 @@ class Bench:
     default_data_split = "test"  # the dataset's own split the rows are read from (bench.data.split)
     default_max_new_tokens = 2048
     default_prompt = "{prompt}"
-    # The knobs beyond every bench's that this bench reads, as its schema lists them (moeprune/components.py):
-    # of sandbox, seed, task_ids, languages, classes, n_per_class. Another bench's knob is refused, not ignored.
-    reads: tuple[str, ...] = ()
+    Schema: type[BenchConfig] = BenchConfig  # its knobs; another bench's knob is refused when the config composes
     runs_code = False  # scored in the sandbox, several samples at a time
 
-    def __init__(self, name: str | None = None, data: dict | None = None, split: str | None = None, n: int | None = None,
-                 n_per_class: int | None = None, seed: int | None = None, chat: bool = True, prompt: str | None = None,
-                 max_new_tokens: int | None = None, thinking_budget: int | None = None,
-                 sampler: dict | None = None, sandbox: dict | None = None, filter: dict | None = None,
-                 task_ids: list | None = None, languages: list | None = None, classes: list | None = None):
-        for knob, value in (("task_ids", task_ids), ("languages", languages), ("classes", classes), ("seed", seed),
-                            ("sandbox", sandbox), ("n_per_class", n_per_class)):
-            if value is not None and knob not in self.reads:
-                raise MoePruneError(f"bench {name}: bench.{knob} is set but this bench has no {knob}; expected null")
-        n_per_class, seed = 100 if n_per_class is None else n_per_class, 0 if seed is None else seed
-        if n is not None and n <= 0:
-            raise MoePruneError(f"bench {name}: bench.n={n}: expected a positive count or null (all)")
-        if thinking_budget is not None and thinking_budget <= 0:
-            raise MoePruneError(f"bench {name}: bench.thinking_budget={thinking_budget}: expected > 0 or null")
-        self.name, self.n, self.n_per_class, self.seed, self.chat = name or self.default_name, n, n_per_class, seed, chat
-        self.data = {**self.default_data, **{k: v for k, v in (data or {}).items() if v is not None}}
+    def __init__(self, cfg: BenchConfig | None = None, **knobs):
+        self.cfg = cfg = schema.make(self.Schema, cfg, knobs, "bench")
+        name = None if cfg.name == MISSING else cfg.name
+        self.name, self.n, self.chat = name or self.default_name, cfg.n, cfg.chat
+        # the knobs some benches add (toy_suite, divergence, gpqa): settings() records seed for every bench
+        self.n_per_class, self.seed = getattr(cfg, "n_per_class", None), getattr(cfg, "seed", 0)
+        data = _plain(cfg.data)
+        self.data = {**self.default_data, **{k: v for k, v in data.items() if v is not None}}
         self.data_split = self.data.pop("split", None) or self.default_data_split
-        self.split = split or self.default_split
+        self.split = cfg.split or self.default_split
         self.check_split()
-        self.prompt = prompt or self.default_prompt
-        self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
-        self.thinking_budget = thinking_budget
-        self.sampler = {**GREEDY, **(sampler or {})}
-        self.limits = sandbox_limits(sandbox or {})
+        self.prompt = cfg.prompt or self.default_prompt
+        self.max_new_tokens = cfg.max_new_tokens or self.default_max_new_tokens
+        self.thinking_budget = cfg.thinking_budget
+        self.sampler = {**GREEDY, **_plain(cfg.sampler)}
+        sandbox = _plain(getattr(cfg, "sandbox", None) or {})
+        self.limits = sandbox_limits(sandbox)
         if self.runs_code:  # before any generation: refuse early rather than after hours of it
             require_isolation(self.limits.isolation, self.limits.accept_unsafe)
-        self.workers = int((sandbox or {}).get("workers") or 2)
-        self.task_ids, self.languages, self.classes = task_ids, languages, classes
-        self.filter = dict(filter or {})
+        self.workers = int(sandbox.get("workers") or 2)
+        self.filter = dict(cfg.filter or {})
         self.data_hash: str | None = None
         self._samples: list[Sample] | None = None
 
@@ -169,9 +232,16 @@ class Bench:
         if self.runs_code:
             out["sandbox"] = {**self.limits.__dict__, **isolation_record(self.limits)}
         for knob in ("task_ids", "languages", "classes"):  # the optional knobs' record
-            if knob in self.reads:
+            if hasattr(self.cfg, knob):
                 out[knob] = getattr(self, knob)
         return out
+
+
+def _plain(value) -> dict:
+    """A nested knob (a schema instance, or a Python caller's dict) as a dict of plain values."""
+    if dataclasses.is_dataclass(value):
+        return {k: v.value if isinstance(v, schema.Choice) else v for k, v in dataclasses.asdict(value).items()}
+    return dict(value or {})
 
 
 def sandbox_limits(cfg: dict) -> Limits:

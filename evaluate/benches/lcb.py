@@ -18,10 +18,13 @@ import json
 import pickle
 import re
 import zlib
+from dataclasses import dataclass
+from typing import List, Optional
 
+from moeprune import schema
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import sandbox
-from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.benches.base import Bench, CodeBenchConfig
 from moeprune.evaluate.calls import Tests, run_checked
 from moeprune.evaluate.scoring import extract_code
 from moeprune.evaluate.types import Sample, Verdict
@@ -74,6 +77,12 @@ def outputs_match(got: str, expected: str) -> bool:
     return True
 
 
+@schema.schema("bench", "lcb")
+@dataclass
+class LcbBenchConfig(CodeBenchConfig):
+    task_ids: Optional[List[str]] = None  # these problems, in this order
+
+
 class LiveCodeBench(Bench):
     default_name = "lcb_medium_55"
     # release_v4 of code_generation_lite is the union of its first four files.
@@ -83,8 +92,12 @@ class LiveCodeBench(Bench):
     default_prompt = ("You will be given a question (problem specification) and will generate a correct Python "
                       "program that matches the specification and passes all tests.\n\nQuestion: {question}\n\n{format}")
     default_max_new_tokens = 16384
-    reads = ("sandbox", "task_ids")
+    Schema = LcbBenchConfig
     runs_code = True
+
+    def __init__(self, cfg: LcbBenchConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
+        self.task_ids = self.cfg.task_ids
 
     def select(self, rows: list[dict]) -> list[dict]:
         if self.task_ids is None:

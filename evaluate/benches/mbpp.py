@@ -6,7 +6,7 @@ compared as plain data. Reads both dataset configs: `sanitized` (prompt, test_im
 
 from __future__ import annotations
 
-from moeprune.evaluate.benches.base import Bench, fence
+from moeprune.evaluate.benches.base import Bench, CodeBenchConfig, fence
 from moeprune.evaluate.calls import Tests, called_names, run_checked
 from moeprune.evaluate.scoring import ANY_FUNCTION, extract_code
 from moeprune.evaluate.types import Sample, Verdict
@@ -21,7 +21,7 @@ class MBPP(Bench):
         "Reply with the complete solution in a single ```python code block."
     )
     default_max_new_tokens = 4096
-    reads = ("sandbox",)
+    Schema = CodeBenchConfig
     runs_code = True
 
     def build(self, rows: list[dict]) -> list[Sample]:

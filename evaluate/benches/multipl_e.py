@@ -19,11 +19,13 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+from dataclasses import dataclass
+from typing import List, Optional
 
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import sandbox
-from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.benches.base import Bench, CodeBenchConfig
 from moeprune.evaluate.data import load_rows
 from moeprune.evaluate.scoring import extract_code
 from moeprune.evaluate.types import Sample, Verdict
@@ -78,22 +80,28 @@ def with_sentinel(lang: str, tests: str, nonce: str) -> str:
     return f"{tests[:cut]}    {line}\n{tests[cut:]}"
 
 
+@schema.schema("bench", "multipl_e")
+@dataclass
+class MultiplEBenchConfig(CodeBenchConfig):
+    languages: Optional[List[str]] = None  # rust, java, js (null: all three)
+
+
 class MultiPLE(Bench):
     default_name = "multipl_e"
     default_data = {"hf_id": "nuprl/MultiPL-E"}
     default_prompt = ("Complete the following {language} function. Reply with the complete function in a "
                       "single ```{tag} code block.\n\n```{tag}\n{prompt}\n```")
     default_max_new_tokens = 4096
-    reads = ("sandbox", "languages")
+    Schema = MultiplEBenchConfig
     macro_average = True  # the score is the mean of the per-language scores
     runs_code = True
 
-    def __init__(self, name: str | None = None, **kw):
-        kw.setdefault("languages", list(DATASET_CODES))
-        super().__init__(name, **kw)
+    def __init__(self, cfg: MultiplEBenchConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
+        self.languages = list(self.cfg.languages or DATASET_CODES)
         unknown = [lang for lang in self.languages if lang not in DATASET_CODES]
         if unknown:
-            raise MoePruneError(f"bench {name}: languages {unknown}: expected some of {list(DATASET_CODES)}")
+            raise MoePruneError(f"bench {self.name}: languages {unknown}: expected some of {list(DATASET_CODES)}")
         self.skipped = {lang: why for lang in self.languages if (why := sandbox.missing_toolchain(lang))}
         for lang, why in self.skipped.items():
             log.warning("multipl_e: skipping %s (%s)", lang, why)

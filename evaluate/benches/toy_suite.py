@@ -3,25 +3,37 @@ executing the programs when the tasks are generated)."""
 
 from __future__ import annotations
 
-from moeprune import artifacts
+from dataclasses import dataclass
+from typing import List, Optional
+
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.benches.base import Bench
+from moeprune.evaluate.benches.base import Bench, BenchConfig
 from moeprune.evaluate.types import Sample, Verdict
 from moeprune.toy import world
+
+
+@schema.schema("bench", "toy_suite")
+@dataclass
+class ToySuiteBenchConfig(BenchConfig):
+    chat: bool = False  # the toy model has no chat template: raw prompts
+    n_per_class: int = schema.knob(100, lambda v: v >= 1, "at least 1 problem per class")
+    seed: int = 0
+    classes: Optional[List[str]] = None  # null = every class
 
 
 class ToySuite(Bench):
     default_name = "toy_suite"
     default_split = "test"
     default_max_new_tokens = world.MAX_NEW_TOKENS  # toy answers are short
-    reads = ("n_per_class", "seed", "classes")
+    Schema = ToySuiteBenchConfig
 
-    def __init__(self, name: str | None = None, **kw):
-        kw.setdefault("chat", False)
-        super().__init__(name, **kw)
+    def __init__(self, cfg: ToySuiteBenchConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
+        self.classes = self.cfg.classes
         unknown = sorted(set(self.classes or ()) - set(world.CLASSES))
         if unknown:
-            raise MoePruneError(f"bench {name}: unknown classes {unknown}; expected some of {list(world.CLASSES)}")
+            raise MoePruneError(f"bench {self.name}: unknown classes {unknown}; expected some of {list(world.CLASSES)}")
         self.classes = list(self.classes or world.CLASSES)
         self._tasks: dict[str, world.Task] = {}
 

@@ -17,13 +17,70 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
+from omegaconf import MISSING
 
+from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.prune.selection import RANK_TIES
+from moeprune.schema import Choice
 
-OUTLIER_MODES = ("keep", "median", "drop", "zero")
+
+class Normalize(Choice):
+    rank = "rank"
+    mean = "mean"
+    none = "none"
+
+
+class RankTies(Choice):
+    stable = "stable"  # the reference's: equal scores ranked and sorted by expert id
+    min = "min"  # equal scores share the lowest rank; the baseline map breaks them
+
+
+class Score(Choice):
+    legacy = "legacy"  # alpha * wnorm + routed count
+    mean = "mean"  # alpha * wnorm
+    reap = "reap"  # the class's share of REAP's token mean: contrib_c / pooled routed count
+    frequency = "frequency"  # routed count
+    gate_mass = "gate_mass"  # summed gate weight
+
+
+class OutlierMode(Choice):
+    keep = "keep"
+    median = "median"
+    drop = "drop"
+    zero = "zero"
+
+
+@schema.schema("strategy", "pooled")
+@dataclass
+class StrategyConfig:
+    """Every strategy: the pooled single-criterion baselines (frequency, gate_mass, reap) take these.
+    A floor under one ranks by the reference score at ClassAggregateConfig's defaults."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    normalize: Normalize = Normalize.rank  # per (class, layer) for class aggregates, per layer when pooled
+    protect_top: int = schema.knob(0, lambda v: v >= 0, "an integer >= 0")  # never drop a layer's top-k experts by agg
+    # never drop any weighted class's top-k experts of a layer
+    protect_class_top: int = schema.knob(0, lambda v: v >= 0, "an integer >= 0")
+    rank_ties: RankTies = RankTies.min
+
+
+@schema.schema("strategy", "class_aggregate")
+@dataclass
+class ClassAggregateConfig(StrategyConfig):
+    """max, mean, geomean, sum: per-class scores combined over classes."""
+
+    # multiplier of the contribution term: score = alpha * wnorm + tc
+    alpha: float = schema.knob(2.0, lambda v: v >= 0, "a finite number >= 0")
+    score: Score = Score.legacy  # the per-class base statistic; alpha applies to legacy and mean only
+    # agg += breadth_bonus * mean over classes of the normalized scores
+    breadth_bonus: float = schema.knob(0.0, lambda v: v >= 0, "a finite number >= 0")
+    outlier_mode: OutlierMode = OutlierMode.median  # what replaces an outlier cell
+    # |wnorm| above this is an outlier (non-finite always is)
+    outlier_threshold: Optional[float] = schema.knob(None, lambda v: v > 0, "null or a number > 0")
 
 #: The per-class base statistics of the class-weighted recipe, and the profile statistics each reads.
 #: The baselines' statistics are chosen so that `sum` with normalize=none reproduces the pooled
@@ -31,8 +88,8 @@ OUTLIER_MODES = ("keep", "median", "drop", "zero")
 #: and reap's class share contrib_c / (sum_c' w_c' count_c'), whose weighted sum is REAP's
 #: token mean sum_c w_c contrib_c / sum_c w_c count_c. So REAP, frequency and gate mass are
 #: points of the recipe space, and a search over it can only beat them.
-BASE_SCORES = {"legacy": ("wnorm", "count"), "mean": ("wnorm",), "reap": ("contrib_sum", "count"),
-               "frequency": ("count",), "gate_mass": ("gate_sum",)}
+BASE_SCORES = {Score.legacy: ("wnorm", "count"), Score.mean: ("wnorm",), Score.reap: ("contrib_sum", "count"),
+               Score.frequency: ("count",), Score.gate_mass: ("gate_sum",)}
 _WNORM_SCORES = ("legacy", "mean")  # the scores alpha multiplies
 
 
@@ -63,7 +120,7 @@ def mean_normalize(s: np.ndarray) -> np.ndarray:
     return s / np.clip(mean, 1e-12, None)
 
 
-NORMALIZERS = {"rank": rank_normalize, "mean": mean_normalize, "none": lambda s: s}
+NORMALIZERS = {Normalize.rank: rank_normalize, Normalize.mean: mean_normalize, Normalize.none: lambda s: s}
 
 
 def normalize(s: np.ndarray, how: str, ties: str) -> np.ndarray:
@@ -126,28 +183,28 @@ def treat_outliers(s: np.ndarray, wnorm: np.ndarray | None, mode: str, threshold
 
 
 class Strategy:
-    """Knobs every strategy has (StrategyConfig in moeprune/components.py); subclasses implement
-    `scores`. Each family's constructor takes its own schema's knobs and no other."""
+    """Knobs every strategy has (StrategyConfig, above); subclasses implement `scores`. Built from
+    its schema (`Schema`): the preset's, or the defaults with Python keywords over them."""
 
-    # The reference score's knobs (ClassAggregateConfig). A class aggregate sets them; a pooled
-    # baseline has none, and a floor under it (floor_clamp) ranks by the reference score at these
-    # defaults: 2.0 * wnorm + count, non-finite cells replaced by the row median.
-    alpha, score, breadth_bonus = 2.0, "legacy", 0.0
-    outlier_mode, outlier_threshold = "median", None
+    Schema: type[StrategyConfig] = StrategyConfig
+    # The reference score's knobs: a class aggregate sets them; a pooled baseline has none, and a
+    # floor under it (floor_clamp) ranks by the reference score at ClassAggregateConfig's defaults
+    # (2.0 * wnorm + count, non-finite cells replaced by the row median).
+    _reference = ClassAggregateConfig()
 
-    def __init__(self, name: str, normalize: str = "rank", protect_top: int = 0, protect_class_top: int = 0,
-                 rank_ties: str = "min"):
-        self.name = name
-        if normalize not in NORMALIZERS:
-            raise self._bad("normalize", normalize, f"one of {', '.join(NORMALIZERS)}")
-        for knob, value in (("protect_top", protect_top), ("protect_class_top", protect_class_top)):
-            if value < 0:
-                raise self._bad(knob, value, "an integer >= 0")
-        if rank_ties not in RANK_TIES:
-            raise self._bad("rank_ties", rank_ties, "stable (the reference's: ties ranked by expert id) or min "
-                                                    "(ties share the lowest rank)")
-        self.normalize, self.protect_top, self.protect_class_top = normalize, protect_top, protect_class_top
-        self.rank_ties = rank_ties
+    def __init__(self, cfg: StrategyConfig | None = None, **knobs):
+        self.cfg = cfg = schema.make(self.Schema, cfg, knobs, "strategy")
+        self.name = cfg.name
+        self.normalize = Normalize.parse(cfg.normalize, f"strategy={self.name}: strategy.normalize")
+        self.protect_top, self.protect_class_top = cfg.protect_top, cfg.protect_class_top
+        self.rank_ties = RankTies.parse(cfg.rank_ties, f"strategy={self.name}: strategy.rank_ties",
+                                        "stable (the reference's: ties ranked by expert id) or min (ties share the "
+                                        "lowest rank)")
+        ref = cfg if isinstance(cfg, ClassAggregateConfig) else self._reference
+        self.alpha, self.breadth_bonus, self.outlier_threshold = ref.alpha, ref.breadth_bonus, ref.outlier_threshold
+        self.score = Score.parse(ref.score, f"strategy={self.name}: strategy.score",
+                                 "legacy (alpha*wnorm + count), mean (alpha*wnorm), reap, frequency or gate_mass")
+        self.outlier_mode = OutlierMode.parse(ref.outlier_mode, f"strategy={self.name}: strategy.outlier_mode")
 
     def _bad(self, knob: str, value, expected: str) -> MoePruneError:
         return MoePruneError(f"strategy={self.name}: strategy.{knob}={value!r}: expected {expected}")
@@ -192,26 +249,13 @@ class Strategy:
 class ClassAggregate(Strategy):
     """The multi-class recipe; subclasses define `combine` (how weighted class scores merge)."""
 
-    def __init__(self, name: str, normalize: str = "rank", alpha: float = 2.0, score: str = "legacy",
-                 breadth_bonus: float = 0.0, protect_top: int = 0, protect_class_top: int = 0,
-                 outlier_mode: str = "median", outlier_threshold: float | None = None, rank_ties: str = "min"):
-        super().__init__(name, normalize, protect_top, protect_class_top, rank_ties)
-        if score not in BASE_SCORES:
-            raise self._bad("score", score, "legacy (alpha*wnorm + count), mean (alpha*wnorm), reap, frequency or "
-                                            "gate_mass")
-        if not (math.isfinite(alpha) and alpha >= 0):
-            raise self._bad("alpha", alpha, "a finite number >= 0")
-        if alpha == 0 and score == "mean":
-            raise self._bad("alpha", alpha, "> 0 with score=mean (alpha * wnorm would be 0 for every expert), "
-                                            "or score=legacy to rank by routed count alone")
-        if not (math.isfinite(breadth_bonus) and breadth_bonus >= 0):
-            raise self._bad("breadth_bonus", breadth_bonus, "a finite number >= 0")
-        if outlier_mode not in OUTLIER_MODES:
-            raise self._bad("outlier_mode", outlier_mode, f"one of {', '.join(OUTLIER_MODES)}")
-        if outlier_threshold is not None and not outlier_threshold > 0:
-            raise self._bad("outlier_threshold", outlier_threshold, "null or a number > 0")
-        self.alpha, self.score, self.breadth_bonus = alpha, score, breadth_bonus
-        self.outlier_mode, self.outlier_threshold = outlier_mode, outlier_threshold
+    Schema = ClassAggregateConfig
+
+    def __init__(self, cfg: ClassAggregateConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
+        if self.alpha == 0 and self.score == Score.mean:
+            raise self._bad("alpha", self.alpha, "> 0 with score=mean (alpha * wnorm would be 0 for every expert), "
+                                                 "or score=legacy to rank by routed count alone")
 
     def combine(self, s: np.ndarray, w: np.ndarray) -> np.ndarray:  # s [C, L, E], w [C] -> [L, E]
         raise NotImplementedError

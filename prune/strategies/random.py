@@ -1,17 +1,26 @@
 """random: seeded uniform scores, the floor any recipe must beat. The same seed gives the same map."""
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from moeprune.prune.strategies.base import PooledCriterion
+from moeprune import schema
+from moeprune.prune.strategies.base import PooledCriterion, StrategyConfig
+
+
+@schema.schema("strategy", "random")
+@dataclass
+class RandomStrategyConfig(StrategyConfig):
+    seed: int = 0  # another seed, another draw
 
 
 class RandomStrategy(PooledCriterion):
+    Schema = RandomStrategyConfig
     needs = ("count",)
 
-    def __init__(self, name: str, normalize: str = "rank", protect_top: int = 0, protect_class_top: int = 0,
-                 rank_ties: str = "min", seed: int = 0):
-        super().__init__(name, normalize, protect_top, protect_class_top, rank_ties)
-        self.seed = seed
+    def __init__(self, cfg: RandomStrategyConfig | None = None, **knobs):
+        super().__init__(cfg, **knobs)
+        self.seed = self.cfg.seed
 
     def per_class(self, stats: dict[str, np.ndarray]) -> np.ndarray:
         C, L, E = stats["count"].shape
