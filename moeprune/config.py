@@ -2,8 +2,8 @@
 
 `conf/run.yaml` lists `run_schema` first in its defaults, so every group preset (`conf/<group>/*.yaml`)
 is merged into the dataclass below: a misspelt key or a value of the wrong type fails at compose
-time with the full key named. The strategy, bench, backend and logger groups are typed by each
-preset's own schema (moeprune/components.py). YAML files are the user-facing presets; these classes
+time with the full key named. The strategy, bench, backend, logger and quant_tier groups are typed
+by each preset's own schema, which sits beside its class (moeprune/schema.py). YAML files are the user-facing presets; these classes
 are the contract.
 """
 
@@ -63,12 +63,6 @@ class KeepMode(Choice):
 class MtpHeads(Choice):
     keep = "keep"
     drop = "drop"
-
-
-class QuantKind(Choice):
-    none = "none"
-    gguf = "gguf"  # llama.cpp
-    nvfp4 = "nvfp4"  # nvidia-modelopt, GPU
 
 
 # ---- model / calibration (profile stage) ------------------------------------------------------
@@ -184,34 +178,6 @@ class PruneConfig:
     mtp_heads: MtpHeads = MtpHeads.keep
 
 
-@dataclass
-class ContribDynamicConfig:
-    """A CD tier: each MoE layer's expert tensors get a type by the layer's contribution rank
-    (the rule is in docs/quantization.md and quant/contrib_dynamic.py)."""
-
-    high_type: str = MISSING  # experts of the top `high_fraction` of MoE layers by contribution
-    mid_type: str = MISSING  # experts of the layers in between
-    low_type: str = MISSING  # experts of the bottom `low_fraction`
-    high_fraction: float = 0.25
-    low_fraction: float = 0.5
-
-
-@dataclass
-class QuantTierConfig:
-    name: str = "none"
-    kind: QuantKind = QuantKind.none
-    type: Optional[str] = None  # gguf: the llama-quantize type (F16, Q8_0, Q4_K_M, IQ4_XS, ...)
-    imatrix: bool = False  # gguf: quantize with an importance matrix from the calibration corpus
-    token_embedding_type: Optional[str] = None  # gguf: e.g. q8_0 for the "_L" tiers
-    output_tensor_type: Optional[str] = None
-    tensor_types: Dict[str, str] = field(default_factory=dict)  # regex over GGUF tensor names -> ggml type
-    cd: Optional[ContribDynamicConfig] = None  # ContribDynamic per-layer expert types
-    imatrix_ctx: int = 128  # llama-imatrix context (tokens per chunk)
-    threads: int = 0  # llama.cpp threads; 0 = every core
-    # nvfp4: calibration texts per class for modelopt's amax pass
-    calib_samples: int = knob(32, lambda v: v >= 1, "at least 1 calibration text per class")
-
-
 # ---- evaluation --------------------------------------------------------------------------------
 @dataclass
 class EvaluateConfig:
@@ -250,10 +216,10 @@ class RunConfig:
     model: ModelConfig = MISSING
     calibration: CalibrationConfig = MISSING
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    strategy: Any = MISSING  # typed by its preset's schema (moeprune/components.py), as are bench, backend, logger
+    strategy: Any = MISSING  # typed by its preset's schema (beside its class), as are bench, backend, logger
     class_weights: ClassWeightsConfig = MISSING
     floor_clamp: FloorClampConfig = MISSING
-    quant_tier: QuantTierConfig = MISSING
+    quant_tier: Any = MISSING  # typed by its preset's schema: one per tier kind (quant/)
     bench: Any = MISSING
     backend: Any = MISSING
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

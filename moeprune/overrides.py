@@ -206,6 +206,9 @@ def _unknown_knob(full_key: str, overrides: list[str], compose: Compose, shown: 
     node = OmegaConf.select(cfg, parent) if parent else cfg
     knobs = [k for k in node if k not in _NOT_KNOBS] if isinstance(node, DictConfig) else []
     group = parent.split(".")[0]
+    no_knob = getattr(OmegaConf.get_type(node), "no_knob", None) if isinstance(node, DictConfig) else None
+    if no_knob:  # a schema that says why (a quant tier: another kind's knob)
+        return f"{shown.get(given, given)}: {no_knob()}"
     if group in schema.groups():
         owner = f"{group}={cfg.hydra.runtime.choices[group]}" + parent[len(group):]
         expected = "; its knobs: " + ", ".join(knobs)

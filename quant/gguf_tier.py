@@ -9,14 +9,46 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Dict, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 from safetensors import safe_open
 
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.quant import contrib_dynamic, gguf_tools, imatrix, tiers, toolchain
+from moeprune.quant.tiers import QuantKind, QuantTierConfig
+
+
+@dataclass
+class ContribDynamicConfig:
+    """A CD tier: each MoE layer's expert tensors get a type by the layer's contribution rank
+    (the rule is in docs/quantization.md and quant/contrib_dynamic.py)."""
+
+    high_type: str = MISSING  # experts of the top `high_fraction` of MoE layers by contribution
+    mid_type: str = MISSING  # experts of the layers in between
+    low_type: str = MISSING  # experts of the bottom `low_fraction`
+    high_fraction: float = 0.25
+    low_fraction: float = 0.5
+
+
+@schema.schema("quant_tier", "gguf")
+@dataclass
+class GgufTierConfig(QuantTierConfig):
+    """A llama.cpp tier (tiers.validate refuses what llama-quantize cannot produce)."""
+
+    kind: QuantKind = QuantKind.gguf
+    type: Optional[str] = None  # the llama-quantize type (F16, Q8_0, Q4_K_M, IQ4_XS, ...)
+    imatrix: bool = False  # quantize with an importance matrix from the calibration corpus
+    token_embedding_type: Optional[str] = None  # e.g. q8_0 for the "_L" tiers
+    output_tensor_type: Optional[str] = None
+    tensor_types: Dict[str, str] = field(default_factory=dict)  # regex over GGUF tensor names -> ggml type
+    cd: Optional[ContribDynamicConfig] = None  # ContribDynamic per-layer expert types
+    # llama-imatrix context (tokens per chunk)
+    imatrix_ctx: int = schema.knob(128, lambda v: v >= 8, "at least 8 tokens")
+    threads: int = 0  # llama.cpp threads; 0 = every core
 
 MANIFEST = "quant-manifest.json"
 TENSOR_TYPE_FILE = "tensor-types.txt"

@@ -22,18 +22,30 @@ import json
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from moeprune import artifacts
+from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
+from moeprune.quant.tiers import QuantKind, QuantTierConfig
 
 EXPORT_DIR = "model"
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
+
+@schema.schema("quant_tier", "nvfp4")
+@dataclass
+class Nvfp4TierConfig(QuantTierConfig):
+    """An NVFP4A16 tier (modelopt on a CUDA GPU); torch is imported inside the functions below, so
+    registering this schema (every command) does not load it."""
+
+    kind: QuantKind = QuantKind.nvfp4
+    # calibration texts per class for modelopt's amax pass
+    calib_samples: int = schema.knob(32, lambda v: v >= 1, "at least 1 calibration text per class")
+
 def require_gpu() -> None:
+    import torch
     if not torch.cuda.is_available():
         raise MoePruneError("quant_tier nvfp4a16 needs a CUDA GPU (modelopt's NVFP4 block quantizer runs on "
                             "CUDA tensors only) and none is visible here; run this tier on a GPU machine")
@@ -59,6 +71,7 @@ def _produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sampl
     """`produce` on `device`; only "cuda" runs modelopt's real kernels (the CPU is for tests that
     stand in a pure-torch copy of the fake-quant kernel)."""
     import modelopt.torch.quantization as mtq
+    import torch
     from modelopt.torch.export import export_hf_checkpoint
 
     from moeprune.models import load_model, load_tokenizer
@@ -143,6 +156,7 @@ def _share_fused_global_scales(model) -> int:
     weight fake-quantized before this step gets other E4M3 block scales than the export writes and
     other E2M1 codes: 0.05-0.10 apart, the size of the 4-bit rounding. The export's own call finds
     the groups already shared and changes nothing. Returns how many quantizers' amax it raised."""
+    import torch
     from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
 
     def amaxes():
@@ -166,6 +180,7 @@ def _fakequant_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     weights, and the fused experts' `gate_up_proj` / `down_proj` with each expert's own quantizer
     (the exporter splits gate_up into gate and up, both under the fused tensor's amax), keyed as the
     reloaded model names them. Call after `_share_fused_global_scales`."""
+    import torch
     layers = sorted({int(m) for m in re.findall(r"layers\.(\d+)\.", " ".join(n for n, _ in model.named_modules()))})
     keep = {layers[0], layers[-1]} if layers else set()
     linear, experts = {}, {}
@@ -185,6 +200,7 @@ def _fakequant_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.
 
 
 def _max_rel_diff(model, reference: dict[str, torch.Tensor]) -> float:
+    import torch
     state = model.state_dict()
     return max((float((state[k].float().cpu() - w).norm() / w.norm()) for k, w in reference.items()), default=0.0)
 
@@ -215,6 +231,7 @@ def reload(export_dir: Path, device: str | torch.device = "cpu"):
     in NVFP4). Unpacking and model construction happen on `device`: on CUDA a full-size export
     dequantizes in seconds, and the model's random initialisation (overwritten by the load) is not
     paid for on the CPU."""
+    import torch
     from modelopt.torch.quantization.qtensor import NVFP4QTensor
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -1,20 +1,52 @@
 """Quant tiers: loading a preset by name and refusing tiers llama.cpp / modelopt cannot produce.
 
-A tier is data (conf/quant_tier/<name>.yaml, schema `QuantTierConfig`, read through Hydra): a kind (gguf | nvfp4), the
-llama-quantize type, imatrix on/off, optional per-tensor overrides and, for CD tiers, the
-ContribDynamic rule. Validation happens before any tool runs so a typo costs nothing.
+A tier is data (conf/quant_tier/<name>.yaml, read through Hydra) typed by its kind's schema:
+`QuantTierConfig` here (kind none), `GgufTierConfig` in gguf_tier.py (the llama-quantize type,
+imatrix on/off, per-tensor overrides and, for CD tiers, the ContribDynamic rule), `Nvfp4TierConfig`
+in nvfp4.py. A knob of another kind is refused. Validation happens before any tool runs so a typo
+costs nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from dataclasses import dataclass
 
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from moeprune import schema
 from moeprune.config import preset, presets
 from moeprune.errors import MoePruneError
+from moeprune.schema import Choice
 
-KINDS = ("none", "gguf", "nvfp4")
+
+class QuantKind(Choice):
+    none = "none"
+    gguf = "gguf"  # llama.cpp
+    nvfp4 = "nvfp4"  # nvidia-modelopt, GPU
+
+
+@schema.schema("quant_tier", "none")
+@dataclass
+class QuantTierConfig:
+    """Every tier; `none` (no quantization) has no other knob. Each kind's schema adds its own
+    and sets `kind` as its default."""
+
+    name: str = MISSING
+    kind: QuantKind = QuantKind.none
+
+    @classmethod
+    def no_knob(cls) -> str:
+        """Why a knob this kind lacks is refused (here and when the config composes)."""
+        knobs = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "kind")]
+        return f"a {cls.kind} tier has no such knob; its knobs: {', '.join(knobs) or 'none'}"
+
+
+def kinds() -> dict[str, type[QuantTierConfig]]:
+    """kind -> its schema, from the registered tier schemas."""
+    return {str(s.kind): s for (group, _), s in schema.schemas().items() if group == "quant_tier"}
+
 
 # llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp of the built version).
 FTYPES = (
@@ -36,45 +68,39 @@ def available() -> list[str]:
 
 
 def load(name: str) -> DictConfig:
-    """A preset by name, typed by the schema: what `quant_tier=<name>` composes to."""
+    """A preset by name, typed by its kind's schema: what `quant_tier=<name>` composes to. Open to
+    other keys, so that `validate` names another kind's knob merged into it, as the CLI does."""
     try:
-        return preset("quant_tier", name)
+        tier = preset("quant_tier", name)
     except MoePruneError:
         raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(available())}") from None
+    OmegaConf.set_struct(tier, False)
+    return tier
 
 
 def is_iq(ftype: str) -> bool:
     return ftype.upper().startswith("IQ")
 
 
-# The knobs each kind reads beyond name and kind; another kind's knob is refused, not ignored.
-NVFP4_KNOBS = ("calib_samples",)
-GGUF_KNOBS = ("type", "imatrix", "token_embedding_type", "output_tensor_type", "tensor_types", "cd", "imatrix_ctx",
-              "threads")
-
-
-def _foreign_knobs(tier: DictConfig) -> list[str]:
-    """The knobs set away from the schema's defaults that the tier's kind does not read."""
-    import dataclasses
-
-    from moeprune.config import QuantTierConfig
-
-    reads = {"gguf": GGUF_KNOBS, "nvfp4": NVFP4_KNOBS, "none": ()}[str(tier.kind)]
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(QuantTierConfig)}
-    return [k for k in (*GGUF_KNOBS, *NVFP4_KNOBS) if k not in reads and tier.get(k) != defaults[k]]
+def _foreign_knobs(tier: DictConfig, own: type[QuantTierConfig], every: dict[str, type]) -> list[str]:
+    """The keys of `tier` its kind's schema lacks, in the order their own kind's schema lists them."""
+    fields = {f.name for f in dataclasses.fields(own)}
+    order = dict.fromkeys([*(f.name for s in every.values() for f in dataclasses.fields(s)), *tier])
+    return [k for k in order if k in tier and k not in fields]
 
 
 def validate(tier: DictConfig) -> None:
     """Refuse a tier that cannot be produced, naming the key and what was expected."""
     where = f"quant_tier {tier.name!r}"
-    if tier.kind not in KINDS:
-        raise MoePruneError(f"{where}: kind={tier.kind!r}; expected one of {KINDS}")
-    foreign = _foreign_knobs(tier)
+    every = kinds()
+    if str(tier.kind) not in every:
+        raise MoePruneError(f"{where}: kind={tier.kind!r}; expected one of {tuple(every)}")
+    own = every[str(tier.kind)]
+    foreign = _foreign_knobs(tier, own, every)
     if foreign:
-        reads = {"gguf": GGUF_KNOBS, "nvfp4": NVFP4_KNOBS, "none": ()}[str(tier.kind)]
-        raise MoePruneError(f"{where}: {', '.join(f'quant_tier.{k}={tier.get(k)}' for k in foreign)} is set, but a "
-                            f"{tier.kind} tier has no such knob; its knobs: {', '.join(reads) or 'none'}")
+        raise MoePruneError(f"{where}: {', '.join(f'quant_tier.{k}={tier.get(k)}' for k in foreign)} is set, but "
+                            f"{own.no_knob()}")
+    schema.check(tier, "quant_tier")  # each knob's range, on its kind's schema
     if tier.kind != "gguf":
         return
     if not tier.type or tier.type.upper() not in FTYPES:
@@ -109,5 +135,3 @@ def validate(tier: DictConfig) -> None:
             re.compile(pattern)
         except re.error as e:
             raise MoePruneError(f"{where}: tensor_types pattern {pattern!r} is not a regular expression ({e})") from None
-    if tier.imatrix_ctx < 8:
-        raise MoePruneError(f"{where}: imatrix_ctx={tier.imatrix_ctx}; expected at least 8 tokens")

@@ -34,12 +34,15 @@ def restated(raw: dict, kind: type, prefix: str = "") -> list[str]:
     """The keys of `raw` whose value is the schema's default (nested schemas followed)."""
     out = []
     fields = {f.name: f for f in dataclasses.fields(kind)}
+    hints = typing.get_type_hints(kind)
     for key, value in raw.items():
         if key not in fields:
             continue
         default = _default(fields[key])
-        if dataclasses.is_dataclass(default) and isinstance(value, dict):
-            out += restated(value, type(default), f"{prefix}{key}.")
+        # a nested schema, set or optional (Optional[X] is Union[X, None])
+        nested = [t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)]
+        if nested and isinstance(value, dict):
+            out += restated(value, nested[0], f"{prefix}{key}.")
         elif default is not dataclasses.MISSING and type(value) is not bool and value == default:
             out.append(f"{prefix}{key}={value!r}")
         elif isinstance(default, bool) and value is default:
@@ -63,5 +66,9 @@ def test_no_component_preset_restates_its_schemas_default(group, path):
 def test_the_check_finds_a_restated_default():
     from moeprune.prune.strategies.base import ClassAggregateConfig
 
+    from moeprune.quant.gguf_tier import GgufTierConfig
+
     assert restated({"alpha": 2.0, "score": "legacy", "breadth_bonus": 0.5, "protect_top": 1},
                     ClassAggregateConfig) == ["alpha=2.0", "score='legacy'"]
+    assert restated({"imatrix": True, "cd": {"high_type": "q8_0", "high_fraction": 0.25}},
+                    GgufTierConfig) == ["cd.high_fraction=0.25"]
