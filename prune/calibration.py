@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from moeprune.config import Overflow, SourceKind
 from moeprune.errors import MoePruneError
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moeprune")
 
-KINDS = ("jsonl", "text", "toy", "datasets")
-OVERFLOW = ("truncate", "window", "error")
+# the schema's choices (moeprune/config.py), written once; a Python-made config is checked against them
+KINDS = tuple(m.value for m in SourceKind)
+OVERFLOW = tuple(m.value for m in Overflow)
 Prompt = Any  # a string, or a chat message list (jsonl / datasets with chat_template on)
 
 
