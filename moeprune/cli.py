@@ -11,22 +11,15 @@ import sys
 from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-import moeprune
-from hydra_plugins import moeprune_optuna_sweeper as sweeper_plugin
-from moeprune import config, gpu_slots, overrides
+from moeprune import config, overrides, registrations
 from moeprune.errors import MoePruneError
 
 log = logging.getLogger("moeprune")
-PKG_DIR = Path(moeprune.__file__).resolve().parent
+PKG_DIR = registrations.PKG_DIR
 
-if not OmegaConf.has_resolver("moeprune_pkg"):
-    # `${moeprune_pkg:toy/model}` -> a path inside the installed package (the embedded toy model).
-    OmegaConf.register_new_resolver("moeprune_pkg", lambda rel="": str(PKG_DIR / rel))
-config.register()
-gpu_slots.register_resolvers()  # ${moeprune_gpus:} / ${moeprune_n_gpus:} for hydra/launcher=joblib
-sweeper_plugin.register()  # hydra/sweeper=optuna, also from an editable install (see the plugin)
+registrations.register()
 
 
 def objective(results: dict, metric) -> float | list | None:
@@ -58,8 +51,7 @@ def run(cfg: DictConfig) -> dict:
     from moeprune.stages import stages_for
 
     run_dir = Path(cfg.paths.output_dir)
-    checked, preflight.checked_before_run = preflight.checked_before_run, False
-    if not checked:  # a sweep job: Hydra's callback checks runs, not jobs
+    if not preflight.checked_runs.take(run_dir):  # a sweep job: Hydra's callback checks runs, not jobs
         preflight.check_run(cfg, run_dir)
     runner = Runner(cfg, stages_for(cfg), run_dir)
     return runner.run(cfg.stage, preflight=False)

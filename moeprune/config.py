@@ -9,9 +9,8 @@ are the contract.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
@@ -239,49 +238,6 @@ class RunConfig:
 def register() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     schema.register()
-
-
-@contextlib.contextmanager
-def _hydra() -> Iterator[None]:
-    """Hydra's config loader: the running app's (its search path), else one over moeprune.conf."""
-    from hydra import initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        yield
-    else:
-        import moeprune.cli  # noqa: F401  (the schemas, resolvers and sweeper plugin the app registers)
-
-        with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
-            yield
-
-
-def preset(group: str, name: str):
-    """conf/<group>/<name>.yaml typed by its schema, exactly as `group=name` composes it."""
-    from hydra import compose
-    from hydra.errors import ConfigCompositionException
-
-    from moeprune.errors import MoePruneError
-
-    if name not in presets(group):
-        raise MoePruneError(f"{group}={name}: no such preset; expected one of: {', '.join(presets(group))}")
-    with _hydra():
-        try:
-            node = compose(config_name="run", overrides=[f"{group}={name}"])[group]
-        except ConfigCompositionException as e:
-            raise MoePruneError(f"{group}={name}: {e}") from None
-    # on its own, as a loaded preset is: not part of that run config, nor closed by Hydra's struct flag
-    return OmegaConf.merge(OmegaConf.structured(OmegaConf.get_type(node)), OmegaConf.to_container(node))
-
-
-def presets(group: str) -> list[str]:
-    """The presets of a config group, as `moeprune --help` lists them."""
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.core.object_type import ObjectType
-
-    with _hydra():
-        loader = GlobalHydra.instance().config_loader()
-        return sorted(loader.get_group_options(group, results_filter=ObjectType.CONFIG))
 
 
 def typed(node, schema: type):

@@ -19,23 +19,42 @@ from omegaconf import DictConfig, OmegaConf
 from moeprune import schema
 from moeprune.errors import MoePruneError
 
-# set by the callback for the run it checked, consumed by the CLI so the checks run once
-checked_before_run = False
+
+
+class CheckedRuns:
+    """The run dirs the callback checked before Hydra made them, each taken once by the CLI's run so
+    the checks run once per run: a run dir is the identity both sides know (a sweep's jobs, which
+    no callback checks, are absent and checked by the job itself)."""
+
+    def __init__(self) -> None:
+        self._dirs: set[Path] = set()
+
+    def mark(self, run_dir: Path) -> None:
+        self._dirs.add(Path(run_dir).resolve())
+
+    def take(self, run_dir: Path) -> bool:
+        resolved = Path(run_dir).resolve()
+        found = resolved in self._dirs
+        self._dirs.discard(resolved)
+        return found
+
+
+checked_runs = CheckedRuns()
 
 OPTIONAL_GROUPS = ("recipe", "hparams_search")  # `optional` in run.yaml: Hydra ignores a misspelt one
 
 class RunPreflight(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
-        global checked_before_run
         from hydra.core.hydra_config import HydraConfig
 
         HydraConfig.instance().set_config(config)  # ${hydra:...} in the config resolves from here on
         try:
-            check_run(config, _hydra_dir(config, "hydra.run.dir"))
+            run_dir = _hydra_dir(config, "hydra.run.dir")
+            check_run(config, run_dir)
         except MoePruneError as e:
             print(f"moeprune: error: {e}", file=sys.stderr)
             sys.exit(2)
-        checked_before_run = True
+        checked_runs.mark(run_dir)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         try:

@@ -152,9 +152,10 @@ def _write_dropmap(ctx: StageContext, result, profile) -> dict:
 
 
 def _recipe(cfg: DictConfig):
+    from moeprune.presets import class_weight_presets
     from moeprune.prune.dropmap import Recipe
 
-    return Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep)
+    return Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep, class_weight_presets)
 
 
 def _keep(cfg: DictConfig):
@@ -371,6 +372,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
     """The recipe's own mistakes (a knob, a class name, a keep count the model cannot take) are
     known from the config and the model's config.json: say them before the profile is computed."""
     from moeprune.adapters import adapter_for
+    from moeprune.presets import class_weight_presets
     from moeprune.prune import dropmap
 
     _dropmap_inputs(cfg)  # the recipe's files exist and are what each knob expects
@@ -380,7 +382,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
         if cfg.keep.drop_map is None:
             rule = dropmap.keep_rule(_keep(cfg), given.num_experts, recorded_top_k(cfg, given))
             _floor_fits(cfg, given.layers, given.num_experts, rule.per_layer)
-        dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights)
+        dropmap.class_weight_vector(given.classes, _recipe(cfg).class_weights, class_weight_presets)
         return
     if cfg.keep.drop_map is not None:  # the map fits the model: known before any profile
         given_map(cfg)
@@ -393,7 +395,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
         rule = dropmap.keep_rule(_keep(cfg), adapter.num_experts(model_config), adapter.top_k(model_config))
         _floor_fits(cfg, check_checkpoint(model_dir(cfg)), adapter.num_experts(model_config), rule.per_layer)
     recipe = _recipe(cfg)
-    dropmap.class_weight_vector(list(cfg.calibration.classes), recipe.class_weights)
+    dropmap.class_weight_vector(list(cfg.calibration.classes), recipe.class_weights, class_weight_presets)
 
 
 def _floor_fits(cfg: DictConfig, layers: list[int], num_experts: int, keep: int) -> None:

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from moeprune import artifacts
 from moeprune import config
-from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig, preset, presets
+from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.drop_map import DropMap
@@ -89,12 +89,18 @@ def check_mode_fits_groups(mode: str, groups) -> None:
                             "keep.mode=uniform, whose maps are chosen legal group by group")
 
 
-def class_weight_vector(classes: list[str], class_weights: ClassWeightsConfig) -> np.ndarray:
+# The class_weights presets as {name: weights}, asked for only to name the ones that fit a profile
+# when a recipe names a class it lacks (the stage reads them through Hydra: moeprune.presets).
+WeightPresets = Callable[[], Mapping[str, Mapping[str, float]]]
+
+
+def class_weight_vector(classes: list[str], class_weights: ClassWeightsConfig,
+                        weight_presets: Optional[WeightPresets] = None) -> np.ndarray:
     cfg = class_weights
     unknown = sorted(set(cfg.weights) - set(classes))
     if unknown:
         hint = ""
-        fitting = fitting_weight_presets(classes)
+        fitting = fitting_weight_presets(classes, weight_presets) if weight_presets else []
         if fitting:
             hint = f"; presets that fit: class_weights={' / '.join(fitting)}"
         raise MoePruneError(f"class_weights={cfg.name}: unknown classes {unknown}; the profile has {classes}{hint}")
@@ -105,9 +111,9 @@ def class_weight_vector(classes: list[str], class_weights: ClassWeightsConfig) -
     return w
 
 
-def fitting_weight_presets(classes: list[str]) -> list[str]:
-    """The class_weights presets that name only these classes (read through Hydra)."""
-    return [name for name in presets("class_weights") if set(preset("class_weights", name).weights) <= set(classes)]
+def fitting_weight_presets(classes: list[str], weight_presets: WeightPresets) -> list[str]:
+    """The class_weights presets that name only these classes."""
+    return sorted(name for name, weights in weight_presets().items() if set(weights) <= set(classes))
 
 
 def check_profile(profile: Profile, needs: tuple[str, ...], what: str = "profile") -> dict[str, np.ndarray]:
@@ -148,13 +154,15 @@ class Recipe:
     floor_clamp: FloorClampConfig
     keep: KeepConfig
     settings: dict  # the four nodes as plain data: the summary's record of the recipe
+    weight_presets: Optional[WeightPresets] = None  # named in the error for a class the profile lacks
 
     @classmethod
-    def of(cls, strategy: DictConfig, class_weights: DictConfig, floor_clamp: DictConfig, keep: DictConfig) -> "Recipe":
+    def of(cls, strategy: DictConfig, class_weights: DictConfig, floor_clamp: DictConfig, keep: DictConfig,
+           weight_presets: Optional[WeightPresets] = None) -> "Recipe":
         nodes = {"strategy": strategy, "class_weights": class_weights, "floor_clamp": floor_clamp, "keep": keep}
         return cls(config.build(strategy), config.typed(class_weights, ClassWeightsConfig),
                    config.typed(floor_clamp, FloorClampConfig), config.typed(keep, KeepConfig),
-                   {k: OmegaConf.to_container(v, resolve=True) for k, v in nodes.items()})
+                   {k: OmegaConf.to_container(v, resolve=True) for k, v in nodes.items()}, weight_presets)
 
 
 @dataclass
@@ -196,7 +204,7 @@ def build(profile: Profile, recipe: Recipe, top_k: int, groups: tuple[int, list[
     strategy, keep_cfg = recipe.strategy, recipe.keep
     stats = check_profile(profile, strategy.needs)
     L, E = len(profile.layers), profile.num_experts
-    weights = class_weight_vector(profile.classes, recipe.class_weights)
+    weights = class_weight_vector(profile.classes, recipe.class_weights, recipe.weight_presets)
     scores = strategy.scores(stats, weights, profile.classes)
     if not np.isfinite(scores.agg).all():
         raise MoePruneError(f"strategy={strategy.name} produced non-finite keep scores: check the profile and knobs")

@@ -127,7 +127,7 @@ def eval_backend(backend: DictConfig, device: str, quant_dir: Path) -> tuple[Dic
 def _backend(backend: DictConfig, name: str) -> DictConfig:
     """The configured backend when it is `name`, else the `backend=<name>` preset (keeping the
     configured max_new_tokens)."""
-    from moeprune.config import preset
+    from moeprune.presets import preset
 
     if backend.name == name:
         return backend.copy()

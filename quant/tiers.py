@@ -1,9 +1,9 @@
-"""Quant tiers: loading a preset by name and refusing tiers llama.cpp / modelopt cannot produce.
+"""Quant tiers: refusing tiers llama.cpp / modelopt cannot produce.
 
-A tier is data (conf/quant_tier/<name>.yaml, read through Hydra) typed by its kind's schema:
-`QuantTierConfig` here (kind none), `GgufTierConfig` in gguf_tier.py (the llama-quantize type,
-imatrix on/off, per-tensor overrides and, for CD tiers, the ContribDynamic rule), `Nvfp4TierConfig`
-in nvfp4.py. A knob of another kind is refused. Validation happens before any tool runs so a typo
+A tier is data (conf/quant_tier/<name>.yaml, read through Hydra by moeprune.presets.quant_tier)
+typed by its kind's schema: `QuantTierConfig` here (kind none), `GgufTierConfig` in gguf_tier.py
+(the llama-quantize type, imatrix on/off, per-tensor overrides and, for CD tiers, the
+ContribDynamic rule), `Nvfp4TierConfig` in nvfp4.py. A knob of another kind is refused. Validation happens before any tool runs so a typo
 costs nothing.
 """
 
@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from moeprune import schema
-from moeprune.config import preset, presets
 from moeprune.errors import MoePruneError
 from moeprune.schema import Choice
 
@@ -61,21 +60,6 @@ GGML_TYPES = (
     "iq4_xs", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "mxfp4",
 )
 FLOAT_FTYPES = ("F32", "F16", "BF16")
-
-
-def available() -> list[str]:
-    return presets("quant_tier")
-
-
-def load(name: str) -> DictConfig:
-    """A preset by name, typed by its kind's schema: what `quant_tier=<name>` composes to. Open to
-    other keys, so that `validate` names another kind's knob merged into it, as the CLI does."""
-    try:
-        tier = preset("quant_tier", name)
-    except MoePruneError:
-        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(available())}") from None
-    OmegaConf.set_struct(tier, False)
-    return tier
 
 
 def is_iq(ftype: str) -> bool:

@@ -19,6 +19,7 @@ from moeprune.prune.strategies.base import ClassAggregateConfig, StrategyConfig
 from moeprune.prune.strategies.random import RandomStrategyConfig
 from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
+from moeprune.presets import class_weight_presets
 from moeprune.prune import dropmap
 from moeprune.prune.drop_map import DropMap
 from moeprune.prune.profile import Profile
@@ -50,7 +51,7 @@ def recipe(strategy="max", weights=None, floor=None, keep=None, **knobs):
             _target_=f"moeprune.prune.strategies.{strategy}.{TARGET[strategy]}", name=strategy, **knobs)),
         OmegaConf.structured(ClassWeightsConfig(name="test", weights=weights or {})),
         OmegaConf.structured(FloorClampConfig(name="test", **(floor or {}))),
-        OmegaConf.structured(KeepConfig(**(keep or {}))))
+        OmegaConf.structured(KeepConfig(**(keep or {}))), weight_presets=class_weight_presets)
 
 
 def read_map(path, layers, num_experts, top_k):

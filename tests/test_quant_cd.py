@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 
 from moeprune.errors import MoePruneError
 from moeprune.prune.profile import Profile
-from moeprune.quant import contrib_dynamic, tiers
+from moeprune.presets import quant_tier
+from moeprune.quant import contrib_dynamic
 
 
 def documented_rule(profile, keep, cd) -> dict[int, str]:
@@ -118,7 +119,7 @@ def test_real_profile_of_a_tiny_model_follows_the_rule(tiny_gemma4):
     tok = load_tokenizer(tiny_gemma4)
     model = load_model(tiny_gemma4, "float32", "cpu")
     profile = profile_model(model, adapter_for(read_config(tiny_gemma4)), build_corpus(cfg.calibration, tok))
-    cd = tiers.load("cd_q4_k_m").cd
+    cd = quant_tier("cd_q4_k_m").cd
     keep = {profile.layers[0]: [0, 2, 3, 5, 6, 7]}
     types = contrib_dynamic.assign_types(contrib_dynamic.layer_contribution(profile, keep), cd)
     assert types == documented_rule(profile, keep, cd)

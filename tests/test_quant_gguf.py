@@ -38,13 +38,14 @@ def model(tmp_path_factory):
 def ladder(toolchain, model, tmp_path_factory):
     from quant_support import toy_corpus
 
-    from moeprune.quant import gguf_tier, tiers
+    from moeprune.presets import quant_tier
+    from moeprune.quant import gguf_tier
 
     root = tmp_path_factory.mktemp("ladder")
     out = {}
     for name in TIERS:
         (root / name).mkdir()
-        m = gguf_tier.produce(tiers.load(name), model, root / name, root / "base", corpus=toy_corpus(16),
+        m = gguf_tier.produce(quant_tier(name), model, root / name, root / "base", corpus=toy_corpus(16),
                               model_name="tiny")
         out[name] = (root / name, m)
     return out
@@ -144,7 +145,7 @@ def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
 
     from moeprune import artifacts
     from moeprune.prune.profile import Profile
-    from moeprune.quant import tiers
+    from moeprune.presets import quant_tier
 
     args = [f"model.path={model}", "quant_tier=cd_q4_k_m", "calibration.samples_per_class=8", "bench.n_per_class=2",
             "stages.evaluate_base=false", "keep.experts_per_layer=6"]
@@ -157,7 +158,7 @@ def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
     quant, m = dirs["quant"], artifacts.read_json(dirs["quant"] / "quant-manifest.json")
     meta = artifacts.read_json(quant / "expert_drop_metadata.json")
     keep = {int(k): v for k, v in meta["keep"].items()}
-    expected = documented_rule(Profile.load(dirs["profile"]), keep, tiers.load("cd_q4_k_m").cd)
+    expected = documented_rule(Profile.load(dirs["profile"]), keep, quant_tier("cd_q4_k_m").cd)
     written = parse_type_file((quant / "tensor-types.txt").read_text())
     assert {layer: set(fam.values()) for layer, fam in written.items()} == {l: {t} for l, t in expected.items()}
     for layer, typ in expected.items():  # the GGUF holds those types (or llama.cpp's recorded fallback)
@@ -181,18 +182,20 @@ def no_gguf_left(*dirs: Path) -> bool:
 
 
 def test_model_dir_without_tokenizer(toolchain, model, tmp_path):
-    from moeprune.quant import gguf_tier, tiers
+    from moeprune.presets import quant_tier
+    from moeprune.quant import gguf_tier
 
     bare = tmp_path / "bare"
     shutil.copytree(model, bare)
     os.remove(bare / "tokenizer.json")
     with pytest.raises(MoePruneError, match=r"has no tokenizer \(tokenizer.json or tokenizer.model\)"):
-        gguf_tier.produce(tiers.load("q8_0"), bare, tmp_path / "out", tmp_path / "base")
+        gguf_tier.produce(quant_tier("q8_0"), bare, tmp_path / "out", tmp_path / "base")
     assert no_gguf_left(tmp_path / "out", tmp_path / "base")
 
 
 def test_failed_converter_reports_its_own_message(toolchain, model, tmp_path):
-    from moeprune.quant import gguf_tier, tiers
+    from moeprune.presets import quant_tier
+    from moeprune.quant import gguf_tier
 
     bad = tmp_path / "bad"
     shutil.copytree(model, bad)
@@ -201,7 +204,7 @@ def test_failed_converter_reports_its_own_message(toolchain, model, tmp_path):
     (tmp_path / "out").mkdir()
     with pytest.raises(MoePruneError, match=r"convert_hf_to_gguf.py on .* failed \(exit 1\)(.|\n)*"
                                             r"Model NotARealModelForCausalLM is not supported"):
-        gguf_tier.produce(tiers.load("q8_0"), bad, tmp_path / "out", tmp_path / "base")
+        gguf_tier.produce(quant_tier("q8_0"), bad, tmp_path / "out", tmp_path / "base")
     assert no_gguf_left(tmp_path / "out", tmp_path / "base")
 
 
@@ -234,16 +237,17 @@ def test_tensor_type_overrides_reach_the_file_and_win_over_the_cd_rule(toolchain
     from quant_support import toy_corpus
     from test_quant_cd import make_profile
 
-    from moeprune.quant import gguf_tier, tiers
+    from moeprune.presets import quant_tier
+    from moeprune.quant import gguf_tier
 
-    tier = OmegaConf.merge(tiers.load("q8_0"), {"tensor_types": {r"blk\.0\.attn_q\.weight": "q4_0"}})
+    tier = OmegaConf.merge(quant_tier("q8_0"), {"tensor_types": {r"blk\.0\.attn_q\.weight": "q4_0"}})
     m = gguf_tier.produce(tier, model, tmp_path / "a", tmp_path / "base", model_name="tiny")
     assert m["tensor_types"]["blk.0.attn_q.weight"] == "Q4_0" and m["tensor_types"]["blk.1.attn_q.weight"] == "Q8_0"
     assert (tmp_path / "a" / gguf_tier.TENSOR_TYPE_FILE).read_text() == "blk\\.0\\.attn_q\\.weight=q4_0\n"
 
     # layer 0 contributes least, so the CD rule gives its experts the low type; the override wins
     profile = make_profile([[[0.1] * 8, [5.0] * 8]], [0, 1])
-    cd = OmegaConf.merge(tiers.load("cd_q4_k_m"), {"tensor_types": {r"blk\.0\.ffn_down_exps\.weight": "q8_0"}})
+    cd = OmegaConf.merge(quant_tier("cd_q4_k_m"), {"tensor_types": {r"blk\.0\.ffn_down_exps\.weight": "q8_0"}})
     m = gguf_tier.produce(cd, model, tmp_path / "b", tmp_path / "base", corpus=toy_corpus(16), model_name="tiny",
                           profile=profile)
     lines = m["tensor_type_map"]["lines"]

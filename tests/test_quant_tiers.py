@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from moeprune.errors import MoePruneError
+from moeprune.presets import quant_tier
 from moeprune.quant import tiers
 
 LADDER = ["f16", "q8_0", "q6_k", "q6_k_l", "q5_k_s", "q5_k_m", "q5_k_l", "q4_k_s", "q4_k_m", "q4_k_l", "q4_0",
@@ -25,7 +26,7 @@ def compose_run(*overrides):
 
 @pytest.mark.parametrize("name", LADDER + CD + ["nvfp4a16", "none"])
 def test_every_preset_loads_validates_and_composes(name):
-    tier = tiers.load(name)
+    tier = quant_tier(name)
     assert tier.name == name
     tiers.validate(tier)
     cfg = compose_run(f"quant_tier={name}")
@@ -34,20 +35,20 @@ def test_every_preset_loads_validates_and_composes(name):
 
 def test_imatrix_policy_matches_the_reference_ladder():
     for name in LADDER + CD:
-        tier = tiers.load(name)
+        tier = quant_tier(name)
         if name in ("f16", "q8_0", "q4_0", "q4_1"):
             assert not tier.imatrix, name  # never on Q8_0 / Q4_0 / Q4_1 (and nothing to do for F16)
         else:
             assert tier.imatrix, name
     for name in ("q6_k_l", "q5_k_l", "q4_k_l", "q3_k_xl"):
-        tier = tiers.load(name)
+        tier = quant_tier(name)
         assert (tier.token_embedding_type, tier.output_tensor_type) == ("q8_0", "q8_0")
-    assert all(tiers.load(n).cd is not None for n in CD)
+    assert all(quant_tier(n).cd is not None for n in CD)
 
 
 def test_unknown_tier_is_named_with_the_choices():
     with pytest.raises(MoePruneError, match=r"unknown quant tier 'q9_k'.*q4_k_m"):
-        tiers.load("q9_k")
+        quant_tier("q9_k")
     from hydra.errors import MissingConfigException
 
     with pytest.raises(MissingConfigException, match="quant_tier/q9_k"):
@@ -72,7 +73,7 @@ def test_unknown_tier_is_named_with_the_choices():
     ({"tensor_types": {"blk\\.(": "q8_0"}}, r"is not a regular expression"),
 ])
 def test_bad_tier_fields_are_refused(override, message):
-    tier = OmegaConf.merge(tiers.load("q4_k_m"), override)
+    tier = OmegaConf.merge(quant_tier("q4_k_m"), override)
     with pytest.raises(MoePruneError, match=message):
         tiers.validate(tier)
 
@@ -84,7 +85,7 @@ def test_bad_tier_fields_are_refused(override, message):
 ])
 def test_a_knob_of_another_tier_kind_is_refused(tier, override, message):
     with pytest.raises(MoePruneError, match=message):
-        tiers.validate(OmegaConf.merge(tiers.load(tier), override))
+        tiers.validate(OmegaConf.merge(quant_tier(tier), override))
 
 
 def test_the_cli_refuses_an_nvfp4_tier_with_gguf_knobs_in_one_line(tmp_path):

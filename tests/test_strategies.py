@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moeprune.config import build, preset
+from moeprune.config import build
+from moeprune.presets import preset
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
 from moeprune.prune.strategies.base import mean_normalize, rank_normalize, treat_outliers
