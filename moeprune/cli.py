@@ -13,6 +13,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+import hydra_plugins.moeprune_optuna_sweeper as sweeper_plugin
 from moeprune import config, overrides, registrations
 from moeprune.errors import MoePruneError
 
@@ -20,6 +21,9 @@ log = logging.getLogger("moeprune")
 PKG_DIR = registrations.PKG_DIR
 
 registrations.register()
+# the sweeper class, which only the app launches (see moeprune/registrations.py); also from an
+# editable install, whose hydra_plugins Hydra's scan cannot see
+sweeper_plugin.register()
 
 
 def objective(results: dict, metric) -> float | list | None:

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
+from ._returns import trial_values
 from ._split_guard import KEY, REPORTED
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ def run(sweeper, study: optuna.Study, confirm: dict, sweep_dir: Path) -> dict:
     sweeper.validate_batch_is_legal(jobs)
     results = sweeper.launcher.launch(jobs, initial_job_idx=0)
     rows = []
-    from ._core import trial_values
-
     for t, ret in zip(picked, results):
         values, error = trial_values(ret, 1)
         job_dir = str(ret.hydra_cfg.hydra.runtime.output_dir) if ret.hydra_cfg is not None else None

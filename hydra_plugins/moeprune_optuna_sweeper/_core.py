@@ -9,7 +9,6 @@ from the files on disk.
 from __future__ import annotations
 
 import logging
-import math
 import time
 import traceback
 import warnings
@@ -30,6 +29,7 @@ from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
 from . import _choices, _confirm, _search_space, _split_guard, _trial_preflight, _workers
+from ._returns import trial_values
 from ._workers import DEFAULT_ATTR, ENQUEUED_ATTR, WORKER_ATTR, fail_stale_trials, point_pending, this_worker  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -87,24 +87,6 @@ def parse_directions(direction: Any) -> list[str]:
     if not values or any(str(d) not in DIRECTIONS for d in values):
         raise MoePruneError(f"hydra.sweeper.direction={values}: expected minimize, maximize or a list of them")
     return [str(d) for d in values]
-
-
-def trial_values(ret: JobReturn, n: int) -> tuple[Optional[list[float]], Optional[str]]:
-    """(values, None) for a usable return, (None, why) otherwise."""
-    if ret.status != JobStatus.COMPLETED:
-        return None, f"{type(ret._return_value).__name__}: {ret._return_value}"
-    value = ret._return_value
-    raw = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
-    if len(raw) != n or any(v is None for v in raw):
-        return None, (f"the task returned {value!r}; expected {n} number(s), one per direction "
-                      "(check optimized_metric names values this run produces)")
-    try:
-        values = [float(v) for v in raw]
-    except (TypeError, ValueError):
-        return None, f"the task returned {value!r}, which is not numeric"
-    if not all(math.isfinite(v) for v in values):
-        return None, f"the task returned a non-finite value {values}"
-    return values, None
 
 
 def _traceback(ret: JobReturn) -> Optional[str]:
