@@ -80,7 +80,7 @@ def main() -> None:
     from moeprune.adapters import get_adapter
     from moeprune.prune.calibration import Pass
     from moeprune.prune.profile import profile_model
-    from moeprune.prune.profile_layerwise import profile_layerwise
+    from moeprune.prune.profile.layerwise import profile_layerwise
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -107,7 +107,7 @@ def main() -> None:
     from transformers import Gemma4ForCausalLM
 
     from moeprune.adapters import get_adapter
-    from moeprune.prune.profile_stats import Accumulator, profiling
+    from moeprune.prune.profile.stats import Accumulator, profiling
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

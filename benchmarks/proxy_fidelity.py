@@ -45,9 +45,9 @@ from moeprune.evaluate.benches.divergence import Divergence
 from moeprune.evaluate.benches.toy_suite import ToySuite
 from moeprune.evaluate.runner import run_bench
 from moeprune.models import load_model, load_tokenizer, read_config
-from moeprune.prune import dropmap
-from moeprune.prune.drop_map import DropMap
-from moeprune.prune.profile import Profile
+from moeprune.prune import recipe as dropmap
+from moeprune.dropmap import DropMap
+from moeprune.profile import Profile
 from moeprune.runner import Runner
 from moeprune.stages import STAGES
 from moeprune.toy import world

@@ -41,8 +41,8 @@ from moeprune.evaluate.benches.toy_suite import ToySuite  # noqa: E402
 from moeprune.evaluate.stats import mcnemar, wilson  # noqa: E402,F401  (95% Wilson; exact McNemar)
 from moeprune.evaluate.runner import run_bench  # noqa: E402
 from moeprune.models import load_model, load_tokenizer, read_config  # noqa: E402
-from moeprune.prune import dropmap  # noqa: E402
-from moeprune.prune.drop_map import DropMap  # noqa: E402
+from moeprune.prune import recipe as dropmap  # noqa: E402
+from moeprune.dropmap import DropMap  # noqa: E402
 from moeprune.prune.surgery import prune_checkpoint  # noqa: E402
 from moeprune.study_report import pareto_front  # noqa: E402
 from moeprune.toy import world  # noqa: E402

@@ -90,7 +90,7 @@ def check_run(cfg: DictConfig, run_dir: Path) -> None:
         check_model(cfg, inputs["model"], loads=bool({"profile", "evaluate_base", "evaluate"} & set(wanted)))
     check_metric(cfg)
     if "profile" in wanted and cfg.profile.path is None and "model" in inputs and runner.to_build(["profile"]):
-        from moeprune.prune.profile_run import check_corpus
+        from moeprune.prune.profile.run import check_corpus
 
         check_corpus(inputs["model"], cfg.calibration)  # a prompt past its tier's max_tokens, before the run dir
     if OmegaConf.select(cfg, "backend.name") == "openai" and not OmegaConf.select(cfg, "backend.base_url") \

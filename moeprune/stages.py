@@ -25,7 +25,7 @@ def _model_input(cfg: DictConfig) -> dict[str, Path]:
 
 
 def run_profile(ctx: StageContext) -> dict:
-    from moeprune.prune.profile_run import profile_checkpoint
+    from moeprune.prune.profile.run import profile_checkpoint
 
     cfg, pc = ctx.cfg, ctx.cfg.profile
     if pc.path is not None:  # a profile made elsewhere (the reference's JSON, imported): copied as the artifact
@@ -38,7 +38,7 @@ def run_profile(ctx: StageContext) -> dict:
 
 def given_profile(cfg: DictConfig):
     """The profile named by profile.path, or None when the run profiles the model itself."""
-    from moeprune.prune.profile import Profile
+    from moeprune.profile import Profile
 
     if cfg.profile.path is None:
         return None
@@ -59,9 +59,9 @@ def _profile_inputs(cfg: DictConfig) -> dict[str, Path]:
 
 def run_dropmap(ctx: StageContext) -> dict:
     from moeprune.adapters import adapter_for
-    from moeprune.prune import dropmap
-    from moeprune.prune.drop_map import DropMap
-    from moeprune.prune.profile import Profile
+    from moeprune.prune import recipe as dropmap
+    from moeprune.dropmap import DropMap
+    from moeprune.profile import Profile
 
     cfg, profile = ctx.cfg, Profile.load(ctx.inputs["profile"])
     config = profiled_config(cfg)
@@ -95,7 +95,7 @@ def run_given_dropmap(ctx: StageContext) -> dict:
     against the model, is the artifact. Its summary counts experts but scores none: scoring it by
     the recipe needs the profile, which only stage=all / dropmap / quant compute (a large model
     would pay a calibration pass, and need a tokenizer, for a map it was given)."""
-    from moeprune.prune.dropmap import DROP_MAP_FILE, SUMMARY_FILE
+    from moeprune.prune.recipe import DROP_MAP_FILE, SUMMARY_FILE
 
     cfg, drop_map = ctx.cfg, given_map(ctx.cfg)
     kept = drop_map.kept_counts()
@@ -113,7 +113,7 @@ def run_given_dropmap(ctx: StageContext) -> dict:
 def profiled_config(cfg: DictConfig) -> dict | None:
     """The config.json of the model the drop map is for: the model dir's, or with `profile.path` the
     one the profile stage recorded beside its profile (None for an imported reference profile)."""
-    from moeprune.prune.profile_run import MODEL_CONFIG_FILE
+    from moeprune.prune.profile.run import MODEL_CONFIG_FILE
 
     if cfg.profile.path is None:
         return read_config(model_dir(cfg))
@@ -141,7 +141,7 @@ def recorded_top_k(cfg: DictConfig, profile) -> int:
 
 
 def _write_dropmap(ctx: StageContext, result, profile) -> dict:
-    from moeprune.prune import dropmap
+    from moeprune.prune import recipe as dropmap
 
     cfg = ctx.cfg
     dropmap.write(ctx.out_dir, result, title=f"{cfg.strategy.name} / {cfg.class_weights.name} / {cfg.floor_clamp.name}")
@@ -153,7 +153,7 @@ def _write_dropmap(ctx: StageContext, result, profile) -> dict:
 
 def _recipe(cfg: DictConfig):
     from moeprune.presets import class_weight_presets
-    from moeprune.prune.dropmap import Recipe
+    from moeprune.prune.recipe import Recipe
 
     return Recipe.of(cfg.strategy, cfg.class_weights, cfg.floor_clamp, cfg.keep, class_weight_presets)
 
@@ -166,7 +166,7 @@ def _keep(cfg: DictConfig):
 
 def _drop_map(ctx: StageContext, model_path: Path, physical: bool):
     """The dropmap stage's map, checked against the model it is applied to."""
-    from moeprune.prune.dropmap import DROP_MAP_FILE
+    from moeprune.prune.recipe import DROP_MAP_FILE
 
     return _map_for_model(ctx.inputs["dropmap"] / DROP_MAP_FILE, model_path, physical)
 
@@ -174,7 +174,7 @@ def _drop_map(ctx: StageContext, model_path: Path, physical: bool):
 def _map_for_model(path: Path, model_path: Path, physical: bool, layers: list[int] | None = None):
     """The drop map JSON at `path`, parsed once against the model at `model_path` (DropMap.for_model)."""
     from moeprune.adapters import adapter_for
-    from moeprune.prune.drop_map import DropMap
+    from moeprune.dropmap import DropMap
 
     config = read_config(model_path)
     adapter = adapter_for(config)
@@ -373,7 +373,7 @@ def _recipe_fits(cfg: DictConfig) -> None:
     known from the config and the model's config.json: say them before the profile is computed."""
     from moeprune.adapters import adapter_for
     from moeprune.presets import class_weight_presets
-    from moeprune.prune import dropmap
+    from moeprune.prune import recipe as dropmap
 
     _dropmap_inputs(cfg)  # the recipe's files exist and are what each knob expects
     given = given_profile(cfg)
@@ -410,7 +410,7 @@ def _floor_fits(cfg: DictConfig, layers: list[int], num_experts: int, keep: int)
     if floor.is_active(floor_clamp):
         floor.floor_counts(floor_clamp, layers, keep, np.ones((len(layers), num_experts)))
         if floor_clamp.profile is not None:  # the user's profile dir: its contents, before any stage
-            from moeprune.prune.dropmap import floor_profile
+            from moeprune.prune.recipe import floor_profile
 
             floor_profile(floor_clamp, layers, num_experts, _recipe(cfg).strategy.reference_needs())
 
@@ -442,7 +442,7 @@ def _prune_fits(cfg: DictConfig) -> None:
     given = given_profile(cfg)
     if given is not None:  # the dropmap stage skipped the model's checks: the surgery needs them
         from moeprune.adapters import adapter_for
-        from moeprune.prune import dropmap
+        from moeprune.prune import recipe as dropmap
 
         model_config = read_config(model_dir(cfg))
         adapter = adapter_for(model_config)

@@ -5,7 +5,7 @@ class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties b
 strategy's rank_ties rule (prune/selection.py: the reference's stable sort by expert id, or the
 baseline map's dropped experts first and then the lower id).
 Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
-the map is legal (selection.select_grouped). The map itself and its one validator: prune/drop_map.py.
+the map is legal (selection.select_grouped). The map itself and its one validator: moeprune/recipe.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from moeprune import config
 from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
 from moeprune.prune import floor
-from moeprune.prune.drop_map import DropMap
+from moeprune.dropmap import DropMap
 from moeprune.prune.selection import Protection, protect, select_budget, select_grouped, select_uniform
-from moeprune.prune.profile import Profile, rebuild_hint
+from moeprune.profile import Profile, rebuild_hint
 
 DROP_MAP_FILE = "drop_map.json"
 SUMMARY_FILE = "summary.json"

@@ -34,7 +34,7 @@ from safetensors import safe_open
 from moeprune import artifacts
 from moeprune.adapters import adapter_for
 from moeprune.errors import MoePruneError
-from moeprune.prune.drop_map import DropMap
+from moeprune.dropmap import DropMap
 from moeprune.prune.shards import OutTensor, SourceTensor, plan_shards, read_header, write_shard
 
 log = logging.getLogger("moeprune")

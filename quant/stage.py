@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.prune.drop_map import DropMap
+from moeprune.dropmap import DropMap
 from moeprune.quant import release, tiers
 
 DROP_METADATA = "expert_drop_metadata.json"
@@ -68,7 +68,7 @@ def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_d
     experts = {len(v) for v in keep.values()}
     model_name = f"{model_name}-{experts.pop()}e" if len(experts) == 1 else model_name
     if tier.kind == "gguf":
-        from moeprune.prune.profile import Profile
+        from moeprune.profile import Profile
         from moeprune.quant import gguf_tier
 
         manifest = gguf_tier.produce(

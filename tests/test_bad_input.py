@@ -461,8 +461,8 @@ def test_a_broken_cached_profile_names_the_artifact_and_how_to_rebuild_it(tmp_pa
     import torch
 
     from moeprune.errors import MoePruneError
-    from moeprune.prune.dropmap import check_profile
-    from moeprune.prune.profile import Profile
+    from moeprune.prune.recipe import check_profile
+    from moeprune.profile import Profile
 
     cached = tmp_path / "cache" / "profile" / "abc123"
     zeros = torch.zeros(2, 1, 4)

@@ -2,7 +2,7 @@
 
 import json
 
-from moeprune.prune.profile import Profile
+from moeprune.profile import Profile
 from tests.test_pipeline import moeprune, stage_dirs
 
 V7 = ["generic_math", "generic_logic", "generic_code", "generic_science", "generic_creative", "generic_multilingual",

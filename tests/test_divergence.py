@@ -18,7 +18,7 @@ from moeprune.evaluate import teacher_forced
 from moeprune.evaluate.backends import hf
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.divergence import Divergence
-from moeprune.prune.drop_map import DropMap
+from moeprune.dropmap import DropMap
 
 TOY = Path(__file__).resolve().parents[1] / "moeprune" / "toy" / "model"
 SMALL = ["calibration.samples_per_class=8", "bench.n_per_class=6", "backend.batch_size=32"]

@@ -20,9 +20,9 @@ from moeprune.prune.strategies.random import RandomStrategyConfig
 from moeprune.config import ClassWeightsConfig, FloorClampConfig, KeepConfig
 from moeprune.errors import MoePruneError
 from moeprune.presets import class_weight_presets
-from moeprune.prune import dropmap
-from moeprune.prune.drop_map import DropMap
-from moeprune.prune.profile import Profile
+from moeprune.prune import recipe as dropmap
+from moeprune.dropmap import DropMap
+from moeprune.profile import Profile
 
 STATS = ("count", "gate_sum", "contrib_sum", "wnorm")
 STRATEGIES = ["max", "mean", "geomean", "sum", "frequency", "gate_mass", "reap", "random"]
@@ -402,7 +402,7 @@ def test_missing_map_file():
 
 
 def test_a_profile_imported_from_the_reference_json_drives_the_reference_strategies():
-    from moeprune.prune.reference_json import from_reference
+    from moeprune.prune.profile.reference_json import from_reference
 
     rng = np.random.default_rng(0)
     ref = {"categories": {c: {str(layer): [{"id": e, "wnorm": float(rng.gamma(1, 50)), "rnorm": 1.0, "wsum": 0.5,

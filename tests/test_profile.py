@@ -19,8 +19,8 @@ from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.errors import MoePruneError  # noqa: E402
 from moeprune.prune.calibration import Pass  # noqa: E402
 from moeprune.prune.profile import Profile, profile_model  # noqa: E402
-from moeprune.prune.profile_batches import length_batches, pad_right  # noqa: E402
-from moeprune.prune.profile_stats import STATS, Accumulator, profiling  # noqa: E402
+from moeprune.prune.profile.batches import length_batches, pad_right  # noqa: E402
+from moeprune.prune.profile.stats import STATS, Accumulator, profiling  # noqa: E402
 
 SIMPLE_FAMILIES = [f for f in FAMILIES if not f.endswith("_multimodal")]
 
@@ -212,8 +212,8 @@ def test_non_moe_model_is_refused():
 
 
 def test_reference_json_round_trip_and_bad_input(tmp_path):
-    from moeprune.prune.profile import main
-    from moeprune.prune.reference_json import export_reference, import_reference
+    from moeprune.prune.profile.__main__ import main
+    from moeprune.prune.profile.reference_json import export_reference, import_reference
 
     model, adapter = model_for("mixtral")
     prof = profile_model(model, adapter, random_corpus(96))
@@ -274,7 +274,7 @@ def test_a_broken_profile_dir_is_named_not_a_traceback(tmp_path, meta, tensors, 
 
 @pytest.mark.parametrize("weight", [0.5, 3.0])
 def test_nonfinite_counts_tokens_whatever_the_tier_weight(weight):
-    from moeprune.prune.profile_stats import Accumulator
+    from moeprune.prune.profile.stats import Accumulator
 
     acc = Accumulator(1, 1, 4, "cpu")
     acc.begin(0, weight, torch.zeros(3, dtype=torch.long), 1)  # three tokens of one pass

@@ -17,7 +17,7 @@ from test_profile import mla_fixed, random_corpus  # noqa: E402
 from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.errors import MoePruneError  # noqa: E402
 from moeprune.models import read_config  # noqa: E402
-from moeprune.prune import profile_layerwise as lw  # noqa: E402
+from moeprune.prune.profile import layerwise as lw  # noqa: E402
 from moeprune.prune.profile import profile_model  # noqa: E402
 
 KW = dict(batch_size=3, batch_tokens=40)
@@ -69,7 +69,7 @@ sys.path.insert(0, {tests!r})
 from test_profile import random_corpus
 from moeprune.adapters import adapter_for
 from moeprune.models import read_config
-from moeprune.prune import profile_layerwise as lw
+from moeprune.prune.profile import layerwise as lw
 
 commit = lw.Checkpoints.commit
 def dying_commit(self, k, hidden, stats):

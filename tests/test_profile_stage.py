@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 
 import moeprune.cli  # noqa: F401  (registers the schema and resolvers)
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile import Profile
+from moeprune.profile import Profile
 
 PRESET = """\
 name: mine

@@ -13,7 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile import Profile
+from moeprune.profile import Profile
 from moeprune.presets import quant_tier
 from moeprune.quant import contrib_dynamic
 

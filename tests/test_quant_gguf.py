@@ -144,7 +144,7 @@ def test_cd_tier_through_the_pipeline(toolchain, model, tmp_path):
     from test_quant_cd import documented_rule, parse_type_file
 
     from moeprune import artifacts
-    from moeprune.prune.profile import Profile
+    from moeprune.profile import Profile
     from moeprune.presets import quant_tier
 
     args = [f"model.path={model}", "quant_tier=cd_q4_k_m", "calibration.samples_per_class=8", "bench.n_per_class=2",

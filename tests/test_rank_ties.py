@@ -10,8 +10,8 @@ import torch
 from omegaconf.errors import ValidationError
 
 from moeprune.errors import MoePruneError
-from moeprune.prune import dropmap
-from moeprune.prune.profile import Profile
+from moeprune.prune import recipe as dropmap
+from moeprune.profile import Profile
 from moeprune.prune.selection import drop_order, keep_order
 from moeprune.prune.strategies.base import rank_normalize
 from moeprune.prune.strategies.max import MaxStrategy

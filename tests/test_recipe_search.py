@@ -9,7 +9,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import recipe_search as rs  # noqa: E402
 
-from moeprune.prune.drop_map import DropMap  # noqa: E402
+from moeprune.dropmap import DropMap  # noqa: E402
 from moeprune.prune.surgery import prune_checkpoint  # noqa: E402
 
 

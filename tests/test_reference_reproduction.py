@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from moeprune.prune import dropmap
-from moeprune.prune.profile import Profile
+from moeprune.prune import recipe as dropmap
+from moeprune.profile import Profile
 
 V7_CLASSES = {"generic_math": 1, "generic_logic": 1, "generic_code": 3, "generic_science": 1, "generic_creative": 1,
               "generic_multilingual": 0, "targeted_humaneval": 0, "targeted_humanevalplus": 0,
@@ -121,7 +121,7 @@ def test_a_given_profile_without_top_k_or_a_missing_one_stops_before_any_stage(t
     import pytest
 
     from moeprune.errors import MoePruneError
-    from moeprune.prune.reference_json import import_reference
+    from moeprune.prune.profile.reference_json import import_reference
     from moeprune.runner import Runner
     from moeprune.stages import STAGES
     from test_dropmap_stage import _compose
@@ -141,7 +141,7 @@ def test_a_given_profile_headed_for_surgery_is_checked_against_the_model_before_
     import pytest
 
     from moeprune.errors import MoePruneError
-    from moeprune.prune.reference_json import import_reference
+    from moeprune.prune.profile.reference_json import import_reference
     from moeprune.runner import Runner
     from moeprune.stages import STAGES
     from test_dropmap_stage import _compose

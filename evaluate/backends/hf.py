@@ -65,7 +65,7 @@ class HFBackend(Backend):
         self.model = model if model is not None else load_model(self.model_dir, dtype, device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size = self.chunk_size = batch_size
-        self.drop_map = drop_map  # virtual pruning: a DropMap (moeprune.prune.drop_map), or None
+        self.drop_map = drop_map  # virtual pruning: a DropMap (moeprune.dropmap), or None
         self.shared_ffn_alpha = shared_ffn_alpha  # virtual pruning's prune.shared_ffn_alpha
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
         self.enable_thinking = enable_thinking

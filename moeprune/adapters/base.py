@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.drop_map import DropMap
+from moeprune.dropmap import DropMap
 
 # Decoder layers of the text model only: `model.layers.N.` or, in multimodal wrappers,
 # `model.language_model.layers.N.`. Vision towers (`model.vision_tower.encoder.layers.N.`,
@@ -129,7 +129,7 @@ class MoEAdapter:
 
     def check_routing_rules(self, config_dict: dict, drop_map: dict[int, list[int]], physical: bool) -> None:
         """Refuse drop maps this architecture's routing cannot run with, beyond what every map is
-        checked for (moeprune.prune.drop_map.DropMap.parse); `physical`: for a checkpoint."""
+        checked for (moeprune.dropmap.DropMap.parse); `physical`: for a checkpoint."""
 
     # ---- checkpoint tensors -----------------------------------------------------------------
     def role(self, tensor_name: str) -> TensorRole:

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile_stats import Accumulator, nonfinite_report
+from moeprune.prune.profile.stats import Accumulator, nonfinite_report
 
 log = logging.getLogger("moeprune")
 

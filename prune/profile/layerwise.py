@@ -27,9 +27,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile import Profile
-from moeprune.prune.profile_batches import corpus_meta, corpus_tokens, finish, length_batches, pad_right
-from moeprune.prune.profile_stats import Accumulator, expert_weight_norms, intermediate_dim, profiling
+from moeprune.profile import Profile
+from moeprune.prune.profile.batches import corpus_meta, corpus_tokens, finish, length_batches, pad_right
+from moeprune.prune.profile.stats import Accumulator, expert_weight_norms, intermediate_dim, profiling
 
 STATE = "state.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from moeprune.errors import MoePruneError
-from moeprune.prune.profile import Profile
+from moeprune.profile import Profile
 
 REQUIRED = {"wnorm": "wnorm", "tc": "count"}  # the reference's names -> ours
 OPTIONAL = {"rnorm": "rnorm", "wsum": "wsum", "cc": "hits"}

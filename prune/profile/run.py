@@ -13,8 +13,8 @@ from moeprune.errors import MoePruneError
 from moeprune.models import load_model, load_tokenizer, pick_device, read_config
 from moeprune.prune.calibration import build_corpus, continue_greedy
 from moeprune.prune.profile import profile_model
-from moeprune.prune.profile_batches import corpus_meta
-from moeprune.prune.profile_layerwise import profile_layerwise
+from moeprune.prune.profile.batches import corpus_meta
+from moeprune.prune.profile.layerwise import profile_layerwise
 
 MODEL_CONFIG_FILE = "model_config.json"  # the profiled model's config.json, as read
 
