@@ -1,4 +1,4 @@
-"""What a sandboxed program sees, and as whom it runs (the bubblewrap arguments `sandbox.py` uses).
+"""What a sandboxed program sees, and as whom it runs (the bubblewrap arguments `sandbox_isolation.py` builds).
 
 The view is built from the system dirs plus the few pieces a language needs, never from the
 scorer's environment: for Python the interpreter binary, its `pyvenv.cfg` and the standard library,
