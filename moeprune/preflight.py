@@ -111,10 +111,9 @@ def check_metric(cfg: DictConfig) -> None:
     """`optimized_metric` names a stage of moeprune's pipelines (a misspelt one was found after every
     stage ran); a stage this run does not run gives no objective, as before (stage=dropmap with the
     default evaluate.score); its keys are known only once the stage has run."""
-    from moeprune import stages as pipeline
+    from moeprune.stages import stage_names
 
-    stages = list(dict.fromkeys([s.name for s in pipeline.STAGES] + [
-        v.name for v in vars(pipeline).values() if isinstance(v, pipeline.Stage)]))
+    stages = stage_names()
     metric = cfg.get("optimized_metric")
     for m in (list(metric) if OmegaConf.is_list(metric) else [metric] if metric else []):
         if str(m).split(".")[0] not in stages:

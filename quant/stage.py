@@ -1,9 +1,8 @@
-"""The `quant` and `evaluate_quant` stages' work (moeprune/stages.py wires them into the runner).
+"""The quantized file and its release card (moeprune/stages/quant.py wires them into the runner).
 
-quant: the pruned checkpoint + `quant_tier` -> a GGUF (llama.cpp) or an NVFP4A16 checkpoint, with
+quantize: the pruned checkpoint + `quant_tier` -> a GGUF (llama.cpp) or an NVFP4A16 checkpoint, with
 its manifest, imatrix, tensor-type map and release files (model card, Ollama Modelfile).
-evaluate_quant: the bench run THROUGH the quantized file, not the HF model: a GGUF through llama.cpp,
-an NVFP4A16 export dequantized into a transformers model on the `hf` backend.
+scored_card: the card again, with the score evaluate_quant measured through the quantized file.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from moeprune import artifacts
-from moeprune.errors import MoePruneError
 from moeprune.dropmap import DropMap
+from moeprune.errors import MoePruneError
+from moeprune.profile import Profile
 from moeprune.quant import release, tiers
 
 DROP_METADATA = "expert_drop_metadata.json"
@@ -68,7 +68,6 @@ def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_d
     experts = {len(v) for v in keep.values()}
     model_name = f"{model_name}-{experts.pop()}e" if len(experts) == 1 else model_name
     if tier.kind == "gguf":
-        from moeprune.profile import Profile
         from moeprune.quant import gguf_tier
 
         manifest = gguf_tier.produce(
@@ -101,39 +100,6 @@ def _plain(tier) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(tier, resolve=True)
-
-
-def eval_backend(backend: DictConfig, device: str, quant_dir: Path) -> tuple[DictConfig, str | None, Path, dict]:
-    """How evaluate_quant runs this quant: (the backend node that runs it, the model dtype it needs
-    or None, the path it scores, extra backend arguments). A GGUF goes through llama.cpp: the
-    configured backend when it is llama_cpp, else the llama_cpp preset, pointed at the file. An
-    NVFP4A16 export is dequantized into a transformers model on `device` and scored on the `hf`
-    backend (W4A16 keeps activations in 16 bits, so the dequantized weights compute the same products)."""
-    manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
-    if manifest.get("tier", {}).get("kind") == "nvfp4":
-        from moeprune.models import pick_device
-        from moeprune.quant import nvfp4
-
-        export = Path(quant_dir) / manifest["file"]
-        model, _ = nvfp4.reload(export, pick_device(device))
-        return _backend(backend, "hf"), "bfloat16", export, {"model": model}
-    if not str(manifest.get("file", "")).endswith(".gguf"):
-        raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
-    out = _backend(backend, "llama_cpp")
-    out.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
-    return out, None, Path(quant_dir), {}
-
-
-def _backend(backend: DictConfig, name: str) -> DictConfig:
-    """The configured backend when it is `name`, else the `backend=<name>` preset (keeping the
-    configured max_new_tokens)."""
-    from moeprune.presets import preset
-
-    if backend.name == name:
-        return backend.copy()
-    out = preset("backend", name)
-    out.max_new_tokens = backend.max_new_tokens
-    return out
 
 
 def scored_card(quant_dir: Path, out_dir: Path, metrics: dict) -> dict:

@@ -99,7 +99,7 @@ def test_the_cli_refuses_an_nvfp4_tier_with_gguf_knobs_in_one_line(tmp_path):
 
 def test_evaluate_quant_runs_a_gguf_through_the_llama_cpp_preset_pointed_at_the_file(tmp_path):
     from moeprune import artifacts
-    from moeprune.quant.stage import eval_backend
+    from moeprune.stages.quant import eval_backend
 
     artifacts.write_json(tmp_path / "quant-manifest.json", {"file": "m-Q4_K_M.gguf", "tier": {"kind": "gguf"}})
     cfg = compose_run("backend=hf", "backend.max_new_tokens=7")
