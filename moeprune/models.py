@@ -49,30 +49,6 @@ def read_config(model_dir: Path) -> dict:
     return config
 
 
-def check_checkpoint(model_dir: Path) -> list[int]:
-    """What transformers would fail on with a traceback, from config.json and the safetensors
-    headers alone: a missing or truncated shard, no weights, an expert count that is not a number
-    or disagrees with the expert tensors (the plan of a prune that drops nothing checks all that).
-    Returns the MoE layers."""
-    from moeprune.adapters import adapter_for
-    from moeprune.prune.surgery import check_experts, read_sources
-
-    config = read_config(model_dir)
-    adapter = adapter_for(config)
-    text = adapter.text_config(config)
-    for key in (adapter.num_experts_key, *adapter.extra_expert_count_keys, adapter.top_k_key):
-        value = text.get(key)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise MoePruneError(f"{Path(model_dir) / 'config.json'}: {key}={value!r}: expected a positive integer")
-    try:
-        return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
-    except MoePruneError as e:  # a tensor's shape against config.json: say which checkpoint
-        if str(model_dir) in str(e):
-            raise
-        raise MoePruneError(f"{model_dir}: {e} (config.json: {adapter.num_experts_key}="
-                            f"{text.get(adapter.num_experts_key)!r})") from None
-
-
 ACCELERATE_MIN = "1.1.0"  # transformers' own floor for the MXFP4 loader
 
 

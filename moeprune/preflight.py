@@ -217,7 +217,8 @@ def check_model(cfg: DictConfig, model_dir: Path, loads: bool) -> None:
     """The checkpoint as far as headers tell (before transformers loads it and fails with a
     traceback), and, when a stage loads it and runs text through it, what transformers needs to
     load it and its tokenizer; the device it goes to."""
-    from moeprune.models import check_checkpoint, check_device, check_loadable
+    from moeprune.models import check_device, check_loadable
+    from moeprune.prune.surgery import check_checkpoint
 
     check_device(cfg.model.device)
     check_checkpoint(model_dir)

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints at the byte level: read headers, stream tensors as byte ranges.
+"""Safetensors checkpoints at the byte level: stream tensors as byte ranges into new shards.
 
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 (`{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}`), then one data buffer
@@ -6,7 +6,8 @@ in which every tensor is a contiguous row-major byte range. So the kept experts 
 leading expert axis are byte ranges too, and surgery is mostly copying byte ranges from source
 shards to output shards with `os.copy_file_range` (in the kernel: no tensor is ever held in Python
 memory, and the speed is the disk's). The `safetensors` package has no API for offsets or for
-writing a file whose tensors are not all in memory at once, hence this small reader/writer.
+writing a file whose tensors are not all in memory at once, hence this small writer. Reading the
+headers (SourceTensor, read_header) is moeprune.checkpoint's, which models and backends use too.
 """
 
 from __future__ import annotations
@@ -21,25 +22,12 @@ from typing import Callable
 
 import torch
 
+from moeprune.checkpoint import read_header  # noqa: F401  (tests read it here, beside the writer)
 from moeprune.errors import MoePruneError
 
 _ALIGN = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2}
 _COPY_CHUNK = 64 << 20  # bytes per pread/write when the kernel cannot copy between the files
 _PAGE = 4096
-
-
-@dataclass(frozen=True)
-class SourceTensor:
-    name: str
-    file: Path
-    dtype: str  # safetensors code: "BF16", "F32", "F8_E4M3", ...
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in `file`
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
 
 
 @dataclass
@@ -52,28 +40,6 @@ class OutTensor:
     nbytes: int
     pieces: list[tuple[Path, int, int]] = field(default_factory=list)
     compute: Callable[[], torch.Tensor] | None = None
-
-
-def read_header(path: Path) -> tuple[dict[str, SourceTensor], dict[str, str]]:
-    """The tensors of one safetensors file (absolute offsets) and its `__metadata__`."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= size - 8:
-            raise MoePruneError(f"{path}: not a safetensors file (header length {n}, file size {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise MoePruneError(f"{path}: unreadable safetensors header ({e})") from None
-    meta = header.pop("__metadata__", None) or {}
-    tensors = {}
-    for name, info in header.items():
-        begin, end = info["data_offsets"]
-        if not 0 <= begin <= end or 8 + n + end > size:
-            raise MoePruneError(f"{path}: tensor {name!r} lies outside the file (truncated shard?)")
-        tensors[name] = SourceTensor(name, path, info["dtype"], tuple(info["shape"]), 8 + n + begin, 8 + n + end)
-    return tensors, meta
 
 
 def plan_shards(tensors: list[OutTensor], max_bytes: int) -> list[list[OutTensor]]:

@@ -21,7 +21,6 @@ output is built in a temp dir beside `out` and renamed into place only when comp
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import re
@@ -33,43 +32,18 @@ from safetensors import safe_open
 
 from moeprune import artifacts
 from moeprune.adapters import adapter_for
-from moeprune.errors import MoePruneError
+from moeprune.checkpoint import INDEX, SourceTensor, read_sources
 from moeprune.dropmap import DropMap
-from moeprune.prune.shards import OutTensor, SourceTensor, plan_shards, read_header, write_shard
+from moeprune.errors import MoePruneError
+from moeprune.models import read_config
+from moeprune.prune.shards import OutTensor, plan_shards, write_shard
 
 log = logging.getLogger("moeprune")
 
 METADATA_FILE = "expert_drop_metadata.json"
 SHARED_MARKER = ".shared_applied"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-INDEX = "model.safetensors.index.json"
 _SCALABLE = {"F32", "F16", "BF16", "F64"}
-
-
-def read_sources(model_dir: Path) -> dict[str, SourceTensor]:
-    """Every tensor of the checkpoint, from the index (or the single model.safetensors)."""
-    index = model_dir / INDEX
-    if index.is_file():
-        try:
-            weight_map = artifacts.read_json(index)["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise MoePruneError(f"{index}: unreadable index ({type(e).__name__}: {e}): expected a weight_map") from None
-    elif (model_dir / "model.safetensors").is_file():
-        weight_map = None
-    else:
-        raise MoePruneError(f"{model_dir}: no model.safetensors or {INDEX}: expected a safetensors checkpoint")
-    if weight_map is None:
-        return read_header(model_dir / "model.safetensors")[0]
-    missing = sorted({s for s in weight_map.values() if not (model_dir / s).is_file()})
-    if missing:
-        raise MoePruneError(f"{index} names shard files that are missing: {missing}")
-    headers = {s: read_header(model_dir / s)[0] for s in sorted(set(weight_map.values()))}
-    out = {}
-    for name, shard in weight_map.items():
-        if name not in headers[shard]:
-            raise MoePruneError(f"{index} names tensor {name!r} in {shard}, which has no such tensor")
-        out[name] = headers[shard][name]
-    return out
 
 
 def _check_paths(src: Path, out: Path) -> None:
@@ -201,6 +175,27 @@ def check_experts(adapter, config: dict, sources: dict[str, SourceTensor], where
     if not layers:
         raise MoePruneError(f"{where}: no expert tensors for adapter {adapter.name}: expected an MoE checkpoint")
     return sorted(layers)
+
+
+def check_checkpoint(model_dir: Path) -> list[int]:
+    """What transformers would fail on with a traceback, from config.json and the safetensors
+    headers alone: a missing or truncated shard, no weights, an expert count that is not a number
+    or disagrees with the expert tensors (the plan of a prune that drops nothing checks all that).
+    Returns the MoE layers."""
+    config = read_config(model_dir)
+    adapter = adapter_for(config)
+    text = adapter.text_config(config)
+    for key in (adapter.num_experts_key, *adapter.extra_expert_count_keys, adapter.top_k_key):
+        value = text.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MoePruneError(f"{Path(model_dir) / 'config.json'}: {key}={value!r}: expected a positive integer")
+    try:
+        return check_experts(adapter, config, read_sources(Path(model_dir)), where=Path(model_dir))
+    except MoePruneError as e:  # a tensor's shape against config.json: say which checkpoint
+        if str(model_dir) in str(e):
+            raise
+        raise MoePruneError(f"{model_dir}: {e} (config.json: {adapter.num_experts_key}="
+                            f"{text.get(adapter.num_experts_key)!r})") from None
 
 
 def prune_checkpoint(src: Path, out: Path, drop_map: DropMap | dict, shared_ffn_alpha: float = 1.0,

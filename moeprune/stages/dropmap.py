@@ -12,7 +12,8 @@ from moeprune import artifacts
 from moeprune.adapters import adapter_for
 from moeprune.dropmap import DropMap
 from moeprune.errors import MoePruneError
-from moeprune.models import check_checkpoint, read_config
+from moeprune.models import read_config
+from moeprune.prune.surgery import check_checkpoint
 from moeprune.presets import class_weight_presets
 from moeprune.profile import Profile
 from moeprune.prune import floor
