@@ -46,7 +46,7 @@ from moeprune.evaluate.benches.toy_suite import ToySuite
 from moeprune.evaluate.runner import run_bench
 from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import recipe as dropmap
-from moeprune.dropmap import DropMap
+from moeprune.dropmap import DropMap, VirtualPrune
 from moeprune.profile import Profile
 from moeprune.runner import Runner
 from moeprune.stages import STAGES
@@ -118,8 +118,8 @@ class Lab:
                 f"paths.output_dir={self.out / 'run'}", *overrides])
 
     def backend(self, drop_map, alpha: float) -> HFBackend:
-        return HFBackend(self.model_dir, device=self.device, model=self.model, tokenizer=self.tok, drop_map=drop_map,
-                         shared_ffn_alpha=alpha, batch_size=self.args.batch_size)
+        return HFBackend(self.model_dir, device=self.device, model=self.model, tokenizer=self.tok,
+                         virtual=VirtualPrune(drop_map, alpha), batch_size=self.args.batch_size)
 
     def recipe(self, budget: int, overrides: list[str]) -> tuple[DropMap, float]:
         key = tuple(overrides)  # composed once per recipe (Hydra's compose costs more than the rest here)

@@ -42,7 +42,7 @@ from moeprune.evaluate.stats import mcnemar, wilson  # noqa: E402,F401  (95% Wil
 from moeprune.evaluate.runner import run_bench  # noqa: E402
 from moeprune.models import load_model, load_tokenizer, read_config  # noqa: E402
 from moeprune.prune import recipe as dropmap  # noqa: E402
-from moeprune.dropmap import DropMap  # noqa: E402
+from moeprune.dropmap import DropMap, VirtualPrune  # noqa: E402
 from moeprune.prune.surgery import prune_checkpoint  # noqa: E402
 from moeprune.study_report import pareto_front  # noqa: E402
 from moeprune.toy import world  # noqa: E402
@@ -87,9 +87,8 @@ class Lab:
               shared_ffn_alpha: float = 1.0, classes: list[str] | None = None) -> dict[str, dict]:
         """{task id: {"pass", "completion", "category"}} for n tasks per class of split (of `classes`, or all)."""
         model = None if model_dir else self.model
-        backend = HFBackend(model_dir or self.model_dir, device=self.device, drop_map=drop_map, model=model,
-                            tokenizer=None if model_dir else self.tok, batch_size=self.args.batch_size,
-                            shared_ffn_alpha=shared_ffn_alpha)
+        backend = HFBackend(model_dir or self.model_dir, device=self.device, virtual=VirtualPrune(drop_map, shared_ffn_alpha),
+                            model=model, tokenizer=None if model_dir else self.tok, batch_size=self.args.batch_size)
         self.evals += 1
         d = self.out / "eval" / f"{self.evals:05d}"
         run_bench(ToySuite(n_per_class=n, split=split, classes=classes), backend, d)

@@ -129,3 +129,13 @@ def load_json(path: Path):
         raise MoePruneError(f"drop map {path} is a directory: expected a JSON file") from None
     except ValueError as e:
         raise MoePruneError(f"drop map {path} is not valid JSON: {e}") from None
+
+
+@dataclass(frozen=True)
+class VirtualPrune:
+    """Virtual pruning as one value, what the hf backend takes: route around `drop_map`'s dropped
+    experts inside the loaded model, and scale its shared FFN by `shared_ffn_alpha` as surgery
+    would (both undone after each generate). The default prunes nothing."""
+
+    drop_map: Mapping | None = None  # a DropMap (or its {layer: [dropped ids]})
+    shared_ffn_alpha: float = 1.0

@@ -18,7 +18,7 @@ from moeprune.evaluate import teacher_forced
 from moeprune.evaluate.backends import hf
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.divergence import Divergence
-from moeprune.dropmap import DropMap
+from moeprune.dropmap import DropMap, VirtualPrune
 
 TOY = Path(__file__).resolve().parents[1] / "moeprune" / "toy" / "model"
 SMALL = ["calibration.samples_per_class=8", "bench.n_per_class=6", "backend.batch_size=32"]
@@ -49,11 +49,11 @@ def reference(toy, tmp_path_factory):
 
 
 def score_with(toy, bench, ref, drop_map=None):
-    toy.drop_map = drop_map
+    toy.virtual = VirtualPrune(drop_map)
     try:
         return teacher_forced.score(bench, toy, ref)[0]
     finally:
-        toy.drop_map = None
+        toy.virtual = VirtualPrune()
 
 
 def test_the_unpruned_model_has_zero_divergence_and_full_agreement(toy, reference):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from moeprune.dropmap import VirtualPrune
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.prune.surgery import prune_checkpoint
 from moeprune.toy import world
@@ -28,7 +29,7 @@ def test_virtual_alpha_gives_the_greedy_outputs_of_the_physical_checkpoint_with_
     prune_checkpoint(TOY, tmp_path / "pruned", DROP, shared_ffn_alpha=1.2)
     physical = HFBackend(tmp_path / "pruned", device="cpu").generate(prompts(), world.MAX_NEW_TOKENS)
 
-    virtual = HFBackend(TOY, device="cpu", drop_map=DROP, shared_ffn_alpha=1.2)
+    virtual = HFBackend(TOY, device="cpu", virtual=VirtualPrune(DROP, 1.2))
     before = state(virtual.model)
     got = virtual.generate(prompts(), world.MAX_NEW_TOKENS)
     assert [c.text for c in got] == [c.text for c in physical]
@@ -39,7 +40,7 @@ def test_virtual_alpha_gives_the_greedy_outputs_of_the_physical_checkpoint_with_
     # Gemma 4 normalizes the shared FFN's output (post_feedforward_layernorm_1), so what alpha
     # changes is the rounding of the scaled bfloat16 weights: the float32 load must round as well.
     pruned = HFBackend(tmp_path / "pruned", device="cpu")
-    plain = HFBackend(TOY, device="cpu", drop_map=DROP, model=virtual.model, tokenizer=virtual.tokenizer)
+    plain = HFBackend(TOY, device="cpu", virtual=VirtualPrune(DROP), model=virtual.model, tokenizer=virtual.tokenizer)
     ids = virtual.tokenizer(prompts(), return_tensors="pt", padding=True)
     with torch.no_grad():
         want = pruned.model(**ids).logits

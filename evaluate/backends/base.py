@@ -41,7 +41,7 @@ class Backend(Protocol):
     Python keywords over the schema's defaults, plus the run values it names in `runtime`, which the
     evaluate stage passes it."""
 
-    # of model_dir, dtype, device (the run's model), drop_map, shared_ffn_alpha (virtual pruning), model
+    # of model_dir, dtype, device (the run's model), virtual (a VirtualPrune: moeprune.dropmap), model
     runtime: tuple[str, ...]
     # prompts worth generating (and caching) together: a batch, or enough to keep the requests busy
     chunk_size: int

@@ -1,8 +1,8 @@
 """Local transformers backend: batched greedy generation with a KV cache (left padding).
 
-With a drop map it routes as the pruned model would (virtual pruning), and with shared_ffn_alpha it
-scales the shared FFN as surgery would (restored after each generate), so a sweep trial can score
-a recipe on the loaded base model without writing a checkpoint.
+With a VirtualPrune (moeprune.dropmap) it routes around the map's dropped experts as the pruned
+model would, and scales the shared FFN by its alpha as surgery would (restored after each
+generate), so a sweep trial can score a recipe on the loaded base model without writing a checkpoint.
 
 Thinking models: `reasoning_start` / `reasoning_end` (the model family's markers, e.g. `<think>` /
 `</think>`) split each completion into reasoning and answer; the scorer reads the answer. A bench's
@@ -20,6 +20,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from moeprune import artifacts, schema
+from moeprune.checkpoint import stored_dtypes
+from moeprune.dropmap import VirtualPrune
 from moeprune.errors import MoePruneError
 from moeprune.evaluate.backends.base import Backend, HFBackendConfig
 from moeprune.evaluate.reasoning import split_reasoning
@@ -53,10 +55,10 @@ class ThinkingBudget(LogitsProcessor):
 
 
 class HFBackend(Backend):
-    runtime = ("model_dir", "dtype", "device", "drop_map", "shared_ffn_alpha", "model")
+    runtime = ("model_dir", "dtype", "device", "virtual", "model")
 
     def __init__(self, model_dir: Path, cfg: HFBackendConfig | None = None, dtype: str = "float32", device: str = "auto",
-                 drop_map=None, shared_ffn_alpha: float = 1.0, model=None, tokenizer=None, **knobs):
+                 virtual: VirtualPrune | None = None, model=None, tokenizer=None, **knobs):
         cfg = schema.make(HFBackendConfig, cfg, knobs, "backend")
         self.name, self.max_new_tokens = cfg.name, cfg.max_new_tokens  # every backend's knobs; the stage reads the limit
         batch_size, reasoning_start, reasoning_end = cfg.batch_size, cfg.reasoning_start, cfg.reasoning_end
@@ -65,19 +67,19 @@ class HFBackend(Backend):
         self.model = model if model is not None else load_model(self.model_dir, dtype, device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.model_dir)
         self.batch_size = self.chunk_size = batch_size
-        self.drop_map = drop_map  # virtual pruning: a DropMap (moeprune.dropmap), or None
-        self.shared_ffn_alpha = shared_ffn_alpha  # virtual pruning's prune.shared_ffn_alpha
+        self.virtual = virtual or VirtualPrune()  # the default prunes nothing
         self.markers = (reasoning_start, reasoning_end) if reasoning_end else None
         self.enable_thinking = enable_thinking
         self.dtype = dtype
 
     def identity(self) -> dict:
         """What makes this backend's generations what they are (the generation cache key)."""
+        drop_map = self.virtual.drop_map
         ident = {"backend": "hf", "model": artifacts.hash_path(self.model_dir), "dtype": self.dtype,
-                 "drop_map": artifacts.hash_json(sorted(self.drop_map.items())) if self.drop_map else None,
+                 "drop_map": artifacts.hash_json(sorted(drop_map.items())) if drop_map else None,
                  "reasoning": self.markers, "enable_thinking": self.enable_thinking}
-        if self.shared_ffn_alpha != 1.0:  # only then, so keys cached before the knob existed still hit
-            ident["shared_ffn_alpha"] = self.shared_ffn_alpha
+        if self.virtual.shared_ffn_alpha != 1.0:  # only then, so keys cached before the knob existed still hit
+            ident["shared_ffn_alpha"] = self.virtual.shared_ffn_alpha
         return ident
 
     def close(self) -> None:
@@ -85,25 +87,21 @@ class HFBackend(Backend):
 
     @contextlib.contextmanager
     def _routing(self):
-        if not self.drop_map and self.shared_ffn_alpha == 1.0:
+        drop_map, alpha = self.virtual.drop_map, self.virtual.shared_ffn_alpha
+        if not drop_map and alpha == 1.0:
             yield
             return
         from moeprune.adapters import adapter_for
 
         adapter = adapter_for(read_config(self.model_dir))
-        with adapter.upweight_shared_ffn(self.model, self.shared_ffn_alpha, self._stored_dtypes()), \
-                (adapter.virtual_prune(self.model, self.drop_map) if self.drop_map else contextlib.nullcontext()):
+        with adapter.upweight_shared_ffn(self.model, alpha, self._stored_dtypes()), \
+                (adapter.virtual_prune(self.model, drop_map) if drop_map else contextlib.nullcontext()):
             yield
 
     def _stored_dtypes(self) -> dict[str, torch.dtype]:
         """The checkpoint's dtype of each tensor: surgery rounds a scaled tensor to it, so the
         in-memory upweight must too (a float32 load of a bfloat16 checkpoint would not)."""
-        if self.shared_ffn_alpha == 1.0:
-            return {}
-        from moeprune.prune.surgery import read_sources
-
-        codes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-        return {t.name: codes[t.dtype] for t in read_sources(self.model_dir).values() if t.dtype in codes}
+        return stored_dtypes(self.model_dir) if self.virtual.shared_ffn_alpha != 1.0 else {}
 
     def _texts(self, prompts: list[str], chat: bool) -> list[str]:
         if not chat:

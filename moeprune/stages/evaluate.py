@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from moeprune import artifacts
 from moeprune.adapters import adapter_for
 from moeprune.config import build
-from moeprune.dropmap import DropMap
+from moeprune.dropmap import DropMap, VirtualPrune
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import teacher_forced as tf
 from moeprune.evaluate.backends.base import Backend
@@ -56,20 +56,18 @@ def evaluate(ctx: StageContext, model_path: Path, *, backend: DictConfig | None 
 def make_backend(cfg: DictConfig, model_path: Path, node: DictConfig | None = None, dtype: str | None = None,
                  drop_map: DropMap | None = None, model=None) -> Backend:
     """The backend `node` (default: the configured one) on `model_path`, with the run values it takes
-    (virtual pruning's map and shared-FFN alpha, an already loaded model)."""
+    (virtual pruning's map and shared-FFN alpha as one VirtualPrune, an already loaded model)."""
     node = cfg.backend if node is None else node
     runtime = {"model_dir": model_path, "dtype": dtype or cfg.model.dtype, "device": cfg.model.device}
     if drop_map is not None:
         if node.name != "hf":
             raise MoePruneError(f"evaluate.virtual=true routes around dropped experts inside a loaded model: "
                                 f"expected backend=hf, got {node.name!r}")
-        runtime["drop_map"] = drop_map
-        if cfg.prune.shared_ffn_alpha != 1.0:  # as surgery would scale it, undone after the bench
-            if (Path(model_path) / SHARED_MARKER).exists():
-                raise MoePruneError(f"{model_path} already has its shared FFN upweighted ({SHARED_MARKER}): "
-                                    f"prune.shared_ffn_alpha={cfg.prune.shared_ffn_alpha} would apply it twice; "
-                                    f"expected 1.0")
-            runtime["shared_ffn_alpha"] = cfg.prune.shared_ffn_alpha
+        alpha = cfg.prune.shared_ffn_alpha  # as surgery would scale it, undone after the bench
+        if alpha != 1.0 and (Path(model_path) / SHARED_MARKER).exists():
+            raise MoePruneError(f"{model_path} already has its shared FFN upweighted ({SHARED_MARKER}): "
+                                f"prune.shared_ffn_alpha={alpha} would apply it twice; expected 1.0")
+        runtime["virtual"] = VirtualPrune(drop_map, alpha)
     if model is not None:
         runtime["model"] = model
     takes = getattr(get_class(node._target_), "runtime", None)
