@@ -151,3 +151,17 @@ def test_no_domain_module_composes_hydra():
     offenders = {name: found for name, file in modules().items()
                  if name.startswith(domain) and (found := _composes_hydra(file))}
     assert not offenders, f"domain modules composing Hydra (a stage should read the preset): {offenders}"
+
+
+# The shared types and what loads a model: the domain (prune/, quant/, evaluate/), the wing and the
+# CLI import them, never the other way round.
+GROUND_FLOOR = ("moeprune.errors", "moeprune.artifacts", "moeprune.dropmap", "moeprune.profile",
+                "moeprune.checkpoint", "moeprune.models", "moeprune.adapters")
+ABOVE = ("moeprune.prune", "moeprune.quant", "moeprune.evaluate", "moeprune.stages", "moeprune.cli")
+
+
+def test_the_shared_types_import_nothing_from_the_domain_above_them():
+    graph = import_graph()
+    upward = {name: sorted(d for d in deps if d.startswith(ABOVE)) for name, deps in graph.items()
+              if name.startswith(GROUND_FLOOR) and any(d.startswith(ABOVE) for d in deps)}
+    assert not upward, f"ground-floor modules importing upward: {upward}"
