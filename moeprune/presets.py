@@ -23,7 +23,7 @@ def _hydra() -> Iterator[None]:
     if GlobalHydra.instance().is_initialized():
         yield
     else:
-        registrations.register()  # the schemas, resolvers and sweeper plugin the app composes with
+        registrations.register()  # the schemas, resolvers and sweeper config group the app composes with
         with initialize_config_module(config_module="moeprune.conf", version_base="1.3"):
             yield
 
