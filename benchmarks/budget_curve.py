@@ -85,7 +85,8 @@ def overrides(p: dict, keep: int) -> list[str]:
     return [f"strategy={p['strategy']}", f"strategy.score={p['score']}", f"strategy.normalize={p['normalize']}",
             f"strategy.alpha={p['alpha']:.4f}", f"strategy.protect_top={p['protect_top']}",
             f"strategy.breadth_bonus={p['breadth_bonus']:.4f}", f"class_weights={p['class_weights']}",
-            f"floor_clamp={p['floor_clamp']}", f"keep.experts_per_layer={keep}"]
+            f"floor_clamp={p['floor_clamp']}", f"prune.shared_ffn_alpha={p['shared_ffn_alpha']:.4f}",
+            f"keep.experts_per_layer={keep}"]
 
 
 def suggest(trial: optuna.Trial) -> dict:
