@@ -124,6 +124,11 @@ def verify(overrides: list[str], compose: Compose, presets: Presets | None,
         node = cfg.get(group)
         if not isinstance(node, DictConfig):
             continue
+        bad = schema.invalid_choice(node, group)  # a registered value (a tier kind) no enum lists
+        if bad:
+            key, value, why = bad
+            given = _override_of(key, overrides) or f"{key}={value}"
+            raise MoePruneError(f"{shown.get(given, given)}: {why}")
         kind = OmegaConf.get_type(node)
         known = {f.name for f in dataclasses.fields(kind)} if dataclasses.is_dataclass(kind) else set(node)
         for key in node:

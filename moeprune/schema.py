@@ -25,9 +25,10 @@ from moeprune.errors import MoePruneError
 SCHEMA_GROUP = "schema"  # conf path of the schemas: schema/<group>/<name>
 # Where the component schemas live: every module of these packages (or the module itself) is imported.
 PACKAGES = ("moeprune.prune.strategies", "moeprune.evaluate.benches", "moeprune.evaluate.backends",
-            "moeprune.tracking", "moeprune.quant.tiers", "moeprune.quant.gguf_tier", "moeprune.quant.nvfp4")
+            "moeprune.tracking", "moeprune.quant")
 DECLARES = "@schema.schema("  # how a module declares a schema (the walk below reads sources for it)
 RANGE = "range"  # dataclass field metadata: (accepts, what is expected)
+CHOICES = "choices"  # dataclass field metadata: () -> the values a registry holds now
 T = TypeVar("T")
 
 _SCHEMAS: dict[tuple[str, str], type] = {}  # (group, name) -> schema, filled by @schema as modules load
@@ -63,6 +64,29 @@ def knob(default: Any, accepts: Callable[[Any], bool], expected: str) -> Any:
     """A field with its range, written once: `check` refuses a value `accepts` rejects (None passes
     wherever the type allows it; a non-finite float never does) with `<key>=<value>: expected <expected>`."""
     return dataclasses.field(default=default, metadata={RANGE: (accepts, expected)})
+
+
+def choice(default: str, values: Callable[[], list[str]]) -> Any:
+    """A str knob whose values are registered, not listed (a tier kind: one per kind module), so no
+    Choice enum can hold them at import time; `invalid_choice` refuses another value as OmegaConf
+    refuses an enum's."""
+    return dataclasses.field(default=default, metadata={CHOICES: values})
+
+
+def invalid_choice(node: Any, prefix: str) -> Optional[tuple[str, Any, str]]:
+    """(key, value, why) for a `choice` knob of a config node typed by a schema that holds another
+    value, `why` in OmegaConf's words for an enum (`Invalid value 'x', expected one of [a, b]`); else None."""
+    from omegaconf import DictConfig, OmegaConf
+
+    kind = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    if not dataclasses.is_dataclass(kind):
+        return None
+    for f in dataclasses.fields(kind):
+        values = f.metadata.get(CHOICES)
+        if values and f.name in node and not OmegaConf.is_missing(node, f.name) and node[f.name] not in values():
+            return (f"{prefix}.{f.name}", node[f.name],
+                    f"Invalid value '{node[f.name]}', expected one of [{', '.join(values())}]")
+    return None
 
 
 def schema(group: str, name: str) -> Callable[[type[T]], type[T]]:
