@@ -1,4 +1,5 @@
-"""Produce one GGUF tier: F16 base -> (imatrix) -> (CD tensor-type map) -> llama-quantize -> manifest.
+"""The gguf tier kind: its knobs and checks (GgufTierConfig, with the hooks the stages call) and one
+GGUF tier produced: F16 base -> (imatrix) -> (CD tensor-type map) -> llama-quantize -> manifest.
 
 The F16 conversion and the importance matrix depend only on the checkpoint (and the calibration
 text), not on the tier, so they are kept in a small content-addressed cache (`base_cache`) and shared
@@ -8,6 +9,7 @@ by every tier of one pruned checkpoint: a ladder converts once and computes one 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +21,25 @@ from safetensors import safe_open
 from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.quant import contrib_dynamic, gguf_tools, imatrix, tiers, toolchain
-from moeprune.quant.tiers import QuantKind, QuantTierConfig
+from moeprune.quant.tiers import QuantTierConfig, Scoring, kind_knob
+
+# llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp of the built version).
+FTYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
+    "Q4_K", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "IQ3_M", "IQ3_S",
+    "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+    "TQ1_0", "TQ2_0", "MXFP4_MOE",
+)
+# ggml tensor type names accepted by --tensor-type / --token-embedding-type (ggml_type_name).
+GGML_TYPES = (
+    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "iq4_nl",
+    "iq4_xs", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "mxfp4",
+)
+FLOAT_FTYPES = ("F32", "F16", "BF16")
+
+
+def is_iq(ftype: str) -> bool:
+    return ftype.upper().startswith("IQ")
 
 
 @dataclass
@@ -39,7 +59,7 @@ class ContribDynamicConfig:
 class GgufTierConfig(QuantTierConfig):
     """A llama.cpp tier (tiers.validate refuses what llama-quantize cannot produce)."""
 
-    kind: QuantKind = QuantKind.gguf
+    kind: str = kind_knob("gguf")
     type: Optional[str] = None  # the llama-quantize type (F16, Q8_0, Q4_K_M, IQ4_XS, ...)
     imatrix: bool = False  # quantize with an importance matrix from the calibration corpus
     token_embedding_type: Optional[str] = None  # e.g. q8_0 for the "_L" tiers
@@ -49,6 +69,70 @@ class GgufTierConfig(QuantTierConfig):
     # llama-imatrix context (tokens per chunk)
     imatrix_ctx: int = schema.knob(128, lambda v: v >= 8, "at least 8 tokens")
     threads: int = 0  # llama.cpp threads; 0 = every core
+
+    @classmethod
+    def check_knobs(cls, tier, where: str) -> None:
+        _check(tier, where)
+
+    @classmethod
+    def preflight(cls, tier) -> None:
+        """The llama.cpp sources the tools would be built from, when they are not built yet."""
+        if toolchain.cached() is None and os.environ.get(toolchain.SDIST_ENV):
+            sdist = toolchain.fetch_sdist(toolchain.home() / "sdist")
+            toolchain.check_sdist(sdist, f"{toolchain.SDIST_ENV}={sdist}")
+
+    @classmethod
+    def quantize(cls, tier, job) -> dict:
+        """Base GGUFs are kept under the cache dir; the corpus and profile are read only when the
+        tier uses them (imatrix, CD)."""
+        return produce(tier, job.model_dir, job.out_dir, Path(job.cache_dir).expanduser() / "gguf_base",
+                       corpus=job.corpus() if tier.imatrix else None,
+                       profile=job.profile() if tier.cd is not None else None,
+                       keep=job.keep, model_name=job.model_name)
+
+    @classmethod
+    def scoring(cls, quant_dir: Path, manifest: dict, device: str) -> Scoring:
+        """Through llama.cpp, pointed at the quant's file (not the archived imatrix.gguf beside it)."""
+        if not str(manifest.get("file", "")).endswith(".gguf"):
+            raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
+        return Scoring("llama_cpp", Path(quant_dir), knobs={"gguf": str(Path(quant_dir) / manifest["file"])})
+
+
+def _check(tier, where: str) -> None:
+    """What llama-quantize cannot produce (or would badly), named."""
+    if not tier.type or tier.type.upper() not in FTYPES:
+        raise MoePruneError(f"{where}: type={tier.type!r} is not a llama-quantize type; expected one of {FTYPES}")
+    ftype = tier.type.upper()
+    if ftype in FLOAT_FTYPES and tier.imatrix:
+        raise MoePruneError(f"{where}: an importance matrix does nothing for {ftype}; expected imatrix=false")
+    # llama.cpp refuses (IQ1/IQ2) or badly degrades (IQ3/IQ4) the IQ types without an imatrix.
+    if is_iq(ftype) and not tier.imatrix:
+        raise MoePruneError(f"{where}: {ftype} needs an importance matrix; expected imatrix=true")
+    named = {"token_embedding_type": tier.token_embedding_type, "output_tensor_type": tier.output_tensor_type,
+             **{f"tensor_types[{k!r}]": v for k, v in tier.tensor_types.items()}}
+    if tier.cd is not None:
+        named.update({f"cd.{k}": tier.cd[k] for k in ("high_type", "mid_type", "low_type")})
+        hi, lo = tier.cd.high_fraction, tier.cd.low_fraction
+        if not (0 <= hi <= 1 and 0 <= lo <= 1 and hi + lo <= 1):
+            raise MoePruneError(f"{where}: cd.high_fraction={hi}, cd.low_fraction={lo}; "
+                                "expected fractions in [0, 1] whose sum is at most 1")
+        if ftype in FLOAT_FTYPES:
+            raise MoePruneError(f"{where}: a CD tier needs a quantized base type; got {ftype}")
+    for key, value in named.items():
+        if value is not None and value.lower() not in GGML_TYPES:
+            raise MoePruneError(f"{where}: {key}={value!r} is not a ggml type; expected one of {GGML_TYPES}")
+        if value is not None and is_iq(value) and not tier.imatrix:
+            raise MoePruneError(f"{where}: {key}={value} is an IQ type, which needs an importance matrix; "
+                                "expected imatrix=true")
+    if tier.tensor_types and ftype in FLOAT_FTYPES:
+        raise MoePruneError(f"{where}: tensor_types override quantized types; {ftype} is not quantized "
+                            "(expected a quantized base type)")
+    for pattern in tier.tensor_types:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise MoePruneError(f"{where}: tensor_types pattern {pattern!r} is not a regular expression ({e})") from None
+
 
 MANIFEST = "quant-manifest.json"
 TENSOR_TYPE_FILE = "tensor-types.txt"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
-from moeprune.quant.tiers import QuantKind, QuantTierConfig
+from moeprune.quant.tiers import QuantTierConfig, Scoring, kind_knob
 
 EXPORT_DIR = "model"
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -40,9 +40,33 @@ class Nvfp4TierConfig(QuantTierConfig):
     """An NVFP4A16 tier (modelopt on a CUDA GPU); torch is imported inside the functions below, so
     registering this schema (every command) does not load it."""
 
-    kind: QuantKind = QuantKind.nvfp4
+    kind: str = kind_knob("nvfp4")
     # calibration texts per class for modelopt's amax pass
     calib_samples: int = schema.knob(32, lambda v: v >= 1, "at least 1 calibration text per class")
+
+    @classmethod
+    def preflight(cls, tier) -> None:
+        require_gpu()  # CUDA + modelopt: known before any profile or surgery
+
+    @classmethod
+    def quantize(cls, tier, job) -> dict:
+        from omegaconf import OmegaConf
+
+        require_gpu()  # before the corpus is built: a direct caller stops here with the reason
+        manifest = produce(job.model_dir, job.out_dir, job.corpus(), tier.calib_samples,
+                           max(t.max_tokens for t in job.calibration.tiers.values()))
+        return {**manifest, "tier": OmegaConf.to_container(tier, resolve=True)}
+
+    @classmethod
+    def scoring(cls, quant_dir: Path, manifest: dict, device: str) -> Scoring:
+        """The export dequantized into a transformers model on `device`, scored on the hf backend:
+        W4A16 keeps activations in 16 bits, so the dequantized weights compute the same products."""
+        from moeprune.models import pick_device
+
+        export = Path(quant_dir) / manifest["file"]
+        model, _ = reload(export, pick_device(device))
+        return Scoring("hf", export, dtype="bfloat16", runtime={"model": model})
+
 
 def require_gpu() -> None:
     import torch

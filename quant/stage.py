@@ -1,20 +1,21 @@
 """The quantized file and its release card (moeprune/stages/quant.py wires them into the runner).
 
-quantize: the pruned checkpoint + `quant_tier` -> a GGUF (llama.cpp) or an NVFP4A16 checkpoint, with
-its manifest, imatrix, tensor-type map and release files (model card, Ollama Modelfile).
+quantize: the pruned checkpoint + `quant_tier` -> the quant its kind's module makes (a GGUF through
+llama.cpp, an NVFP4A16 checkpoint, ...: quant/tiers.py kinds()), with its manifest and release files
+(model card, Ollama Modelfile).
 scored_card: the card again, with the score evaluate_quant measured through the quantized file.
 """
 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from moeprune import artifacts
 from moeprune.dropmap import DropMap
-from moeprune.errors import MoePruneError
 from moeprune.profile import Profile
 from moeprune.quant import release, tiers
 
@@ -58,32 +59,37 @@ def corpus_texts(calibration: DictConfig, model_dir: Path) -> dict[str, list[str
     return out
 
 
+@dataclass(frozen=True)
+class QuantJob:
+    """What a kind's `quantize` hook is handed besides the tier: the pruned checkpoint and where its
+    quant goes; the calibration corpus and the profile are read only if the kind asks for them."""
+
+    calibration: DictConfig
+    model_name: str  # with -<experts>e when every layer kept as many
+    model_dir: Path
+    profile_dir: Path | None
+    out_dir: Path
+    cache_dir: Path  # for what a kind keeps across tiers of one checkpoint (the GGUF base, the imatrix)
+    keep: dict[int, list[int]]  # the experts each layer kept
+
+    def corpus(self) -> dict[str, list[str]]:
+        return corpus_texts(self.calibration, self.model_dir)
+
+    def profile(self) -> Profile:
+        return Profile.load(self.profile_dir)
+
+
 def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_dir: Path, profile_dir: Path | None,
              out_dir: Path, cache_dir: Path) -> dict:
-    """The pruned checkpoint at `model_dir` as `tier`; imatrix / NVFP4 calibration from the
-    `calibration` corpus; base GGUFs are kept under `cache_dir`."""
+    """The pruned checkpoint at `model_dir` as `tier`, by its kind's `quantize` hook (calibration
+    from the `calibration` corpus; what a kind keeps across tiers under `cache_dir`)."""
     tiers.validate(tier)
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     keep = _keep_lists(model_dir)
     experts = {len(v) for v in keep.values()}
     model_name = f"{model_name}-{experts.pop()}e" if len(experts) == 1 else model_name
-    if tier.kind == "gguf":
-        from moeprune.quant import gguf_tier
-
-        manifest = gguf_tier.produce(
-            tier, model_dir, out_dir, Path(cache_dir).expanduser() / "gguf_base",
-            corpus=corpus_texts(calibration, model_dir) if tier.imatrix else None,
-            profile=Profile.load(profile_dir) if tier.cd is not None else None,
-            keep=keep, model_name=model_name)
-    elif tier.kind == "nvfp4":
-        from moeprune.quant import nvfp4
-
-        nvfp4.require_gpu()  # also the run's preflight: a direct caller stops here with the reason
-        manifest = nvfp4.produce(model_dir, out_dir, corpus_texts(calibration, model_dir), tier.calib_samples,
-                                 max(t.max_tokens for t in calibration.tiers.values()))
-        manifest["tier"] = _plain(tier)
-    else:
-        raise MoePruneError(f"quant_tier {tier.name!r} has kind {tier.kind!r}: nothing to quantize")
+    job = QuantJob(calibration, model_name, model_dir, profile_dir, out_dir, Path(cache_dir), keep)
+    manifest = tiers.kind_of(tier.kind, f"quant_tier {tier.name!r}").quantize(tier, job)
     manifest["model_name"] = model_name
     manifest["context_length"] = _context_length(model_dir)
     artifacts.write_json(out_dir / "quant-manifest.json", manifest)
@@ -94,12 +100,6 @@ def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_d
             "size_bytes": manifest["size_bytes"],
             "bits_per_weight": manifest["bits_per_weight"], "imatrix": bool(manifest.get("imatrix")),
             "fallbacks": len(manifest.get("fallbacks") or {})}
-
-
-def _plain(tier) -> dict:
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(tier, resolve=True)
 
 
 def scored_card(quant_dir: Path, out_dir: Path, metrics: dict) -> dict:

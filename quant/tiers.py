@@ -1,39 +1,63 @@
-"""Quant tiers: refusing tiers llama.cpp / modelopt cannot produce.
+"""Quant tier kinds: each kind's schema is its own module's hooks, and the stages call them by kind.
 
 A tier is data (conf/quant_tier/<name>.yaml, read through Hydra by moeprune.presets.quant_tier)
 typed by its kind's schema: `QuantTierConfig` here (kind none), `GgufTierConfig` in gguf_tier.py
 (the llama-quantize type, imatrix on/off, per-tensor overrides and, for CD tiers, the
-ContribDynamic rule), `Nvfp4TierConfig` in nvfp4.py. A knob of another kind is refused. Validation happens before any tool runs so a typo
-costs nothing.
+ContribDynamic rule), `Nvfp4TierConfig` in nvfp4.py. A knob of another kind is refused. Validation
+happens before any tool runs so a typo costs nothing.
+
+A new kind is one module under quant/ declaring its schema (`@schema.schema("quant_tier", <kind>)`,
+subclassing QuantTierConfig, `kind: str = kind_knob(<kind>)`) with the hooks below overridden, plus
+its presets: `kinds()` finds it, the quant stage, its preflight and evaluate_quant call its hooks.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig
 
 from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.schema import Choice
 
 
-class QuantKind(Choice):
-    none = "none"
-    gguf = "gguf"  # llama.cpp
-    nvfp4 = "nvfp4"  # nvidia-modelopt, GPU
+def kind_knob(kind: str) -> Any:
+    """The `kind` field of a tier schema: a str whose values are the registered kinds, refused when
+    the config composes as an enum would be (`schema.choice`): a kind comes from its own module,
+    so no enum in this file lists them."""
+    return schema.choice(kind, lambda: list(kinds()))
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How evaluate_quant scores a quant: `backend`, the backend preset that serves it (the run's
+    backend node when it is that one), with `knobs` set on it; `path`, what it scores; `dtype`, the
+    model dtype a reload needs (None: the backend's own); `runtime`, extra backend arguments (a
+    loaded model)."""
+
+    backend: str
+    path: Path
+    dtype: Optional[str] = None
+    knobs: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)
 
 
 @schema.schema("quant_tier", "none")
 @dataclass
 class QuantTierConfig:
-    """Every tier; `none` (no quantization) has no other knob. Each kind's schema adds its own
-    and sets `kind` as its default."""
+    """Every tier; `none` (no quantization) has no other knob. Each kind's schema adds its own knobs,
+    sets `kind` as its default and overrides the hooks (classmethods: the stages are handed the tier
+    as a config node, and look its kind's schema up with `kind_of`)."""
 
     name: str = MISSING
-    kind: QuantKind = QuantKind.none
+    kind: str = kind_knob("none")
+
+    # evaluate_quant's hook: (quant_dir, its manifest, model.device) -> Scoring; None: no
+    # evaluate_quant for this kind (a plain attribute, so not a knob)
+    scoring = None
 
     @classmethod
     def no_knob(cls) -> str:
@@ -41,29 +65,35 @@ class QuantTierConfig:
         knobs = [f.name for f in dataclasses.fields(cls) if f.name not in ("name", "kind")]
         return f"a {cls.kind} tier has no such knob; its knobs: {', '.join(knobs) or 'none'}"
 
+    @classmethod
+    def check_knobs(cls, tier: DictConfig, where: str) -> None:
+        """Refuse, naming the knob, what this kind's tool cannot produce (after the ranges are checked)."""
+
+    @classmethod
+    def preflight(cls, tier: DictConfig) -> None:
+        """The run's cheap checks before any stage (a tool or device the kind needs)."""
+
+    @classmethod
+    def quantize(cls, tier: DictConfig, job) -> dict:
+        """The quant of `job` (a moeprune.quant.stage.QuantJob) in job.out_dir; returns its manifest,
+        holding at least `file`, `size_bytes`, `parameters`, `bits_per_weight` and `tier` (the tier as a
+        dict): the release card reads them."""
+        raise MoePruneError(f"quant_tier {tier.name!r} has kind {tier.kind!r}: nothing to quantize")
+
 
 def kinds() -> dict[str, type[QuantTierConfig]]:
-    """kind -> its schema, from the registered tier schemas."""
-    return {str(s.kind): s for (group, _), s in schema.schemas().items() if group == "quant_tier"}
+    """kind -> its schema, from the registered tier schemas: `none` first, then by name (the order
+    the kinds are listed in messages, whichever module was imported first)."""
+    found = {str(s.kind): s for (group, _), s in schema.schemas().items() if group == "quant_tier"}
+    return dict(sorted(found.items(), key=lambda kv: (kv[1] is not QuantTierConfig, kv[0])))
 
 
-# llama-quantize's type names (QUANT_OPTIONS in tools/quantize/quantize.cpp of the built version).
-FTYPES = (
-    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
-    "Q4_K", "Q4_0", "Q4_1", "IQ4_NL", "IQ4_XS", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q3_K", "IQ3_M", "IQ3_S",
-    "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
-    "TQ1_0", "TQ2_0", "MXFP4_MOE",
-)
-# ggml tensor type names accepted by --tensor-type / --token-embedding-type (ggml_type_name).
-GGML_TYPES = (
-    "f32", "f16", "bf16", "q8_0", "q6_k", "q5_k", "q5_0", "q5_1", "q4_k", "q4_0", "q4_1", "iq4_nl",
-    "iq4_xs", "q3_k", "iq3_s", "iq3_xxs", "q2_k", "iq2_s", "iq2_xs", "iq2_xxs", "iq1_m", "iq1_s", "mxfp4",
-)
-FLOAT_FTYPES = ("F32", "F16", "BF16")
-
-
-def is_iq(ftype: str) -> bool:
-    return ftype.upper().startswith("IQ")
+def kind_of(kind: Any, where: str) -> type[QuantTierConfig]:
+    """The schema of `kind`; an unknown one is refused naming `where` it was read."""
+    every = kinds()
+    if str(kind) not in every:
+        raise MoePruneError(f"{where}: kind={kind!r}; expected one of {tuple(every)}")
+    return every[str(kind)]
 
 
 def _foreign_knobs(tier: DictConfig, own: type[QuantTierConfig], every: dict[str, type]) -> list[str]:
@@ -76,46 +106,10 @@ def _foreign_knobs(tier: DictConfig, own: type[QuantTierConfig], every: dict[str
 def validate(tier: DictConfig) -> None:
     """Refuse a tier that cannot be produced, naming the key and what was expected."""
     where = f"quant_tier {tier.name!r}"
-    every = kinds()
-    if str(tier.kind) not in every:
-        raise MoePruneError(f"{where}: kind={tier.kind!r}; expected one of {tuple(every)}")
-    own = every[str(tier.kind)]
-    foreign = _foreign_knobs(tier, own, every)
+    own = kind_of(tier.kind, where)
+    foreign = _foreign_knobs(tier, own, kinds())
     if foreign:
         raise MoePruneError(f"{where}: {', '.join(f'quant_tier.{k}={tier.get(k)}' for k in foreign)} is set, but "
                             f"{own.no_knob()}")
     schema.check(tier, "quant_tier")  # each knob's range, on its kind's schema
-    if tier.kind != "gguf":
-        return
-    if not tier.type or tier.type.upper() not in FTYPES:
-        raise MoePruneError(f"{where}: type={tier.type!r} is not a llama-quantize type; expected one of {FTYPES}")
-    ftype = tier.type.upper()
-    if ftype in FLOAT_FTYPES and tier.imatrix:
-        raise MoePruneError(f"{where}: an importance matrix does nothing for {ftype}; expected imatrix=false")
-    # llama.cpp refuses (IQ1/IQ2) or badly degrades (IQ3/IQ4) the IQ types without an imatrix.
-    if is_iq(ftype) and not tier.imatrix:
-        raise MoePruneError(f"{where}: {ftype} needs an importance matrix; expected imatrix=true")
-    named = {"token_embedding_type": tier.token_embedding_type, "output_tensor_type": tier.output_tensor_type,
-             **{f"tensor_types[{k!r}]": v for k, v in tier.tensor_types.items()}}
-    if tier.cd is not None:
-        named.update({f"cd.{k}": tier.cd[k] for k in ("high_type", "mid_type", "low_type")})
-        hi, lo = tier.cd.high_fraction, tier.cd.low_fraction
-        if not (0 <= hi <= 1 and 0 <= lo <= 1 and hi + lo <= 1):
-            raise MoePruneError(f"{where}: cd.high_fraction={hi}, cd.low_fraction={lo}; "
-                                "expected fractions in [0, 1] whose sum is at most 1")
-        if ftype in FLOAT_FTYPES:
-            raise MoePruneError(f"{where}: a CD tier needs a quantized base type; got {ftype}")
-    for key, value in named.items():
-        if value is not None and value.lower() not in GGML_TYPES:
-            raise MoePruneError(f"{where}: {key}={value!r} is not a ggml type; expected one of {GGML_TYPES}")
-        if value is not None and is_iq(value) and not tier.imatrix:
-            raise MoePruneError(f"{where}: {key}={value} is an IQ type, which needs an importance matrix; "
-                                "expected imatrix=true")
-    if tier.tensor_types and ftype in FLOAT_FTYPES:
-        raise MoePruneError(f"{where}: tensor_types override quantized types; {ftype} is not quantized "
-                            "(expected a quantized base type)")
-    for pattern in tier.tensor_types:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise MoePruneError(f"{where}: tensor_types pattern {pattern!r} is not a regular expression ({e})") from None
+    own.check_knobs(tier, where)

@@ -19,7 +19,7 @@ from moeprune.stages.evaluate import (bench_loads, evaluations_can_run, run_eval
 from moeprune.stages.plan import model_input
 from moeprune.stages.profile import profile_inputs, run_profile
 from moeprune.stages.prune import prune_fits, run_prune
-from moeprune.stages.quant import quant_can_run, run_evaluate_quant, run_quant
+from moeprune.stages.quant import quant_can_run, quant_scored, run_evaluate_quant, run_quant
 
 __all__ = ["STAGES", "EVALUATE_VIRTUAL", "VALIDATE", "REFERENCE", "GIVEN_DROPMAP", "Stage", "stages_for",
            "run_evaluate_base", "run_evaluate_quant"]
@@ -48,7 +48,7 @@ STAGES = [
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=4, enabled=lambda c: c.stages.evaluate,
           preflight=evaluations_can_run),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
-          version=4, enabled=lambda c: _quant_on(c) and c.stages.evaluate and c.quant_tier.kind in ("gguf", "nvfp4"),
+          version=4, enabled=lambda c: _quant_on(c) and c.stages.evaluate and quant_scored(c),
           preflight=bench_loads),
 ]
 

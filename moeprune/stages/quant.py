@@ -1,18 +1,17 @@
-"""The quant stage (the pruned checkpoint as a GGUF or NVFP4A16 export: moeprune.quant.stage) and
-evaluate_quant: the bench run through the quantized file, on the backend that serves it."""
+"""The quant stage (the pruned checkpoint as its tier's kind makes it: moeprune.quant.stage) and
+evaluate_quant: the bench run through the quantized file, on the backend its kind names. Kinds are
+looked up by name (moeprune.quant.tiers.kind_of) and their hooks called: none is named here."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.models import pick_device
 from moeprune.presets import preset
-from moeprune.quant import nvfp4, tiers, toolchain
+from moeprune.quant import tiers
 from moeprune.quant.stage import quantize, scored_card
 from moeprune.runner import StageContext
 from moeprune.stages.evaluate import evaluate
@@ -34,20 +33,17 @@ def run_evaluate_quant(ctx: StageContext) -> dict:
 
 def eval_backend(backend: DictConfig, device: str, quant_dir: Path) -> tuple[DictConfig, str | None, Path, dict]:
     """How evaluate_quant runs this quant: (the backend node that runs it, the model dtype it needs
-    or None, the path it scores, extra backend arguments). A GGUF goes through llama.cpp: the
-    configured backend when it is llama_cpp, else the llama_cpp preset, pointed at the file. An
-    NVFP4A16 export is dequantized into a transformers model on `device` and scored on the `hf`
-    backend (W4A16 keeps activations in 16 bits, so the dequantized weights compute the same products)."""
+    or None, the path it scores, extra backend arguments), from the `scoring` hook of the kind its
+    manifest names (a GGUF through llama.cpp, an NVFP4A16 export through its dequantized reload on hf)."""
     manifest = artifacts.read_json(Path(quant_dir) / "quant-manifest.json")
-    if manifest.get("tier", {}).get("kind") == "nvfp4":
-        export = Path(quant_dir) / manifest["file"]
-        model, _ = nvfp4.reload(export, pick_device(device))
-        return _backend(backend, "hf"), "bfloat16", export, {"model": model}
-    if not str(manifest.get("file", "")).endswith(".gguf"):
-        raise MoePruneError(f"evaluate_quant runs GGUF files; {quant_dir} holds {manifest.get('file')!r}")
-    out = _backend(backend, "llama_cpp")
-    out.gguf = str(Path(quant_dir) / manifest["file"])  # not the archived imatrix.gguf beside it
-    return out, None, Path(quant_dir), {}
+    kind = tiers.kind_of(manifest.get("tier", {}).get("kind"), f"{Path(quant_dir) / 'quant-manifest.json'}: tier")
+    if kind.scoring is None:
+        raise MoePruneError(f"evaluate_quant: a {kind.kind} tier has no evaluate_quant; {quant_dir} is one")
+    scoring = kind.scoring(Path(quant_dir), manifest, device)
+    out = _backend(backend, scoring.backend)
+    for knob, value in scoring.knobs.items():
+        out[knob] = value
+    return out, scoring.dtype, scoring.path, dict(scoring.runtime)
 
 
 def _backend(backend: DictConfig, name: str) -> DictConfig:
@@ -62,9 +58,10 @@ def _backend(backend: DictConfig, name: str) -> DictConfig:
 
 def quant_can_run(cfg: DictConfig) -> None:
     tiers.validate(cfg.quant_tier)  # a tier that cannot be produced: said before the profile, not after prune
-    if cfg.quant_tier.kind == "gguf":
-        if toolchain.cached() is None and os.environ.get(toolchain.SDIST_ENV):  # the sdist it would build from
-            sdist = toolchain.fetch_sdist(toolchain.home() / "sdist")
-            toolchain.check_sdist(sdist, f"{toolchain.SDIST_ENV}={sdist}")
-    if cfg.quant_tier.kind == "nvfp4":  # CUDA + modelopt: known before any profile or surgery
-        nvfp4.require_gpu()
+    tier = cfg.quant_tier
+    tiers.kind_of(tier.kind, f"quant_tier {tier.name!r}").preflight(tier)  # its tool or device: likewise
+
+
+def quant_scored(cfg: DictConfig) -> bool:
+    """Whether the tier's kind has an evaluate_quant (a `scoring` hook)."""
+    return tiers.kind_of(cfg.quant_tier.kind, f"quant_tier {cfg.quant_tier.name!r}").scoring is not None
