@@ -24,10 +24,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
 from moeprune.quant.tiers import QuantTierConfig, Scoring, kind_knob
+
+if TYPE_CHECKING:  # torch is imported where it runs: registering this tier's schema must not load it
+    import torch
 
 EXPORT_DIR = "model"
 _EXPERT_RE = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
@@ -143,6 +147,7 @@ def _produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sampl
     qcfg = json.loads((export / "config.json").read_text()).get("quantization_config", {})
     size = sum(p.stat().st_size for p in export.glob("*.safetensors"))
     params = parameter_count(model_dir)
+    linear_diffs, expert_diffs = _rel_diffs(reloaded, fake_linear), _rel_diffs(reloaded, fake_experts)
     return {
         "file": EXPORT_DIR,
         "format": "nvfp4a16 (modelopt HF export)",
@@ -158,8 +163,10 @@ def _produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sampl
             # the export holds exactly the weights modelopt simulated (first and last layer), once
             # q/k/v and gate/up share the global scale the exporter gives them (`shared_global_scales`
             # quantizers of the model had theirs raised to their group's)
-            "max_rel_diff_vs_fakequant_linear_weights": _max_rel_diff(reloaded, fake_linear),
-            "max_rel_diff_vs_fakequant_expert_weights": _max_rel_diff(reloaded, fake_experts),
+            "max_rel_diff_vs_fakequant_linear_weights": max(linear_diffs.values(), default=0.0),
+            "max_rel_diff_vs_fakequant_expert_weights": max(expert_diffs.values(), default=0.0),
+            # per tensor: which member of which layer a difference comes from, read from the manifest
+            "rel_diff_vs_fakequant_by_tensor": {k: round(v, 6) for k, v in {**linear_diffs, **expert_diffs}.items()},
             "fakequant_tensors_checked": len(fake_linear) + len(fake_experts),
             "shared_global_scales": shared,
             # the 4-bit rounding error against the 16-bit weights, and what it does to the logits
@@ -223,10 +230,10 @@ def _fakequant_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.
     return linear, experts
 
 
-def _max_rel_diff(model, reference: dict[str, torch.Tensor]) -> float:
-    import torch
+def _rel_diffs(model, reference: dict[str, torch.Tensor]) -> dict[str, float]:
+    """||W_reloaded - W_fakequant|| / ||W_fakequant|| per tensor of `reference`."""
     state = model.state_dict()
-    return max((float((state[k].float().cpu() - w).norm() / w.norm()) for k, w in reference.items()), default=0.0)
+    return {k: float((state[k].float().cpu() - w).norm() / w.norm()) for k, w in sorted(reference.items())}
 
 
 def _weight_errors(model_dir: Path, model, quantized: set[str]) -> dict:

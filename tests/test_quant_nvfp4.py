@@ -183,7 +183,7 @@ def test_the_nvfp4_export_holds_modelopts_fake_quant_weights_once_fused_linears_
                        batch_size=16, device="cpu")
     r = m["reload"]
     assert r["quantized_tensors"] == 2 * (4 + 3 + 2)  # per layer: q/k/v/o, the dense MLP, the experts
-    assert r["fakequant_tensors_checked"] == 2 * (4 + 3 + 2)
+    assert r["fakequant_tensors_checked"] == 2 * (4 + 3 + 2) == len(r["rel_diff_vs_fakequant_by_tensor"])
     assert r["max_rel_diff_vs_fakequant_expert_weights"] < 1e-6  # one amax per expert's gate_up: nothing to share
     if share:
         assert r["shared_global_scales"] >= 2  # per layer, q/k/v and gate/up cannot all own their group's max
@@ -225,8 +225,9 @@ def test_nvfp4_export_reloads_on_gpu(tmp_path):
     assert cfg["quantization_config"]["quant_algo"] == "W4A16_NVFP4"
     assert m["reload"]["quantized_tensors"] > 0
     # the export holds modelopt's weights (read once q/k/v and gate/up share their export global scale)
-    assert m["reload"]["max_rel_diff_vs_fakequant_linear_weights"] < 1e-2
-    assert m["reload"]["max_rel_diff_vs_fakequant_expert_weights"] < 1e-2
+    by_tensor = m["reload"]["rel_diff_vs_fakequant_by_tensor"]  # printed on failure: which tensor differs
+    assert m["reload"]["max_rel_diff_vs_fakequant_linear_weights"] < 1e-2, by_tensor
+    assert m["reload"]["max_rel_diff_vs_fakequant_expert_weights"] < 1e-2, by_tensor
     assert m["reload"]["fakequant_tensors_checked"] == 2 * (4 + 3 + 2) and m["reload"]["shared_global_scales"] > 0
     assert 0.02 < m["reload"]["weight_rel_err"]["max"] < 0.2  # 4-bit rounding, not garbage
     assert m["bits_per_weight"] < 8
