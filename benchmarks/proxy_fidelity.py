@@ -43,7 +43,7 @@ from moeprune.evaluate import teacher_forced
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.divergence import Divergence
 from moeprune.evaluate.benches.toy_suite import ToySuite
-from moeprune.evaluate.runner import run_bench
+from moeprune.evaluate.bench_run import run_bench
 from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import recipe as dropmap
 from moeprune.dropmap import DropMap, VirtualPrune

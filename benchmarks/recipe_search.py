@@ -39,7 +39,7 @@ from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.evaluate.backends.hf import HFBackend  # noqa: E402
 from moeprune.evaluate.benches.toy_suite import ToySuite  # noqa: E402
 from moeprune.evaluate.stats import mcnemar, wilson  # noqa: E402,F401  (95% Wilson; exact McNemar)
-from moeprune.evaluate.runner import run_bench  # noqa: E402
+from moeprune.evaluate.bench_run import run_bench  # noqa: E402
 from moeprune.models import load_model, load_tokenizer, read_config  # noqa: E402
 from moeprune.prune import recipe as dropmap  # noqa: E402
 from moeprune.dropmap import DropMap, VirtualPrune  # noqa: E402

@@ -31,7 +31,7 @@ import moeprune.cli  # noqa: F401  (registers the config schema)
 from moeprune.adapters import adapter_for
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.toy_suite import ToySuite
-from moeprune.evaluate.runner import run_bench
+from moeprune.evaluate.bench_run import run_bench
 from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import recipe as dropmap
 from moeprune.dropmap import DropMap

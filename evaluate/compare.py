@@ -15,7 +15,7 @@ from pathlib import Path
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.runner import SAMPLES_FILE, SUMMARY_FILE, read_jsonl
+from moeprune.evaluate.bench_run import SAMPLES_FILE, SUMMARY_FILE, read_jsonl
 
 
 def _eval_dirs(spec: str) -> dict[str, Path]:

@@ -120,7 +120,7 @@ def summarize(bench, meta: dict, rows: list[dict], sums: list[dict], identity: d
     per_sample = [r[bench.metric] for r in rows]
     mean = sum(per_sample) / len(per_sample)
     sd = math.sqrt(sum((x - mean) ** 2 for x in per_sample) / max(1, len(per_sample) - 1))
-    from moeprune.evaluate.runner import others_mean
+    from moeprune.evaluate.bench_run import others_mean
 
     return {
         "bench": bench.name, "n": len(rows), "metric": bench.metric, "lower_is_better": LOWER_IS_BETTER[bench.metric],

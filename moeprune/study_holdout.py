@@ -17,7 +17,7 @@ from typing import Optional
 
 from moeprune import artifacts
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.runner import SAMPLES_FILE, read_jsonl
+from moeprune.evaluate.bench_run import SAMPLES_FILE, read_jsonl
 from moeprune.evaluate.stats import mcnemar, wilson
 
 REAP = "REAP"

@@ -13,7 +13,7 @@ import moeprune.cli  # noqa: F401  (registers the schema)
 from moeprune.config import build
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import sandbox
-from moeprune.evaluate.runner import validate_bench
+from moeprune.evaluate.bench_run import validate_bench
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 

@@ -19,7 +19,7 @@ import pytest
 from moeprune.errors import MoePruneError
 from moeprune.evaluate.backends.openai import OpenAIBackend
 from moeprune.evaluate.benches.gsm8k import GSM8K
-from moeprune.evaluate.runner import read_jsonl, run_bench
+from moeprune.evaluate.bench_run import read_jsonl, run_bench
 
 QUESTIONS = {  # keyword in the question -> how the server answers
     "apples": "content",  # the answer in `content`

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from moeprune.evaluate.runner import read_jsonl
+from moeprune.evaluate.bench_run import read_jsonl
 
 SMALL = ["calibration.samples_per_class=4", "bench.n_per_class=3", "backend.batch_size=32", "keep.experts_per_layer=6"]
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -61,7 +61,7 @@ def test_compare_reports_settings_drift_and_bad_paths(tiny_gemma4, tmp_path, cap
     from moeprune.evaluate.backends.hf import HFBackend
     from moeprune.evaluate.benches.toy_suite import ToySuite
     from moeprune.evaluate.compare import main as compare_main
-    from moeprune.evaluate.runner import run_bench
+    from moeprune.evaluate.bench_run import run_bench
 
     backend = HFBackend(tiny_gemma4, device="cpu")
     run_bench(ToySuite(n_per_class=2), backend, tmp_path / "a")
@@ -134,7 +134,7 @@ def test_a_backend_target_that_is_not_a_backend_is_refused_by_name(tiny_gemma4, 
 def test_others_mean_is_each_class_against_the_unweighted_mean_of_the_rest():
     import pytest
 
-    from moeprune.evaluate.runner import others_mean
+    from moeprune.evaluate.bench_run import others_mean
 
     got = others_mean({"code": 0.9, "math": 0.6, "science": 0.3})
     assert got == pytest.approx({"code": 0.45, "math": 0.6, "science": 0.75})

@@ -93,7 +93,7 @@ def test_evaluate_quant_scores_an_nvfp4_export_as_its_dequantized_weights(tiny_g
     from test_quant_tiers import compose_run
 
     from moeprune import artifacts, stages
-    from moeprune.evaluate.runner import read_jsonl
+    from moeprune.evaluate.bench_run import read_jsonl
     from moeprune.report import results_table
     from moeprune.runner import StageContext
 

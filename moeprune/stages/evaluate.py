@@ -17,7 +17,7 @@ from moeprune.errors import MoePruneError
 from moeprune.evaluate import teacher_forced as tf
 from moeprune.evaluate.backends.base import Backend
 from moeprune.evaluate.backends.llama_cpp import find_gguf
-from moeprune.evaluate.runner import SAMPLES_FILE, SUMMARY_FILE, run_bench, validate_bench, write_jsonl
+from moeprune.evaluate.bench_run import SAMPLES_FILE, SUMMARY_FILE, run_bench, validate_bench, write_jsonl
 from moeprune.models import read_config
 from moeprune.prune.calibration import calibration_texts
 from moeprune.prune.surgery import SHARED_MARKER
