@@ -211,8 +211,7 @@ def budget_table(keep: int, r: dict) -> str:
         return "\n".join(lines)
     t, o = r["vs_best_generic"][TARGET], r["vs_best_generic"]["others"]
     lines += ["", f"searched − {r['best_generic']} on test: {TARGET} {100 * t['diff']:+.1f} points (p={t['p']:.2g}), "
-              f"other five {100 * o['diff']:+.1f} (p={o['p']:.2g}). Searched point: `{' '.join(r['searched_overrides'])}`"
-              f" prune.shared_ffn_alpha={r['search']['best']['point']['shared_ffn_alpha']:.3f}"]
+              f"other five {100 * o['diff']:+.1f} (p={o['p']:.2g}). Searched point: `{' '.join(r['searched_overrides'])}`"]
     return "\n".join(lines)
 
 
