@@ -39,6 +39,11 @@ def restated(raw: dict, kind: type, prefix: str = "") -> list[str]:
         if key not in fields:
             continue
         default = _default(fields[key])
+        # a dict of schemas (calibration.tiers: name -> tier): each entry against the value schema
+        if typing.get_origin(hints[key]) is dict and dataclasses.is_dataclass(typing.get_args(hints[key])[1]):
+            for name, entry in (value or {}).items():
+                out += restated(entry or {}, typing.get_args(hints[key])[1], f"{prefix}{key}.{name}.")
+            continue
         # a nested schema, set or optional (Optional[X] is Union[X, None])
         nested = [t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)]
         if nested and isinstance(value, dict):
@@ -72,3 +77,6 @@ def test_the_check_finds_a_restated_default():
                     ClassAggregateConfig) == ["alpha=2.0", "score='legacy'"]
     assert restated({"imatrix": True, "cd": {"high_type": "q8_0", "high_fraction": 0.25}},
                     GgufTierConfig) == ["cd.high_fraction=0.25"]
+    from moeprune.config import CalibrationConfig
+
+    assert restated({"tiers": {"short": {"max_tokens": 64, "weight": 1.0}}}, CalibrationConfig) == ["tiers.short.weight=1.0"]
