@@ -165,3 +165,13 @@ def test_the_shared_types_import_nothing_from_the_domain_above_them():
     upward = {name: sorted(d for d in deps if d.startswith(ABOVE)) for name, deps in graph.items()
               if name.startswith(GROUND_FLOOR) and any(d.startswith(ABOVE) for d in deps)}
     assert not upward, f"ground-floor modules importing upward: {upward}"
+
+
+def test_every_package_folder_is_listed_in_pyproject_so_a_built_wheel_holds_it():
+    # the list is explicit (the folders are remapped), so a new subpackage must be added by hand;
+    # an editable install finds it anyway, which is how moeprune.stages went missing from it once
+    listed = set(_package_dirs())
+    for pkg, folder in _package_dirs().items():
+        for sub in folder.iterdir():
+            if (sub / "__init__.py").is_file():
+                assert f"{pkg}.{sub.name}" in listed, f"{pkg}.{sub.name} ({sub}) is not in pyproject's packages"
