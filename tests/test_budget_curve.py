@@ -46,3 +46,14 @@ def test_the_curves_profile_counts_only_answer_producing_positions(lab):
     full = rs.toy_recipes.pipeline_profile(lab.model_dir, lab.out, ["calibration.samples_per_class=8"])
     # routed slots: completion counts a fraction of the positions prompt+answer counts
     assert 0 < float(lab.profile["count"].sum()) < 0.5 * float(full["count"].sum())
+
+
+def test_merge_joins_budgets_of_a_counts_file_and_refuses_overlapping_parts(tmp_path):
+    counts = str(REPO / "docs" / "budget_curve.json")
+    args = argparse.Namespace(out=str(tmp_path / "m"), json=str(tmp_path / "m.json"), png=str(tmp_path / "m.png"))
+    bc.merge([f"{counts}:8", f"{counts}:4+3"], args)
+    merged = bc.artifacts.read_json(tmp_path / "m.json")
+    assert sorted(merged["budgets"], key=int) == ["3", "4", "8"]
+    assert (tmp_path / "m" / "tables.md").is_file() and (tmp_path / "m.png").is_file()
+    with pytest.raises(SystemExit, match="not disjoint budgets"):
+        bc.merge([f"{counts}:8", f"{counts}:3", f"{counts}:3+4"], args)  # overlap between the 2nd and 3rd
