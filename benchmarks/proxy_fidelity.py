@@ -20,6 +20,9 @@ on test. Writes fidelity.json and fidelity.png under --out.
     python benchmarks/proxy_fidelity.py [--recipes 150] [--n-val 100] [--n-test 100] [--device cuda]
     python benchmarks/proxy_fidelity.py --budgets 8,4 --out A; ... --budgets 12 --out B   # in parallel
     python benchmarks/proxy_fidelity.py --merge A B --recipes 150 --out C                 # one table
+    python benchmarks/proxy_fidelity.py --reuse OLD/fidelity.json   # OLD's rows of the recipes both drew
+
+A run writes partial.json under --out after every recipe and resumes from it when run again.
 """
 
 from __future__ import annotations
@@ -142,11 +145,51 @@ class Lab:
         return {"ALL": summary["score"], **summary["per_category"]}
 
 
+def load_partial(out: Path, args) -> dict[int, list[dict]]:
+    """What an earlier run with the same draw left in `out` (a killed or timed-out run resumes there);
+    a partial file from another draw is refused rather than mixed in."""
+    path = out / "partial.json"
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("draw") != draw_key(args):
+        raise SystemExit(f"{path} holds another draw ({data.get('draw')}, this run {draw_key(args)}): "
+                         "expected the same --recipes/--seed/--n-val/--n-test/--calib, or another --out")
+    return {int(b): rows for b, rows in data["records"].items()}
+
+
+def reuse(out: Path, args, recipes: dict[str, list[str]]) -> None:
+    """Start `out`'s partial file from an earlier run's records (`--reuse`): the draw is sequential, so
+    a run of the same seed with fewer recipes drew this run's first ones; a row is taken only where
+    its name and overrides match this draw's, and only from a run of the same sizes."""
+    data = json.loads(Path(args.reuse).read_text())
+    old = data["args"]
+    mismatch = [k for k in ("seed", "n_val", "n_test", "calib") if old.get(k) != getattr(args, k)]
+    if mismatch:
+        raise SystemExit(f"--reuse {args.reuse}: its {', '.join(mismatch)} differ from this run's: expected the same")
+    records = load_partial(out, args)
+    for budget in [int(b) for b in args.budgets.split(",")]:
+        rows = records.setdefault(budget, [])
+        have = {r["name"] for r in rows}
+        rows += [r for r in data["records"].get(str(budget), [])
+                 if r["name"] not in have and recipes.get(r["name"]) == r["overrides"]]
+    save_partial(out, args, records)
+
+
+def draw_key(args) -> dict:
+    return {k: getattr(args, k) for k in ("recipes", "seed", "n_val", "n_test", "calib")}
+
+
 def evaluate(lab: Lab, recipes: dict[str, list[str]], budgets: list[int]) -> dict:
-    records = {}
+    records = load_partial(lab.out, lab.args)
     for budget in budgets:
-        t0, rows = time.perf_counter(), []
+        t0, rows = time.perf_counter(), records.setdefault(budget, [])
+        done = {r["name"] for r in rows}
+        if done:
+            print(f"{budget} of 16: resuming after {len(done)} recipes", flush=True)
         for name, overrides in recipes.items():
+            if name in done:
+                continue
             drop_map, alpha = lab.recipe(budget, overrides)
             t1 = time.perf_counter()
             obj = lab.divergence(drop_map, alpha)
@@ -155,15 +198,22 @@ def evaluate(lab: Lab, recipes: dict[str, list[str]], budgets: list[int]) -> dic
             t3 = time.perf_counter()
             rows.append({"name": name, "overrides": overrides, "objective": obj, "test": test,
                          "seconds": {"objective": t2 - t1, "generation": t3 - t2}})
+            save_partial(lab.out, lab.args, records)
         for m, sign in METRICS.items():  # the two-stage choice: objective's best TOP, confirmed on val
             for r in sorted(rows, key=lambda r: -sign * r["objective"][m]["ALL"])[:TOP]:
                 if "val" not in r:
                     drop_map, alpha = lab.recipe(budget, r["overrides"])
                     r["val"] = lab.accuracy(drop_map, alpha, "val", lab.args.n_val)
-        records[budget] = rows
-        (lab.out / "partial.json").write_text(json.dumps(records))  # a run cut short keeps its finished budgets
+        save_partial(lab.out, lab.args, records)
         print(f"{budget} of 16: {len(rows)} recipes in {time.perf_counter() - t0:.0f} s", flush=True)
-    return records
+    return {b: records[b] for b in budgets}
+
+
+def save_partial(out: Path, args, records: dict) -> None:
+    """After every recipe, atomically: a run cut short loses at most the recipe it was on."""
+    tmp = out / "partial.json.tmp"
+    tmp.write_text(json.dumps({"draw": draw_key(args), "records": records}))
+    tmp.replace(out / "partial.json")
 
 
 def analyse(records: dict) -> dict:
@@ -252,6 +302,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--budgets", default=",".join(map(str, BUDGETS)), help="experts kept per layer, comma list")
     ap.add_argument("--out", default="outputs/proxy_fidelity")
+    ap.add_argument("--reuse", default=None, help="an earlier fidelity.json of the same seed and sizes: its rows "
+                    "for the recipes this draw shares with it are taken, not recomputed")
     ap.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
     ap.add_argument("--merge", nargs="+", default=None, help="runs' --out dirs (other budgets, same recipes): "
                     "one fidelity.json, table and plot in --out")
@@ -277,9 +329,13 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)
     t0 = time.perf_counter()
-    lab = Lab(args)
     rng = random.Random(args.seed)
     recipes = {**BASELINES, **{f"r{i:03d}": space_point(rng) for i in range(args.recipes)}}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    load_partial(Path(args.out), args)  # another draw's partial file: refused before the model loads
+    if args.reuse:
+        reuse(Path(args.out), args, recipes)
+    lab = Lab(args)
     records = evaluate(lab, recipes, [int(b) for b in args.budgets.split(",")])
     analysis = analyse(records)
     text = report(analysis, records, args)

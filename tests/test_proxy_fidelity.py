@@ -1,0 +1,67 @@
+"""benchmarks/proxy_fidelity.py's bookkeeping: a killed run resumes, an earlier run's rows are reused
+only for the recipes both draws share, and nothing from another draw is mixed in."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+spec = importlib.util.spec_from_file_location("proxy_fidelity",
+                                              Path(__file__).parents[1] / "benchmarks" / "proxy_fidelity.py")
+pf = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(pf)
+
+
+def args(out: Path, recipes: int, **kw) -> argparse.Namespace:
+    base = dict(out=str(out), recipes=recipes, seed=0, n_val=100, n_test=100, calib=64, budgets="8,4", reuse=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def draw(a) -> dict[str, list[str]]:
+    rng = random.Random(a.seed)
+    return {**pf.BASELINES, **{f"r{i:03d}": pf.space_point(rng) for i in range(a.recipes)}}
+
+
+def row(name: str, overrides: list[str]) -> dict:
+    return {"name": name, "overrides": overrides, "objective": {}, "test": {"ALL": 0.5}}
+
+
+def test_a_draw_with_more_recipes_starts_with_the_smaller_draws_recipes(tmp_path):
+    small, big = draw(args(tmp_path, 5)), draw(args(tmp_path, 9))
+    assert list(big.items())[:len(small)] == list(small.items())
+
+
+def test_reuse_takes_the_earlier_runs_rows_only_where_name_and_overrides_match(tmp_path):
+    a = args(tmp_path / "out", 9, reuse=str(tmp_path / "old.json"))
+    recipes = draw(a)
+    old_rows = [row(n, o) for n, o in list(recipes.items())[:5]] + [row("r004", ["strategy=other"])]
+    old_rows[-2] = row("r001", ["strategy=not_this_draws"])  # same name, other recipe: not taken
+    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 100, "n_test": 100, "calib": 64},
+                                         "records": {"8": old_rows}}))
+    (tmp_path / "out").mkdir()
+    pf.reuse(tmp_path / "out", a, recipes)
+    saved = pf.load_partial(tmp_path / "out", a)
+    assert [r["name"] for r in saved[8]] == ["REAP", "frequency", "gate mass", "r000"]
+    assert saved[4] == []
+
+
+def test_reuse_refuses_a_run_of_other_sizes(tmp_path):
+    a = args(tmp_path, 9, reuse=str(tmp_path / "old.json"))
+    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 50, "n_test": 100, "calib": 64},
+                                         "records": {}}))
+    with pytest.raises(SystemExit, match="n_val differ"):
+        pf.reuse(tmp_path, a, draw(a))
+
+
+def test_a_partial_file_resumes_its_own_draw_and_refuses_another(tmp_path):
+    a = args(tmp_path, 9)
+    pf.save_partial(tmp_path, a, {8: [row("REAP", ["strategy=reap"])]})
+    assert pf.load_partial(tmp_path, a) == {8: [row("REAP", ["strategy=reap"])]}
+    assert not (tmp_path / "partial.json.tmp").exists()
+    with pytest.raises(SystemExit, match="holds another draw"):
+        pf.load_partial(tmp_path, args(tmp_path, 10))
