@@ -14,13 +14,15 @@ It prints, per budget: the Spearman correlation between each objective (signed s
 better) and test accuracy, per class and overall (the objective's class mean against accuracy over
 all classes); the regret of choosing by each objective (test accuracy of its best recipe minus the
 best test accuracy among the same recipes, points); and the two-stage choice: the objective's 5 best
-re-scored by generation on `val`, the best of those taken, and its test regret. Nothing is chosen
-on test. Writes fidelity.json and fidelity.png under --out.
+re-scored by generation on `val`, the best of those taken, and its test regret; and the objective's
+choice against REAP, frequency and gate mass on the same test tasks (paired difference, exact
+McNemar). Nothing is chosen on test. Writes fidelity.json and fidelity.png under --out.
 
     python benchmarks/proxy_fidelity.py [--recipes 150] [--n-val 100] [--n-test 100] [--device cuda]
     python benchmarks/proxy_fidelity.py --budgets 8,4 --out A; ... --budgets 12 --out B   # in parallel
     python benchmarks/proxy_fidelity.py --merge A B --recipes 150 --out C                 # one table
     python benchmarks/proxy_fidelity.py --reuse OLD/fidelity.json   # OLD's rows of the recipes both drew
+    python benchmarks/proxy_fidelity.py --paired --out C    # add the paired test to C's fidelity.json
 
 A run writes partial.json under --out after every recipe and resumes from it when run again.
 """
@@ -46,7 +48,8 @@ from moeprune.evaluate import teacher_forced
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.divergence import Divergence
 from moeprune.evaluate.benches.toy_suite import ToySuite
-from moeprune.evaluate.bench_run import run_bench
+from moeprune.evaluate.bench_run import SAMPLES_FILE, read_jsonl, run_bench
+from moeprune.evaluate.stats import mcnemar, wilson
 from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import recipe as dropmap
 from moeprune.dropmap import DropMap, VirtualPrune
@@ -143,6 +146,26 @@ class Lab:
         d = self.out / "eval"
         summary = run_bench(ToySuite(n_per_class=n, split=split), self.backend(drop_map, alpha), d)
         return {"ALL": summary["score"], **summary["per_category"]}
+
+    def verdicts(self, budget: int, overrides: list[str]) -> dict[str, bool]:
+        """Pass or fail per test task (what a paired test needs; the records keep class accuracies)."""
+        self.accuracy(*self.recipe(budget, overrides), "test", self.args.n_test)
+        return {r["id"]: r["pass"] for r in read_jsonl(self.out / "eval" / SAMPLES_FILE)}
+
+
+def paired(lab: Lab, records: dict, analysis: dict) -> dict:
+    """Per budget, the objective's choice (KL) against REAP, frequency and gate mass on the same test
+    tasks: the paired difference in accuracy and its exact McNemar p."""
+    out = {}
+    for budget, rows in records.items():
+        by_name = {r["name"]: r for r in rows}
+        chosen = analysis[budget]["metrics"]["kl"]["chosen"]
+        mine = lab.verdicts(budget, by_name[chosen]["overrides"])
+        out[budget] = {"chosen": chosen, "n": len(mine), "accuracy": sum(mine.values()) / len(mine), "vs": {}}
+        for name in BASELINES:
+            diff, p = mcnemar(mine, lab.verdicts(budget, by_name[name]["overrides"]))
+            out[budget]["vs"][name] = {"diff": diff, "p": p}
+    return out
 
 
 def load_partial(out: Path, args) -> dict[int, list[dict]]:
@@ -256,6 +279,14 @@ def report(analysis: dict, records: dict, args) -> str:
     for budget, res in analysis.items():
         per = res["metrics"]["kl"]["spearman_per_class"]
         lines.append(f"| {budget} of 16 (kl) | " + " | ".join(f"{per[c]:.3f}" for c in world.CLASSES) + " |")
+    if "paired" in analysis.get(next(iter(analysis)), {}):
+        lines += ["", "| kept | chosen by KL: test accuracy [95% Wilson] | vs " + " | vs ".join(BASELINES)
+                  + " (points, exact McNemar p) |", "|---|---|" + "---|" * len(BASELINES)]
+        for budget, res in analysis.items():
+            pr = res["paired"]
+            lo, hi = wilson(round(pr["accuracy"] * pr["n"]), pr["n"])
+            lines.append(f"| {budget} of 16 | {pr['chosen']} {100 * pr['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                         + " | ".join(f"{100 * v['diff']:+.1f} (p={v['p']:.2g})" for v in pr["vs"].values()) + " |")
     lines += ["", "| kept | seconds per recipe: objective (val) | generation (test) |", "|---|---|---|"]
     for budget, res in analysis.items():
         lines.append(f"| {budget} of 16 | {res['seconds']['objective']:.2f} | {res['seconds']['generation']:.2f} |")
@@ -304,6 +335,8 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/proxy_fidelity")
     ap.add_argument("--reuse", default=None, help="an earlier fidelity.json of the same seed and sizes: its rows "
                     "for the recipes this draw shares with it are taken, not recomputed")
+    ap.add_argument("--paired", action="store_true", help="only add the paired test (the objective's choice vs "
+                    "REAP, frequency, gate mass, per test task) to --out's fidelity.json")
     ap.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
     ap.add_argument("--merge", nargs="+", default=None, help="runs' --out dirs (other budgets, same recipes): "
                     "one fidelity.json, table and plot in --out")
@@ -322,6 +355,21 @@ def main() -> None:
                                                       indent=1))
         plot(records, out / "fidelity.png")
         return
+    if args.paired:
+        path = Path(args.out) / "fidelity.json"
+        data = json.loads(path.read_text())
+        for k in ("model", "recipes", "n_val", "n_test", "calib"):  # the sizes the records were made with
+            setattr(args, k, data["args"][k])
+        records = {int(k): v for k, v in data["records"].items()}
+        analysis = {int(k): v for k, v in data["analysis"].items()}
+        for budget, pr in paired(Lab(args), records, analysis).items():
+            analysis[budget]["paired"] = pr
+        print(report(analysis, records, args))
+        data["analysis"] = analysis
+        tmp = path.with_name(".fidelity.json.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+        return
     if args.replot:
         data = json.loads((Path(args.out) / "fidelity.json").read_text())
         plot({int(k): v for k, v in data["records"].items()}, Path(args.out) / "fidelity.png")
@@ -338,6 +386,8 @@ def main() -> None:
     lab = Lab(args)
     records = evaluate(lab, recipes, [int(b) for b in args.budgets.split(",")])
     analysis = analyse(records)
+    for budget, pr in paired(lab, records, analysis).items():
+        analysis[budget]["paired"] = pr
     text = report(analysis, records, args)
     print(text)
     out = Path(args.out)

@@ -65,3 +65,19 @@ def test_a_partial_file_resumes_its_own_draw_and_refuses_another(tmp_path):
     assert not (tmp_path / "partial.json.tmp").exists()
     with pytest.raises(SystemExit, match="holds another draw"):
         pf.load_partial(tmp_path, args(tmp_path, 10))
+
+
+def test_the_paired_test_scores_the_objectives_choice_task_by_task_as_the_records_did(tmp_path):
+    """A small run on the shipped toy model: the verdicts behind the paired test give the chosen
+    recipe's recorded test accuracy, and a recipe compared with itself differs by 0 (p = 1)."""
+    a = args(tmp_path, 1, n_val=4, n_test=4, calib=8, budgets="8", model=str(pf.TOY), batch_size=64, device="cpu")
+    lab = pf.Lab(a)
+    records = pf.evaluate(lab, draw(a), [8])
+    analysis = pf.analyse(records)
+    result = pf.paired(lab, records, analysis)[8]
+    chosen = next(r for r in records[8] if r["name"] == analysis[8]["metrics"]["kl"]["chosen"])
+    assert result["n"] == 6 * 4 and result["accuracy"] == pytest.approx(chosen["test"]["ALL"])
+    assert set(result["vs"]) == set(pf.BASELINES)
+    if chosen["name"] in pf.BASELINES:
+        assert result["vs"][chosen["name"]] == {"diff": 0.0, "p": 1.0}
+    assert (tmp_path / "partial.json").is_file()
