@@ -38,10 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recipe_search  # noqa: E402  (the Lab: model, cached profile, drop maps, virtual scoring)
 
-import moeprune.cli  # noqa: E402
+from moeprune.registrations import PKG_DIR, register  # noqa: E402
 from moeprune import artifacts  # noqa: E402
 from moeprune.evaluate.stats import mcnemar, wilson  # noqa: E402
 from moeprune.toy import world  # noqa: E402
+
+register()  # the config schema and resolvers, before anything composes
 
 TARGET = "targeted_code_hard"
 OTHERS = [c for c in world.CLASSES if c != TARGET]
@@ -386,7 +388,7 @@ def merge(dirs: list[str], args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(moeprune.cli.PKG_DIR) / "toy" / "model"))
+    ap.add_argument("--model", default=str(PKG_DIR / "toy" / "model"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--keeps", default=",".join(map(str, KEEPS)))
     ap.add_argument("--trials", type=int, default=100,

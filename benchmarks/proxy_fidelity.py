@@ -42,7 +42,6 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import moeprune.cli  # noqa: F401  (registers the config schema)
 from moeprune.adapters import adapter_for
 from moeprune.evaluate import teacher_forced
 from moeprune.evaluate.backends.hf import HFBackend
@@ -54,11 +53,14 @@ from moeprune.models import load_model, load_tokenizer, read_config
 from moeprune.prune import recipe as dropmap
 from moeprune.dropmap import DropMap, VirtualPrune
 from moeprune.profile import Profile
+from moeprune.registrations import PKG_DIR, register
 from moeprune.runner import Runner
 from moeprune.stages import STAGES
 from moeprune.toy import world
 
-TOY = Path(moeprune.cli.__file__).resolve().parent / "toy" / "model"
+register()  # the config schema and resolvers, before anything composes
+
+TOY = PKG_DIR / "toy" / "model"
 BUDGETS = (12, 8, 6, 4)
 METRICS = {"kl": -1, "nll": -1, "agreement": 1}  # sign: higher is better after it
 BASELINES = {"REAP": ["strategy=reap"], "frequency": ["strategy=frequency"], "gate mass": ["strategy=gate_mass"]}

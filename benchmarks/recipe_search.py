@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_recipes  # noqa: E402  (the pipeline's profile stage, composed the same way)
 
-import moeprune.cli  # noqa: E402,F401
+from moeprune.registrations import PKG_DIR, register  # noqa: E402
 from moeprune.adapters import adapter_for  # noqa: E402
 from moeprune.evaluate.backends.hf import HFBackend  # noqa: E402
 from moeprune.evaluate.benches.toy_suite import ToySuite  # noqa: E402
@@ -46,6 +46,8 @@ from moeprune.dropmap import DropMap, VirtualPrune  # noqa: E402
 from moeprune.prune.surgery import prune_checkpoint  # noqa: E402
 from moeprune.study_report import pareto_front  # noqa: E402
 from moeprune.toy import world  # noqa: E402
+
+register()  # the config schema and resolvers, before anything composes
 
 TARGET = "targeted_code_hard"
 VAL = "val" if "val" in world.SPLITS else "calib"
@@ -213,7 +215,7 @@ def table(rows: dict[str, dict], reap: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(moeprune.cli.PKG_DIR) / "toy" / "model"))
+    ap.add_argument("--model", default=str(PKG_DIR / "toy" / "model"))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--trials", type=int, default=100, help="trials per study (fewer if --budget-s runs out)")
     ap.add_argument("--budget-s", type=float, default=1e9, help="wall seconds for all studies together")

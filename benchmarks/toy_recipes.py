@@ -27,7 +27,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_module
 
-import moeprune.cli  # noqa: F401  (registers the config schema)
+from moeprune.registrations import PKG_DIR, register
 from moeprune.adapters import adapter_for
 from moeprune.evaluate.backends.hf import HFBackend
 from moeprune.evaluate.benches.toy_suite import ToySuite
@@ -39,6 +39,8 @@ from moeprune.profile import Profile
 from moeprune.runner import Runner
 from moeprune.stages import STAGES
 from moeprune.toy import world
+
+register()  # the config schema and resolvers, before anything composes
 
 TARGETED = "code-targeted"
 RECIPES = {  # the comparison: two single-criterion baselines, max-uniform, weight 3 on code
@@ -98,7 +100,7 @@ def table(results: dict, names: list[str]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(Path(moeprune.cli.PKG_DIR) / "toy" / "model"))
+    ap.add_argument("--model", default=str(PKG_DIR / "toy" / "model"))
     ap.add_argument("--n", type=int, default=300, help="test tasks per class")
     ap.add_argument("--calib", type=int, default=64, help="calibration tasks per class")
     ap.add_argument("--out", default="outputs/bench/toy_recipes")

@@ -27,7 +27,7 @@ PRESETS = {  # each row as a user writes it
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory):
     out = tmp_path_factory.mktemp("budget_curve")
-    return rs.Lab(argparse.Namespace(out=str(out), model=str(Path(rs.moeprune.cli.PKG_DIR) / "toy" / "model"),
+    return rs.Lab(argparse.Namespace(out=str(out), model=str(rs.PKG_DIR / "toy" / "model"),
                                      device="cpu", calib=8, batch_size=64, score_tokens="completion"))
 
 

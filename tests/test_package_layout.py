@@ -127,6 +127,20 @@ def test_no_module_but_the_entrypoint_imports_the_cli():
     assert not importers, f"modules importing moeprune.cli: {importers}"
 
 
+def test_no_benchmark_imports_the_cli():
+    """Benchmarks register the config with moeprune.registrations, as the package's own modules do:
+    importing the CLI for its side effects hides what a script needs."""
+    importers = []
+    for file in sorted((REPO / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [f"{node.module}.{a.name}" for a in node.names] + [node.module or ""]
+                     if isinstance(node, ast.ImportFrom) else [])
+            if any(n == "moeprune.cli" or n.startswith("moeprune.cli.") for n in names):
+                importers.append(file.name)
+    assert not importers, f"benchmarks importing moeprune.cli: {sorted(set(importers))}"
+
+
 def _composes_hydra(file: Path) -> list[str]:
     """The Hydra composition a module reaches for: hydra's compose / initialize*, or moeprune's
     preset helpers, which compose the app's config."""

@@ -33,7 +33,7 @@ def test_mcnemar_counts_only_discordant_pairs_and_is_exact():
 
 
 def test_a_searched_maps_pruned_checkpoint_gives_the_virtual_trials_greedy_outputs(tmp_path):
-    args = argparse.Namespace(out=str(tmp_path), model=str(Path(rs.moeprune.cli.PKG_DIR) / "toy" / "model"),
+    args = argparse.Namespace(out=str(tmp_path), model=str(rs.PKG_DIR / "toy" / "model"),
                               device="cpu", calib=8, batch_size=64, score_tokens="completion")
     lab = rs.Lab(args)
     m = lab.drop_map(["keep.drop_fraction=0.5", "strategy=gate_mass"])
