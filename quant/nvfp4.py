@@ -227,17 +227,20 @@ def near_rounding_tie(weight: torch.Tensor, amax: torch.Tensor, rtol: float = 1e
     (a few elements in 1,000 on random ones): a bf16 value over a block scale is often an exact
     ratio, which the global scale's float32 rounding moves by a few parts in 10^8."""
     import torch
+
+    def e4m3(v):  # the cast saturates first, as the kernels do (torch's cast would give NaN past 448)
+        return torch.clamp(v, max=448.0).to(torch.float8_e4m3fn).double()
+
+    # a value is at a tie when nudging it down and up by `rtol` rounds it to two different values
+    down, up = 1.0 - rtol, 1.0 + rtol
     x = weight.detach().float().cpu().reshape(-1, weight.shape[-1]).unflatten(-1, (-1, 16))
     gs = amax.detach().float().cpu().amax() / (6.0 * 448.0)
     unrounded = torch.clamp(x.abs().amax(-1, keepdim=True) / (6.0 * gs), max=448.0)
-    e4m3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).double()
-    e4m3 = torch.unique(e4m3[torch.isfinite(e4m3) & (e4m3 >= 0)])
-    midpoints = (e4m3[1:] + e4m3[:-1]) / 2
-    scale_tie = ((unrounded.double().unsqueeze(-1) - midpoints).abs() <= rtol * midpoints).any(-1)
-    scale = (unrounded.to(torch.float8_e4m3fn).float() * gs)
+    scale_tie = e4m3(unrounded.double() * down) != e4m3(unrounded.double() * up)
+    scale = unrounded.to(torch.float8_e4m3fn).float() * gs
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale)).double()
-    bounds = torch.tensor(E2M1_BOUNDARIES, dtype=torch.float64)
-    code_tie = (((x.abs().double() / scale).unsqueeze(-1) - bounds).abs() <= rtol * bounds).any(-1)
+    a, bounds = x.abs().double() / scale, torch.tensor(E2M1_BOUNDARIES, dtype=torch.float64)
+    code_tie = torch.bucketize(a * down, bounds) != torch.bucketize(a * up, bounds)
     return (code_tie | scale_tie).reshape(weight.shape)
 
 
