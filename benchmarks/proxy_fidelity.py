@@ -282,17 +282,30 @@ def report(analysis: dict, records: dict, args) -> str:
         per = res["metrics"]["kl"]["spearman_per_class"]
         lines.append(f"| {budget} of 16 (kl) | " + " | ".join(f"{per[c]:.3f}" for c in world.CLASSES) + " |")
     if "paired" in analysis.get(next(iter(analysis)), {}):
-        lines += ["", "| kept | chosen by KL: test accuracy [95% Wilson] | vs " + " | vs ".join(BASELINES)
-                  + " (points, exact McNemar p) |", "|---|---|" + "---|" * len(BASELINES)]
+        lines += ["", "Test accuracy [95% Wilson]; for each generic criterion also chosen − it (points, exact McNemar p):",
+                  "", "| kept | chosen by KL | " + " | ".join(BASELINES) + " |", "|---|---|" + "---|" * len(BASELINES)]
         for budget, res in analysis.items():
-            pr = res["paired"]
-            lo, hi = wilson(round(pr["accuracy"] * pr["n"]), pr["n"])
-            lines.append(f"| {budget} of 16 | {pr['chosen']} {100 * pr['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
-                         + " | ".join(f"{100 * v['diff']:+.1f} (p={v['p']:.2g})" for v in pr["vs"].values()) + " |")
+            pr, tests = res["paired"], {r["name"]: r["test"]["ALL"] for r in records[budget]}
+            cells = [f"{pr['chosen']} {_with_interval(pr['accuracy'], pr['n'])}"]
+            cells += [f"{_with_interval(tests[name], pr['n'])}, {100 * v['diff']:+.1f} (p={v['p']:.2g})"
+                      for name, v in pr["vs"].items()]
+            lines.append(f"| {budget} of 16 | " + " | ".join(cells) + " |")
     lines += ["", "| kept | seconds per recipe: objective (val) | generation (test) |", "|---|---|---|"]
     for budget, res in analysis.items():
         lines.append(f"| {budget} of 16 | {res['seconds']['objective']:.2f} | {res['seconds']['generation']:.2f} |")
     return "\n".join(lines)
+
+
+def read_fidelity(out: Path) -> dict:
+    path = out / "fidelity.json"
+    if not path.is_file():
+        raise SystemExit(f"{path} does not exist: expected the --out of a finished run (or of --merge)")
+    return json.loads(path.read_text())
+
+
+def _with_interval(accuracy: float, n: int) -> str:
+    lo, hi = wilson(round(accuracy * n), n)
+    return f"{100 * accuracy:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
 
 
 def plot(records: dict, path: Path) -> None:
@@ -337,16 +350,20 @@ def main() -> None:
     ap.add_argument("--out", default="outputs/proxy_fidelity")
     ap.add_argument("--reuse", default=None, help="an earlier fidelity.json of the same seed and sizes: its rows "
                     "for the recipes this draw shares with it are taken, not recomputed")
-    ap.add_argument("--paired", action="store_true", help="only add the paired test (the objective's choice vs "
-                    "REAP, frequency, gate mass, per test task) to --out's fidelity.json")
-    ap.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
-    ap.add_argument("--merge", nargs="+", default=None, help="runs' --out dirs (other budgets, same recipes): "
-                    "one fidelity.json, table and plot in --out")
+    mode = ap.add_mutually_exclusive_group()  # instead of a run: one of these on finished runs
+    mode.add_argument("--paired", action="store_true", help="only add the paired test (the objective's choice vs "
+                      "REAP, frequency, gate mass, per test task) to --out's fidelity.json, with its records' sizes")
+    mode.add_argument("--replot", action="store_true", help="only redraw fidelity.png from --out's fidelity.json")
+    mode.add_argument("--merge", nargs="+", default=None, help="runs' --out dirs (other budgets, same recipes): "
+                      "one fidelity.json, table and plot in --out")
     args = ap.parse_args()
     if args.merge:
         records = {}
         for d in args.merge:
-            data = json.loads((Path(d) / "fidelity.json").read_text())
+            data = read_fidelity(Path(d))
+            overlap = sorted(set(records) & {int(k) for k in data["records"]})
+            if overlap:
+                raise SystemExit(f"--merge: budget(s) {overlap} come from more than one run: expected each budget once")
             records.update({int(k): v for k, v in data["records"].items()})
         records = dict(sorted(records.items(), reverse=True))
         analysis = analyse(records)
@@ -359,7 +376,7 @@ def main() -> None:
         return
     if args.paired:
         path = Path(args.out) / "fidelity.json"
-        data = json.loads(path.read_text())
+        data = read_fidelity(Path(args.out))
         for k in ("model", "recipes", "n_val", "n_test", "calib"):  # the sizes the records were made with
             setattr(args, k, data["args"][k])
         records = {int(k): v for k, v in data["records"].items()}
@@ -373,7 +390,7 @@ def main() -> None:
         tmp.replace(path)
         return
     if args.replot:
-        data = json.loads((Path(args.out) / "fidelity.json").read_text())
+        data = read_fidelity(Path(args.out))
         plot({int(k): v for k, v in data["records"].items()}, Path(args.out) / "fidelity.png")
         return
     if args.device == "cpu":

@@ -81,3 +81,21 @@ def test_the_paired_test_scores_the_objectives_choice_task_by_task_as_the_record
     if chosen["name"] in pf.BASELINES:
         assert result["vs"][chosen["name"]] == {"diff": 0.0, "p": 1.0}
     assert (tmp_path / "partial.json").is_file()
+
+
+def test_merge_refuses_a_budget_that_two_runs_both_hold(tmp_path, monkeypatch):
+    for d, other in (("a", "4"), ("b", "6")):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "fidelity.json").write_text(json.dumps({"records": {"8": [], other: []}}))
+    monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                                     "--out", str(tmp_path / "m")])
+    with pytest.raises(SystemExit, match=r"budget\(s\) \[8\] come from more than one run"):
+        pf.main()
+    assert not (tmp_path / "m").exists()
+
+
+def test_paired_and_replot_name_the_missing_run(tmp_path, monkeypatch):
+    for mode in ("--paired", "--replot"):
+        monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", mode, "--out", str(tmp_path / "none")])
+        with pytest.raises(SystemExit, match="fidelity.json does not exist: expected the --out of a finished run"):
+            pf.main()
