@@ -133,3 +133,18 @@ def test_an_unknown_kind_is_refused_when_the_config_composes_and_before_any_tool
     with pytest.raises(MoePruneError, match=r"quant_tier 'q4_k_m': kind='awq'; expected one of \('none', 'gguf', "
                                             r"'nvfp4'\)"):
         tiers.validate(tier)
+
+
+def test_whether_the_quant_stages_run_is_the_tiers_kind_not_its_name(copy_kind):
+    from moeprune.stages import STAGES, stages_for
+
+    quant, evaluate_quant = (next(s for s in STAGES if s.name == n) for n in ("quant", "evaluate_quant"))
+    renamed_none = _compose(["quant_tier=none", "quant_tier.name=plain"])
+    assert not quant.enabled(renamed_none) and not evaluate_quant.enabled(renamed_none)
+    renamed_gguf = _compose(["quant_tier=q4_k_m", "quant_tier.name=none"])
+    assert quant.enabled(renamed_gguf) and evaluate_quant.enabled(renamed_gguf)
+    # the objective (no evaluate_quant) beside a kind that has none either: nothing to refuse
+    objective = [f"hydra.searchpath=[file://{copy_kind}]", "bench=divergence", "quant_tier=copy16"]
+    assert "quant" in [s.name for s in stages_for(_compose(objective))]
+    with pytest.raises(MoePruneError, match="has no evaluate_quant"):
+        stages_for(_compose(["bench=divergence", "quant_tier=q4_k_m"]))

@@ -26,7 +26,11 @@ __all__ = ["STAGES", "EVALUATE_VIRTUAL", "VALIDATE", "REFERENCE", "GIVEN_DROPMAP
 
 
 def _quant_on(c: DictConfig) -> bool:
-    return bool(c.stages.quant) and c.quant_tier.name != "none"
+    return bool(c.stages.quant) and c.quant_tier.kind != "none"  # what a tier does is its kind's, not its name's
+
+
+def _evaluate_quant_on(c: DictConfig) -> bool:
+    return _quant_on(c) and bool(c.stages.evaluate) and quant_scored(c)
 
 
 _EVAL_KEYS = ("bench", "backend", "model.dtype", "model.device", "evaluate.empty_threshold")
@@ -48,7 +52,7 @@ STAGES = [
     Stage("evaluate", run_evaluate, _EVAL_KEYS, inputs=("prune",), version=4, enabled=lambda c: c.stages.evaluate,
           preflight=evaluations_can_run),
     Stage("evaluate_quant", run_evaluate_quant, ("bench", "backend", "evaluate.empty_threshold"), inputs=("quant",),
-          version=4, enabled=lambda c: _quant_on(c) and c.stages.evaluate and quant_scored(c),
+          version=4, enabled=_evaluate_quant_on,
           preflight=bench_loads),
 ]
 
@@ -110,7 +114,7 @@ def _teacher_forced_stages(cfg: DictConfig, stages: list[Stage]) -> list[Stage]:
     if cfg.backend.name != "hf":
         raise MoePruneError(f"bench={cfg.bench.name} teacher-forces the model's own continuations: expected "
                             f"backend=hf, got {cfg.backend.name!r}")
-    if _quant_on(cfg) and cfg.stages.evaluate:
+    if _evaluate_quant_on(cfg):
         raise MoePruneError(f"bench={cfg.bench.name} has no evaluate_quant (a GGUF served by llama.cpp gives no "
                             f"log-probabilities over the vocabulary): expected quant_tier=none, stages.evaluate=false, "
                             "or a generating bench for the quantized file")
