@@ -160,6 +160,9 @@ def make(kind: type[T], cfg: Optional[T], knobs: Mapping[str, Any], prefix: str)
     """A component's knobs: `cfg` (what config.build passes: the preset's schema instance) or the
     schema's defaults, with `knobs` (a Python caller's keywords) over them; ranges checked. A
     keyword the schema does not have is refused (TypeError: unexpected keyword argument)."""
+    if cfg is not None and type(cfg) is not kind:  # a preset whose schema is another class's: knobs lost
+        raise MoePruneError(f"{prefix}: its knobs are a {type(cfg).__name__}, but {prefix}'s class takes a "
+                            f"{kind.__name__}: expected the preset to name the schema beside its _target_")
     value = kind(**knobs) if cfg is None else dataclasses.replace(cfg, **knobs) if knobs else cfg
     check(value, prefix)
     return value

@@ -175,3 +175,12 @@ def test_every_strategy_preset_instantiates_its_own_file():
     for name in names:
         st = build(preset("strategy", name))
         assert st.name == name and type(st).__module__ == f"moeprune.prune.strategies.{name}"
+
+
+def test_a_strategy_given_another_strategys_schema_is_refused_not_stripped_of_its_knobs():
+    from moeprune.prune.strategies.base import ClassAggregateConfig
+    from moeprune.prune.strategies.reap import ReapStrategy
+
+    with pytest.raises(MoePruneError, match="strategy: its knobs are a ClassAggregateConfig, but strategy's class "
+                                            "takes a StrategyConfig"):
+        ReapStrategy(ClassAggregateConfig(alpha=3.0))
