@@ -77,15 +77,16 @@ Isolation = schema.Choice("Isolation", [(v, v) for v in ISOLATIONS])
 class SandboxConfig:
     """A code bench's sandbox limits; the defaults are the sandbox's own (evaluate/sandbox.py, Limits)."""
 
-    wall_s: float = Limits.wall_s  # per program run (per test for LiveCodeBench)
-    memory_mb: int = Limits.memory_mb
-    output_bytes: int = Limits.output_bytes
-    compile_wall_s: float = Limits.compile_wall_s
-    open_files: int = Limits.open_files
-    processes: int = Limits.processes  # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace caps
+    wall_s: float = schema.knob(Limits.wall_s, lambda v: v > 0, "seconds > 0")  # per program run (per test for LCB)
+    memory_mb: int = schema.knob(Limits.memory_mb, lambda v: v >= 1, "at least 1 MB")
+    output_bytes: int = schema.knob(Limits.output_bytes, lambda v: v >= 1, "at least 1 byte")
+    compile_wall_s: float = schema.knob(Limits.compile_wall_s, lambda v: v > 0, "seconds > 0")
+    open_files: int = schema.knob(Limits.open_files, lambda v: v >= 1, "at least 1 file")
+    # RLIMIT_NPROC: per host user, not enforced for root; the pid namespace caps
+    processes: int = schema.knob(Limits.processes, lambda v: v >= 1, "at least 1 process")
     isolation: Isolation = Isolation(Limits.isolation)
     accept_unsafe: bool = Limits.accept_unsafe  # isolation=none refuses to score without it: a program can forge its pass
-    workers: int = 2  # programs run at once
+    workers: int = schema.knob(2, lambda v: v >= 1, "at least 1 program at once")
 
 
 # Here rather than in humaneval.py: humaneval, humanevalplus, mbpp, lcb and multipl_e all take it,
@@ -137,7 +138,7 @@ class Bench:
         self.limits = sandbox_limits(sandbox)
         if self.runs_code:  # before any generation: refuse early rather than after hours of it
             require_isolation(self.limits.isolation, self.limits.accept_unsafe)
-        self.workers = int(sandbox.get("workers") or 2)
+        self.workers = sandbox.get("workers", SandboxConfig.workers)  # a bench without a sandbox runs no program
         self.filter = dict(cfg.filter or {})
         self.data_hash: str | None = None
         self._samples: list[Sample] | None = None
