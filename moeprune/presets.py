@@ -63,9 +63,8 @@ def quant_tier(name: str):
     """A quant_tier preset by name, typed by its kind's schema: what `quant_tier=<name>` composes to.
     Open to other keys, so that `tiers.validate` names another kind's knob merged into it, as the
     CLI does."""
-    try:
-        tier = preset("quant_tier", name)
-    except MoePruneError:
-        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(presets('quant_tier'))}") from None
+    if name not in presets("quant_tier"):  # only this: a preset that exists but fails says why itself
+        raise MoePruneError(f"unknown quant tier {name!r}; expected one of: {', '.join(presets('quant_tier'))}")
+    tier = preset("quant_tier", name)
     OmegaConf.set_struct(tier, False)
     return tier

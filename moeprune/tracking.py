@@ -44,6 +44,8 @@ class LoggerConfig:
 @schema.schema("logger", "wandb")
 @dataclass
 class WandbLoggerConfig(LoggerConfig):
+    _target_: str = "moeprune.tracking.WandbTracker"
+    name: str = "wandb"
     project: str = "moeprune"
     entity: Optional[str] = None
     mode: WandbMode = WandbMode.offline
