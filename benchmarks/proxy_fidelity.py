@@ -20,7 +20,7 @@ McNemar). Nothing is chosen on test. Writes fidelity.json and fidelity.png under
 
     python benchmarks/proxy_fidelity.py [--recipes 150] [--n-val 100] [--n-test 100] [--device cuda]
     python benchmarks/proxy_fidelity.py --budgets 8,4 --out A; ... --budgets 12 --out B   # in parallel
-    python benchmarks/proxy_fidelity.py --merge A B --recipes 150 --out C                 # one table
+    python benchmarks/proxy_fidelity.py --merge A B --out C                 # one table (runs of one draw)
     python benchmarks/proxy_fidelity.py --reuse OLD/fidelity.json   # OLD's rows of the recipes both drew
     python benchmarks/proxy_fidelity.py --paired --out C    # add the paired test to C's fidelity.json
 
@@ -189,7 +189,7 @@ def reuse(out: Path, args, recipes: dict[str, list[str]]) -> None:
     its name and overrides match this draw's, and only from a run of the same sizes."""
     data = json.loads(Path(args.reuse).read_text())
     old = data["args"]
-    mismatch = [k for k in ("seed", "n_val", "n_test", "calib") if old.get(k) != getattr(args, k)]
+    mismatch = [k for k in DRAW if k != "recipes" and old.get(k) != getattr(args, k)]
     if mismatch:
         raise SystemExit(f"--reuse {args.reuse}: its {', '.join(mismatch)} differ from this run's: expected the same")
     records = load_partial(out, args)
@@ -201,8 +201,11 @@ def reuse(out: Path, args, recipes: dict[str, list[str]]) -> None:
     save_partial(out, args, records)
 
 
+DRAW = ("model", "recipes", "seed", "n_val", "n_test", "calib")  # what makes two runs' rows comparable
+
+
 def draw_key(args) -> dict:
-    return {k: getattr(args, k) for k in ("recipes", "seed", "n_val", "n_test", "calib")}
+    return {k: getattr(args, k) for k in DRAW}
 
 
 def evaluate(lab: Lab, recipes: dict[str, list[str]], budgets: list[int]) -> dict:
@@ -358,14 +361,21 @@ def main() -> None:
                       "one fidelity.json, table and plot in --out")
     args = ap.parse_args()
     if args.merge:
-        records = {}
+        records, first = {}, None
         for d in args.merge:
             data = read_fidelity(Path(d))
+            first = first or data["args"]
+            differ = [k for k in DRAW if data["args"].get(k) != first.get(k)]
+            if differ:
+                raise SystemExit(f"--merge: {d} differs from {args.merge[0]} in {', '.join(differ)}: expected "
+                                 "runs of one draw (same model, recipes, seed and sizes)")
             overlap = sorted(set(records) & {int(k) for k in data["records"]})
             if overlap:
                 raise SystemExit(f"--merge: budget(s) {overlap} come from more than one run: expected each budget once")
             records.update({int(k): v for k, v in data["records"].items()})
         records = dict(sorted(records.items(), reverse=True))
+        args = argparse.Namespace(**{**first, "budgets": ",".join(map(str, records)), "out": args.out,
+                                     "merge": args.merge})  # the parts' draw, which --paired reads back
         analysis = analyse(records)
         print(report(analysis, records, args))
         out = Path(args.out)
@@ -377,7 +387,7 @@ def main() -> None:
     if args.paired:
         path = Path(args.out) / "fidelity.json"
         data = read_fidelity(Path(args.out))
-        for k in ("model", "recipes", "n_val", "n_test", "calib"):  # the sizes the records were made with
+        for k in DRAW:  # the model and sizes the records were made with
             setattr(args, k, data["args"][k])
         records = {int(k): v for k, v in data["records"].items()}
         analysis = {int(k): v for k, v in data["analysis"].items()}

@@ -18,7 +18,8 @@ spec.loader.exec_module(pf)
 
 
 def args(out: Path, recipes: int, **kw) -> argparse.Namespace:
-    base = dict(out=str(out), recipes=recipes, seed=0, n_val=100, n_test=100, calib=64, budgets="8,4", reuse=None)
+    base = dict(out=str(out), recipes=recipes, seed=0, n_val=100, n_test=100, calib=64, budgets="8,4", reuse=None,
+                model="toy")
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -41,8 +42,8 @@ def test_reuse_takes_the_earlier_runs_rows_only_where_name_and_overrides_match(t
     recipes = draw(a)
     old_rows = [row(n, o) for n, o in list(recipes.items())[:5]] + [row("r004", ["strategy=other"])]
     old_rows[-2] = row("r001", ["strategy=not_this_draws"])  # same name, other recipe: not taken
-    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 100, "n_test": 100, "calib": 64},
-                                         "records": {"8": old_rows}}))
+    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 100, "n_test": 100, "calib": 64,
+                                                  "model": "toy"}, "records": {"8": old_rows}}))
     (tmp_path / "out").mkdir()
     pf.reuse(tmp_path / "out", a, recipes)
     saved = pf.load_partial(tmp_path / "out", a)
@@ -50,11 +51,11 @@ def test_reuse_takes_the_earlier_runs_rows_only_where_name_and_overrides_match(t
     assert saved[4] == []
 
 
-def test_reuse_refuses_a_run_of_other_sizes(tmp_path):
+def test_reuse_refuses_a_run_of_other_sizes_or_another_model(tmp_path):
     a = args(tmp_path, 9, reuse=str(tmp_path / "old.json"))
-    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 50, "n_test": 100, "calib": 64},
-                                         "records": {}}))
-    with pytest.raises(SystemExit, match="n_val differ"):
+    Path(a.reuse).write_text(json.dumps({"args": {"seed": 0, "n_val": 50, "n_test": 100, "calib": 64,
+                                                  "model": "other"}, "records": {}}))
+    with pytest.raises(SystemExit, match="model, n_val differ"):
         pf.reuse(tmp_path, a, draw(a))
 
 
@@ -86,7 +87,8 @@ def test_the_paired_test_scores_the_objectives_choice_task_by_task_as_the_record
 def test_merge_refuses_a_budget_that_two_runs_both_hold(tmp_path, monkeypatch):
     for d, other in (("a", "4"), ("b", "6")):
         (tmp_path / d).mkdir()
-        (tmp_path / d / "fidelity.json").write_text(json.dumps({"records": {"8": [], other: []}}))
+        (tmp_path / d / "fidelity.json").write_text(json.dumps({"args": vars(args(tmp_path, 9)),
+                                                                "records": {"8": [], other: []}}))
     monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
                                      "--out", str(tmp_path / "m")])
     with pytest.raises(SystemExit, match=r"budget\(s\) \[8\] come from more than one run"):
@@ -99,3 +101,25 @@ def test_paired_and_replot_name_the_missing_run(tmp_path, monkeypatch):
         monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", mode, "--out", str(tmp_path / "none")])
         with pytest.raises(SystemExit, match="fidelity.json does not exist: expected the --out of a finished run"):
             pf.main()
+
+
+def test_merge_joins_runs_of_one_draw_under_their_sizes_and_refuses_another_draw(tmp_path, monkeypatch):
+    rows = [{**row(n, o), "objective": {m: {"ALL": i / 10, **{c: i / 10 for c in pf.world.CLASSES}} for m in pf.METRICS},
+             "test": {"ALL": i / 10, **{c: i / 10 for c in pf.world.CLASSES}}, "val": {"ALL": 0.5},
+             "seconds": {"objective": 1.0, "generation": 1.0}}
+            for i, (n, o) in enumerate(draw(args(tmp_path, 3)).items())]
+    for d, budget, n_test in (("a", "8", 50), ("b", "4", 50), ("c", "6", 100)):
+        (tmp_path / d).mkdir()
+        (tmp_path / d / "fidelity.json").write_text(json.dumps({"args": vars(args(tmp_path, 3, n_test=n_test)),
+                                                                "records": {budget: rows}}))
+    monkeypatch.setattr(pf, "plot", lambda records, path: None)  # no matplotlib needed here
+    monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", "--merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                                     "--out", str(tmp_path / "m")])
+    pf.main()
+    merged = json.loads((tmp_path / "m" / "fidelity.json").read_text())
+    assert merged["args"]["n_test"] == 50 and merged["args"]["budgets"] == "8,4"  # what --paired reads back
+    assert set(merged["records"]) == {"8", "4"}
+    monkeypatch.setattr("sys.argv", ["proxy_fidelity.py", "--merge", str(tmp_path / "a"), str(tmp_path / "c"),
+                                     "--out", str(tmp_path / "m2")])
+    with pytest.raises(SystemExit, match="differs from .* in n_test: expected runs of one draw"):
+        pf.main()
