@@ -366,6 +366,10 @@ def merge(dirs: list[str], args) -> None:
         path, _, keep = d.partition(":")
         part = artifacts.read_json(Path(path) if path.endswith(".json") else Path(path) / "results.json")
         if keep:
+            missing = [k for k in keep.split("+") if k not in part["budgets"]]
+            if missing:
+                raise SystemExit(f"--merge {d}: {path} has no budget {', '.join(missing)}: expected one of "
+                                 f"{'+'.join(part['budgets'])}")
             part["budgets"] = {k: v for k, v in part["budgets"].items() if k in keep.split("+")}
         parts.append(part)
     same = ("profile", "calib_per_class", "n_test", "n_val", "seed", "base")

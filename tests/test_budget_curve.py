@@ -57,3 +57,5 @@ def test_merge_joins_budgets_of_a_counts_file_and_refuses_overlapping_parts(tmp_
     assert (tmp_path / "m" / "tables.md").is_file() and (tmp_path / "m.png").is_file()
     with pytest.raises(SystemExit, match="not disjoint budgets"):
         bc.merge([f"{counts}:8", f"{counts}:3", f"{counts}:3+4"], args)  # overlap between the 2nd and 3rd
+    with pytest.raises(SystemExit, match="has no budget 9: expected one of"):
+        bc.merge([f"{counts}:8+9"], args)  # a typo keeps nothing silently
