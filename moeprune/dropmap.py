@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from moeprune import artifacts
 from moeprune.errors import MoePruneError
 
 # (the map as {layer: sorted ids}, physical) -> None or MoePruneError: an architecture's own rules

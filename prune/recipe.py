@@ -5,7 +5,7 @@ class's top-K, the floor) -> drop the lowest-scoring unprotected experts, ties b
 strategy's rank_ties rule (prune/selection.py: the reference's stable sort by expert id, or the
 baseline map's dropped experts first and then the lower id).
 Under group-limited routing (DeepSeek-V3) the uniform selection is made group by group so that
-the map is legal (selection.select_grouped). The map itself and its one validator: moeprune/recipe.py.
+the map is legal (selection.select_grouped). The map itself and its one validator: moeprune/dropmap.py.
 """
 
 from __future__ import annotations
