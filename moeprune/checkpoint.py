@@ -10,6 +10,7 @@ A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,3 +89,8 @@ def read_sources(model_dir: Path) -> dict[str, SourceTensor]:
 def stored_dtypes(model_dir: Path) -> dict[str, torch.dtype]:
     """The checkpoint's dtype of each floating-point tensor (what a scaled tensor is rounded back to)."""
     return {t.name: TORCH_DTYPES[t.dtype] for t in read_sources(Path(model_dir)).values() if t.dtype in TORCH_DTYPES}
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters of the checkpoint, from the safetensors headers (no weights loaded)."""
+    return sum(math.prod(t.shape) for t in read_sources(Path(model_dir)).values())

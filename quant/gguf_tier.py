@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from omegaconf import MISSING, OmegaConf
-from safetensors import safe_open
 
 from moeprune import artifacts, schema
+from moeprune.checkpoint import parameter_count
 from moeprune.errors import MoePruneError
 from moeprune.quant import contrib_dynamic, gguf_tools, imatrix, tiers, toolchain
 from moeprune.quant.tiers import QuantTierConfig, Scoring, kind_knob
@@ -136,22 +136,6 @@ def _check(tier, where: str) -> None:
 
 MANIFEST = "quant-manifest.json"
 TENSOR_TYPE_FILE = "tensor-types.txt"
-
-
-def parameter_count(model_dir: Path) -> int:
-    """Parameters of the HF checkpoint (read from the safetensors headers, no weights loaded)."""
-    total = 0
-    files = sorted(Path(model_dir).glob("*.safetensors"))
-    if not files:
-        raise MoePruneError(f"{model_dir} has no *.safetensors files: expected a Hugging Face checkpoint")
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                n = 1
-                for d in st.get_slice(k).get_shape():
-                    n *= d
-                total += n
-    return total
 
 
 def _cached(base_cache: Path | None, key_parts: dict, name: str, build) -> Path:

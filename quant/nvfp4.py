@@ -104,7 +104,7 @@ def _produce(model_dir: Path, out_dir: Path, corpus: dict[str, list[str]], sampl
     from modelopt.torch.export import export_hf_checkpoint
 
     from moeprune.models import load_model, load_tokenizer
-    from moeprune.quant.gguf_tier import parameter_count
+    from moeprune.checkpoint import parameter_count
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     model = load_model(model_dir, "bfloat16", device)

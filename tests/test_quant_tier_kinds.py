@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.quant.gguf_tier import parameter_count
+from moeprune.checkpoint import parameter_count
 from moeprune.quant.tiers import QuantTierConfig, kind_knob
 
 
