@@ -50,8 +50,8 @@ class ContribDynamicConfig:
     high_type: str = MISSING  # experts of the top `high_fraction` of MoE layers by contribution
     mid_type: str = MISSING  # experts of the layers in between
     low_type: str = MISSING  # experts of the bottom `low_fraction`
-    high_fraction: float = 0.25
-    low_fraction: float = 0.5
+    high_fraction: float = schema.knob(0.25, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+    low_fraction: float = schema.knob(0.5, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 
 
 @schema.schema("quant_tier", "gguf")
@@ -68,7 +68,7 @@ class GgufTierConfig(QuantTierConfig):
     cd: Optional[ContribDynamicConfig] = None  # ContribDynamic per-layer expert types
     # llama-imatrix context (tokens per chunk)
     imatrix_ctx: int = schema.knob(128, lambda v: v >= 8, "at least 8 tokens")
-    threads: int = 0  # llama.cpp threads; 0 = every core
+    threads: int = schema.knob(0, lambda v: v >= 0, "at least 0 (0: every core)")  # llama.cpp threads
 
     @classmethod
     def check_knobs(cls, tier, where: str) -> None:
@@ -85,7 +85,7 @@ class GgufTierConfig(QuantTierConfig):
     def quantize(cls, tier, job) -> dict:
         """Base GGUFs are kept under the cache dir; the corpus and profile are read only when the
         tier uses them (imatrix, CD)."""
-        return produce(tier, job.model_dir, job.out_dir, Path(job.cache_dir).expanduser() / "gguf_base",
+        return produce(tier, job.model_dir, job.out_dir, job.cache_dir / "gguf_base",
                        corpus=job.corpus() if tier.imatrix else None,
                        profile=job.profile() if tier.cd is not None else None,
                        keep=job.keep, model_name=job.model_name)
@@ -113,9 +113,9 @@ def _check(tier, where: str) -> None:
     if tier.cd is not None:
         named.update({f"cd.{k}": tier.cd[k] for k in ("high_type", "mid_type", "low_type")})
         hi, lo = tier.cd.high_fraction, tier.cd.low_fraction
-        if not (0 <= hi <= 1 and 0 <= lo <= 1 and hi + lo <= 1):
+        if hi + lo > 1:  # each in [0, 1]: the schema's range
             raise MoePruneError(f"{where}: cd.high_fraction={hi}, cd.low_fraction={lo}; "
-                                "expected fractions in [0, 1] whose sum is at most 1")
+                                "expected fractions whose sum is at most 1")
         if ftype in FLOAT_FTYPES:
             raise MoePruneError(f"{where}: a CD tier needs a quantized base type; got {ftype}")
     for key, value in named.items():

@@ -88,7 +88,7 @@ def quantize(tier: DictConfig, calibration: DictConfig, model_name: str, model_d
     keep = _keep_lists(model_dir)
     experts = {len(v) for v in keep.values()}
     model_name = f"{model_name}-{experts.pop()}e" if len(experts) == 1 else model_name
-    job = QuantJob(calibration, model_name, model_dir, profile_dir, out_dir, Path(cache_dir), keep)
+    job = QuantJob(calibration, model_name, model_dir, profile_dir, out_dir, Path(cache_dir).expanduser(), keep)
     manifest = tiers.kind_of(tier.kind, f"quant_tier {tier.name!r}").quantize(tier, job)
     manifest["model_name"] = model_name
     manifest["context_length"] = _context_length(model_dir)
