@@ -233,15 +233,16 @@ def near_rounding_tie(weight: torch.Tensor, amax: torch.Tensor, rtol: float = 1e
 
     # a value is at a tie when nudging it down and up by `rtol` rounds it to two different values
     down, up = 1.0 - rtol, 1.0 + rtol
-    x = weight.detach().float().cpu().reshape(-1, weight.shape[-1]).unflatten(-1, (-1, 16))
-    gs = amax.detach().float().cpu().amax() / (6.0 * 448.0)
+    # on the weight's device (a real model's experts are billions of elements), the mask back on the CPU
+    x = weight.detach().float().reshape(-1, weight.shape[-1]).unflatten(-1, (-1, 16))
+    gs = amax.detach().float().to(x.device).amax() / (6.0 * 448.0)
     unrounded = torch.clamp(x.abs().amax(-1, keepdim=True) / (6.0 * gs), max=448.0)
     scale_tie = e4m3(unrounded.double() * down) != e4m3(unrounded.double() * up)
     scale = unrounded.to(torch.float8_e4m3fn).float() * gs
     scale = torch.where(scale >= 1e-5, scale, torch.ones_like(scale)).double()
-    a, bounds = x.abs().double() / scale, torch.tensor(E2M1_BOUNDARIES, dtype=torch.float64)
+    a, bounds = x.abs().double() / scale, torch.tensor(E2M1_BOUNDARIES, dtype=torch.float64, device=x.device)
     code_tie = torch.bucketize(a * down, bounds) != torch.bucketize(a * up, bounds)
-    return (code_tie | scale_tie).reshape(weight.shape)
+    return (code_tie | scale_tie).reshape(weight.shape).cpu()
 
 
 def _fakequant_weights(model) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
