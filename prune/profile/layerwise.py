@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moeprune.checkpoint import read_sources
 from moeprune.errors import MoePruneError
 from moeprune.profile import Profile
 from moeprune.prune.profile.batches import corpus_meta, corpus_tokens, finish, length_batches, pad_right
@@ -77,7 +78,8 @@ class LayerLoader:
         self.hidden = text_cfg.hidden_size
         self.sink: dict = {"want": None}
         self.decoder.layers = nn.ModuleList(_Recorder(i, self.sink) for i in range(len(self.meta_layers)))
-        self.keys, self.prefix = _checkpoint_keys(self.model_dir)
+        self.shard_of = {name: t.file for name, t in read_sources(self.model_dir).items()}  # read once
+        self.keys, self.prefix = _checkpoint_keys(list(self.shard_of))
         self._materialize_outside_layers()
 
     def _buffers_on_device(self, module: nn.Module) -> None:
@@ -122,8 +124,10 @@ class LayerLoader:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.modeling_utils import LoadStateDictConfig
 
-        tensors = {}
-        for shard, shard_names in _by_shard(self.model_dir, names).items():
+        tensors, by_shard = {}, {}
+        for n in names:
+            by_shard.setdefault(self.shard_of[n], []).append(n)
+        for shard, shard_names in by_shard.items():
             with safe_open(shard, framework="pt", device="cpu") as f:
                 tensors.update({n: f.get_tensor(n) for n in shard_names})
         cfg = LoadStateDictConfig(weight_mapping=get_model_conversion_mapping(self.model), dtype=self.dtype,
@@ -174,11 +178,10 @@ def _skeleton(config, dtype):
             return AutoModelForImageTextToText.from_config(config, dtype=dtype)
 
 
-def _checkpoint_keys(model_dir: Path) -> tuple[dict[str, int | None], str]:
+def _checkpoint_keys(names: list[str]) -> tuple[dict[str, int | None], str]:
     """{tensor name: decoder layer or None}, and the decoder stack's prefix (e.g. `model.`)."""
     from moeprune.adapters.base import LAYER_RE
 
-    names = list(_shard_map(model_dir))
     keys, prefixes = {}, set()
     for n in names:
         m = LAYER_RE.match(n)
@@ -189,28 +192,6 @@ def _checkpoint_keys(model_dir: Path) -> tuple[dict[str, int | None], str]:
         raise MoePruneError(f"{model_dir}: expected decoder layers under one prefix, "
                             f"found {sorted(prefixes) or 'none'}")
     return keys, prefixes.pop()
-
-
-def _shard_map(model_dir: Path) -> dict[str, Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        return {n: model_dir / f for n, f in json.loads(index.read_text())["weight_map"].items()}
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise MoePruneError(f"{model_dir}: no safetensors weights: layer-wise profiling reads safetensors shards")
-    out = {}
-    for f in files:
-        with safe_open(f, framework="pt") as sf:
-            out.update({n: f for n in sf.keys()})
-    return out
-
-
-def _by_shard(model_dir: Path, names: list[str]) -> dict[Path, list[str]]:
-    where = _shard_map(model_dir)
-    out: dict[Path, list[str]] = {}
-    for n in names:
-        out.setdefault(where[n], []).append(n)
-    return out
 
 
 # ---- hidden states and checkpoints ---------------------------------------------------------------
