@@ -21,7 +21,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from moeprune.evaluate.sandbox import HARNESS_DIR, Limits, RunResult, Sandbox
+from moeprune.evaluate.sandbox import Limits, RunResult, Sandbox
+from moeprune.evaluate.sandbox_isolation import HARNESS_DIR
 
 HARNESS = Path(__file__).resolve().parent / "call_harness.py"
 

@@ -35,10 +35,8 @@ from pathlib import Path
 
 from moeprune.errors import MoePruneError
 from moeprune.evaluate import sandbox_view
-# the isolation half, and what callers (benches, calls.py, tests) reach through this module
-from moeprune.evaluate.sandbox_isolation import (  # noqa: F401
-    BUILD, HARNESS_DIR, ISOLATIONS, LANGUAGES, WORK, Language, bwrap_argv, bwrap_problem, fill, language,
-    missing_toolchain, network_isolation, require_isolation)
+from moeprune.evaluate.sandbox_isolation import (
+    BUILD, WORK, Language, bwrap_argv, fill, language, missing_toolchain, network_isolation, require_isolation)
 
 _SOCKET_BLOCK = '''\
 import socket

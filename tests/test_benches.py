@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 import moeprune.cli  # noqa: F401  (registers the schema)
 from moeprune.config import build
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import sandbox
+from moeprune.evaluate import sandbox_isolation
 from moeprune.evaluate.bench_run import validate_bench
 
 FIX = Path(__file__).resolve().parent / "fixtures"
@@ -144,8 +144,8 @@ MULTIPL_E_USAGE = {  # a trailing example that calls the function: never the blo
 
 @pytest.mark.parametrize("lang", ["rust", "java", "js"])
 def test_multipl_e_compiles_and_runs_each_language(lang):
-    if sandbox.missing_toolchain(lang):
-        pytest.skip(sandbox.missing_toolchain(lang))
+    if sandbox_isolation.missing_toolchain(lang):
+        pytest.skip(sandbox_isolation.missing_toolchain(lang))
     bench = fixture_bench("multipl_e", "multipl_e.jsonl", f"bench.languages=[{lang}]")
     (sample,) = bench.samples()
     reply, good, bad = MULTIPL_E_REPLIES[lang]

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import sandbox
+from moeprune.evaluate import sandbox, sandbox_isolation
 from moeprune.evaluate.benches.humaneval import HumanEval
 
 TIGHT = sandbox.Limits(wall_s=2.0, memory_mb=256, output_bytes=64 << 10)
@@ -24,7 +24,7 @@ def test_a_normal_program_runs_in_a_fresh_directory():
 
 
 
-@pytest.mark.skipif(sandbox.bwrap_problem() is not None, reason="needs bubblewrap")
+@pytest.mark.skipif(sandbox_isolation.bwrap_problem() is not None, reason="needs bubblewrap")
 def test_an_interpreter_living_under_the_hosts_tmp_still_runs_inside(tmp_path):
     """A clone in /tmp with its venv there: the venv is bound over the private /tmp, not hidden by it."""
     venv = tmp_path / "venv"
@@ -69,30 +69,30 @@ def test_network_is_unreachable():
 
 
 def test_without_isolation_the_socket_block_fallback_still_stops_python(monkeypatch):
-    sandbox.network_isolation.cache_clear()
+    sandbox_isolation.network_isolation.cache_clear()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "unshare" else "/usr/bin/" + name)
     try:
-        assert sandbox.network_isolation() == "python-socket-block"
+        assert sandbox_isolation.network_isolation() == "python-socket-block"
         res = sandbox.run_program("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=2)",
                                   limits=dataclasses.replace(TIGHT, isolation="none", accept_unsafe=True))
         assert res.status == "failed" and "network disabled by the moeprune sandbox" in res.stderr
     finally:
-        sandbox.network_isolation.cache_clear()
+        sandbox_isolation.network_isolation.cache_clear()
 
 
 def test_unknown_language_and_missing_toolchain_fail_clearly(monkeypatch):
     with pytest.raises(MoePruneError, match="no sandbox runner for language 'cobol'"):
         sandbox.run_program("x", "cobol")
-    monkeypatch.setitem(sandbox.LANGUAGES, "js", sandbox.Language("js", "main.js", ("no-such-node", "main.js"),
-                                                                    tool="no-such-node"))
-    assert "no-such-node not found" in sandbox.missing_toolchain("js")
+    monkeypatch.setitem(sandbox_isolation.LANGUAGES, "js", sandbox_isolation.Language(
+        "js", "main.js", ("no-such-node", "main.js"), tool="no-such-node"))
+    assert "no-such-node not found" in sandbox_isolation.missing_toolchain("js")
     with pytest.raises(MoePruneError, match="cannot run generated code: js: no-such-node not found"):
         sandbox.run_program("console.log(1)", "js")
 
 
 def test_compile_errors_are_reported_as_such():
-    if sandbox.missing_toolchain("rust"):
-        pytest.skip(sandbox.missing_toolchain("rust"))
+    if sandbox_isolation.missing_toolchain("rust"):
+        pytest.skip(sandbox_isolation.missing_toolchain("rust"))
     assert sandbox.run_program("fn main() { let x: i32 = \"no\"; }", "rust").status == "compile_error"
 
 

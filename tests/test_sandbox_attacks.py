@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import sandbox, sandbox_view
+from moeprune.evaluate import sandbox, sandbox_isolation, sandbox_view
 from moeprune.evaluate.benches.humaneval import HumanEval
 from moeprune.evaluate.types import Verdict
 from test_benches import fixture_bench
@@ -93,8 +93,8 @@ EARLY_EXITS = {
 
 @pytest.mark.parametrize("lang", sorted(EARLY_EXITS))
 def test_a_multipl_e_program_that_exits_0_before_its_tests_end_fails(lang):
-    if sandbox.missing_toolchain(lang):
-        pytest.skip(sandbox.missing_toolchain(lang))
+    if sandbox_isolation.missing_toolchain(lang):
+        pytest.skip(sandbox_isolation.missing_toolchain(lang))
     bench = fixture_bench("multipl_e", "multipl_e.jsonl", f"bench.languages=[{lang}]")
     (sample,) = bench.samples()
     verdict = bench.score(sample, EARLY_EXITS[lang])
@@ -200,7 +200,7 @@ def test_many_small_files_stop_at_the_output_cap_in_total():
 # ---- refusing, and recording ----------------------------------------------------------------------
 def test_without_bubblewrap_the_scorer_refuses_unless_isolation_none_is_chosen(monkeypatch):
     real_which = sandbox.shutil.which
-    sandbox.bwrap_problem.cache_clear()
+    sandbox_isolation.bwrap_problem.cache_clear()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "bwrap" else real_which(name))
     try:
         with pytest.raises(MoePruneError, match="bench.sandbox.isolation=bwrap: bubblewrap .* not installed.*"
@@ -212,7 +212,7 @@ def test_without_bubblewrap_the_scorer_refuses_unless_isolation_none_is_chosen(m
         settings = HumanEval(sandbox={"isolation": "none", "accept_unsafe": True}).settings()["sandbox"]
         assert settings["isolation"] == "none" and settings["accept_unsafe"] is True
     finally:
-        sandbox.bwrap_problem.cache_clear()
+        sandbox_isolation.bwrap_problem.cache_clear()
     with pytest.raises(MoePruneError, match="bench.sandbox.isolation='docker': expected bwrap .* or none"):
         HumanEval(sandbox={"isolation": "docker"})
 
@@ -281,8 +281,8 @@ LOOKERS = {  # a program per language printing each path of {paths} with True wh
 
 @pytest.mark.parametrize("lang", sorted(LOOKERS))
 def test_no_answer_key_nor_the_harness_packages_are_in_view_of_any_language(lang):
-    if sandbox.missing_toolchain(lang):
-        pytest.skip(sandbox.missing_toolchain(lang))
+    if sandbox_isolation.missing_toolchain(lang):
+        pytest.skip(sandbox_isolation.missing_toolchain(lang))
     paths = _secret_paths()
     assert all(os.path.exists(p) for p in paths)  # on the host they are all there
     src = LOOKERS[lang].format(paths=paths, paths_json=json.dumps(paths),
@@ -366,7 +366,7 @@ def test_isolation_none_refuses_to_score_unless_an_unsafe_run_is_accepted(add_pr
     _, sample = add_problem
     real_which = sandbox.shutil.which
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None if name == "unshare" else real_which(name))
-    sandbox.network_isolation.cache_clear()
+    sandbox_isolation.network_isolation.cache_clear()
     with pytest.raises(MoePruneError, match="bench.sandbox.accept_unsafe=false.*isolation=none"):
         HumanEval(sandbox={"isolation": "none", "wall_s": 5.0})
     with pytest.raises(MoePruneError, match="bench.sandbox.accept_unsafe"):
@@ -375,7 +375,7 @@ def test_isolation_none_refuses_to_score_unless_an_unsafe_run_is_accepted(add_pr
     assert unsafe.settings()["sandbox"]["accept_unsafe"] is True
     # What accepting means: a wrong answer forges its pass, as the threat model says.
     try:
-        assert sandbox.network_isolation() == "python-socket-block"
+        assert sandbox_isolation.network_isolation() == "python-socket-block"
         assert unsafe.score(sample, fenced(OUTCOME_FORGER)).passed
     finally:
-        sandbox.network_isolation.cache_clear()
+        sandbox_isolation.network_isolation.cache_clear()

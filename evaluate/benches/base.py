@@ -18,7 +18,8 @@ from omegaconf import MISSING
 
 from moeprune import schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate.sandbox import ISOLATIONS, Limits, isolation_record, require_isolation
+from moeprune.evaluate.sandbox import Limits, isolation_record
+from moeprune.evaluate.sandbox_isolation import ISOLATIONS, require_isolation
 from moeprune.evaluate.data import load_rows
 from moeprune.evaluate.types import Sample, Verdict
 

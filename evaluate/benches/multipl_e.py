@@ -24,7 +24,7 @@ from typing import List, Optional
 
 from moeprune import artifacts, schema
 from moeprune.errors import MoePruneError
-from moeprune.evaluate import sandbox
+from moeprune.evaluate import sandbox, sandbox_isolation
 from moeprune.evaluate.benches.base import Bench, CodeBenchConfig
 from moeprune.evaluate.data import load_rows
 from moeprune.evaluate.scoring import extract_code
@@ -102,7 +102,7 @@ class MultiPLE(Bench):
         unknown = [lang for lang in self.languages if lang not in DATASET_CODES]
         if unknown:
             raise MoePruneError(f"bench {self.name}: languages {unknown}: expected some of {list(DATASET_CODES)}")
-        self.skipped = {lang: why for lang in self.languages if (why := sandbox.missing_toolchain(lang))}
+        self.skipped = {lang: why for lang in self.languages if (why := sandbox_isolation.missing_toolchain(lang))}
         for lang, why in self.skipped.items():
             log.warning("multipl_e: skipping %s (%s)", lang, why)
         if len(self.skipped) == len(self.languages):
