@@ -142,6 +142,12 @@ MULTIPL_E_USAGE = {  # a trailing example that calls the function: never the blo
 }
 
 
+def test_multipl_e_without_a_toolchain_for_any_language_says_so_before_generating(monkeypatch):
+    monkeypatch.setattr(sandbox_isolation, "missing_toolchain", lambda lang: f"{lang}: compiler not found")
+    with pytest.raises(MoePruneError, match="bench multipl_e: no toolchain for any language: rust: compiler not found"):
+        fixture_bench("multipl_e", "multipl_e.jsonl", "bench.languages=[rust]")
+
+
 @pytest.mark.parametrize("lang", ["rust", "java", "js"])
 def test_multipl_e_compiles_and_runs_each_language(lang):
     if sandbox_isolation.missing_toolchain(lang):

@@ -106,7 +106,7 @@ class MultiPLE(Bench):
         for lang, why in self.skipped.items():
             log.warning("multipl_e: skipping %s (%s)", lang, why)
         if len(self.skipped) == len(self.languages):
-            raise MoePruneError(f"bench {name}: no toolchain for any language: {'; '.join(self.skipped.values())}")
+            raise MoePruneError(f"bench {self.name}: no toolchain for any language: {'; '.join(self.skipped.values())}")
 
     def samples(self) -> list[Sample]:
         if self._samples is None:
