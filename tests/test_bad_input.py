@@ -532,3 +532,14 @@ def test_a_given_map_is_scored_by_the_profile_when_the_run_computes_one(shared_m
     summary = json.loads((run / "dropmap" / "summary.json").read_text())
     assert (run / "profile").is_symlink() and "scored" not in summary and summary["layers"]["0"]["agg_max"] > 0
     assert json.loads((run / "dropmap" / "drop_map.json").read_text()) == drop
+
+
+def test_a_run_is_checked_once_by_the_callback_and_not_again_by_the_cli(shared_model, tmp_path, monkeypatch):
+    from moeprune import preflight
+
+    checked, real = [], preflight.check_run
+    monkeypatch.setattr(preflight, "check_run", lambda cfg, run_dir: (checked.append(run_dir), real(cfg, run_dir))[1])
+    code, stderr = cli([f"model.path={shared_model}", f"hydra.run.dir={tmp_path}/run", *SMALL, "stage=profile"],
+                       {"MOEPRUNE_CACHE": str(tmp_path / "cache")})
+    assert code == 0, stderr
+    assert [Path(p).resolve() for p in checked] == [(tmp_path / "run").resolve()]  # the callback's, only

@@ -148,3 +148,11 @@ def test_whether_the_quant_stages_run_is_the_tiers_kind_not_its_name(copy_kind):
     assert "quant" in [s.name for s in stages_for(_compose(objective))]
     with pytest.raises(MoePruneError, match="has no evaluate_quant"):
         stages_for(_compose(["bench=divergence", "quant_tier=q4_k_m"]))
+
+
+def test_evaluate_quant_refuses_a_manifest_whose_kind_has_no_scoring(tmp_path):
+    from moeprune.stages.quant import eval_backend
+
+    artifacts.write_json(tmp_path / "quant-manifest.json", {"tier": {"name": "plain", "kind": "none"}})
+    with pytest.raises(MoePruneError, match=f"evaluate_quant: a none tier has no evaluate_quant; {tmp_path} is one"):
+        eval_backend(_compose([]).backend, "cpu", tmp_path)
