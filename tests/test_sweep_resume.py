@@ -50,6 +50,8 @@ def task(cfg):
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, cli._terminate)  # as moeprune's entrypoint: unwound like Ctrl-C
+    # Ctrl-C as from a terminal, also when the tests themselves run under nohup or `&` (SIGINT ignored)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         task()
     except KeyboardInterrupt:
